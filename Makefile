@@ -1,0 +1,39 @@
+# Two commands do all the set-up: `make run` and `make check`. Both create .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run check lint types test bench install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the service on an embedded NATS server with the stub adapter.
+run: $(STAMP)
+	$(BIN)/sandboxer dev
+
+## Lint, types and the whole test suite: what CI runs.
+check: lint types test
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+## Throughput, latency and memory figures (not part of check).
+bench: $(STAMP)
+	$(BIN)/python bench/bench.py
+
+clean:
+	rm -rf $(VENV) .sandboxer .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,242 @@
+"""`ext.saas-stub`: a simulated metered cloud, for local runs, tests and the benchmark.
+
+Its sandboxes live in their own KV bucket (`sandboxer-stub`), outside any worker, so a
+crashed worker's half-made sandbox can be found again and tests can count sandboxes
+across crashes. Latency and failures can be injected through the manifest's `config` or
+`SANDBOXER_STUB_*` variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters.base import AdapterContext, Credentials, ProviderSandbox, SandboxSpec, Usage
+from sandboxer.errors import ProviderRejected, ProviderUnavailable
+from sandboxer.topology import ensure_bucket, kv_entries
+from schemas import Profile, Usd, quantize_usd, utcnow
+
+STUB_BUCKET = "sandboxer-stub"
+
+
+class StubRates(BaseModel):
+    """`pricing.rates` of ext.saas-stub: one flat rate per running second."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    usd_per_second: Usd
+
+    def cost(self, seconds: Decimal) -> Decimal:
+        """The price of `seconds` of one running sandbox, exact to the micro-dollar."""
+        return quantize_usd(self.usd_per_second * seconds)
+
+
+class StubConfig(BaseModel):
+    """`config` of ext.saas-stub: simulated behaviour of the fake cloud."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Seconds a create takes.
+    latency_s: float = Field(default=0.0, ge=0)
+    #: Share of creates failing transiently (retried by the worker).
+    failure_rate: float = Field(default=0.0, ge=0, le=1)
+    #: Share of creates refused for good (nothing created).
+    reject_rate: float = Field(default=0.0, ge=0, le=1)
+    #: Share of creates that succeed but whose answer is lost (an ambiguous failure).
+    lost_response_rate: float = Field(default=0.0, ge=0, le=1)
+    #: The first N create attempts of each sandbox fail transiently.
+    fail_first: int = Field(default=0, ge=0)
+
+    def with_env_overrides(self) -> StubConfig:
+        """The config with `SANDBOXER_STUB_<FIELD>` variables applied."""
+        changes: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            raw = os.environ.get(f"SANDBOXER_STUB_{name.upper()}")
+            if raw not in (None, ""):
+                changes[name] = raw
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+
+class _Record(BaseModel):
+    """One simulated sandbox, as kept in the stub's bucket."""
+
+    provider_sandbox_id: str
+    tags: dict[str, str]
+    created_at: datetime
+    expires_at: datetime
+    terminated_at: datetime | None = None
+
+
+def _provider_id(sandbox_id: str) -> str:
+    # Derived from our id, like an idempotency key: a retried create finds the first one.
+    return "stub-" + hashlib.sha256(sandbox_id.encode()).hexdigest()[:20]
+
+
+class SaasStubAdapter:
+    """A metered cloud that lives in a KV bucket."""
+
+    extension_id: ClassVar[str] = "ext.saas-stub"
+    Rates: ClassVar[type[BaseModel]] = StubRates
+    Config: ClassVar[type[BaseModel]] = StubConfig
+
+    def __init__(self, context: AdapterContext) -> None:
+        self._js = context.js
+        self._replicas = context.replicas
+        self.rates = StubRates.model_validate(context.manifest.pricing.rates)
+        self.config = StubConfig.model_validate(context.manifest.config).with_env_overrides()
+        self._bucket: KeyValue | None = None
+
+    async def _kv(self) -> KeyValue:
+        if self._bucket is None:
+            self._bucket = await ensure_bucket(
+                self._js,
+                KeyValueConfig(
+                    bucket=STUB_BUCKET, storage=StorageType.FILE, replicas=self._replicas
+                ),
+            )
+        return self._bucket
+
+    async def provision(self, spec: SandboxSpec, credentials: Credentials) -> ProviderSandbox:
+        kv = await self._kv()
+        if self.config.latency_s:
+            await asyncio.sleep(self.config.latency_s)
+        await self._inject_create_failures(kv, spec.sandbox_id)
+        record = _Record(
+            provider_sandbox_id=_provider_id(spec.sandbox_id),
+            tags=spec.tags,
+            created_at=utcnow(),
+            expires_at=spec.expires_at,
+        )
+        key = f"sbx.{record.provider_sandbox_id}"
+        try:
+            await kv.create(key, record.model_dump_json().encode())
+        except KeyWrongLastSequenceError:
+            record = _Record.model_validate_json((await kv.get(key)).value or b"")
+        if random.random() < self.config.lost_response_rate:
+            raise ProviderUnavailable("stub: connection lost after the create was sent")
+        return self._sandbox(record)
+
+    async def _inject_create_failures(self, kv: KeyValue, sandbox_id: str) -> None:
+        if self.config.fail_first and await self._count_attempt(kv, sandbox_id) <= (
+            self.config.fail_first
+        ):
+            raise ProviderUnavailable("stub: injected transient failure (fail_first)")
+        if random.random() < self.config.failure_rate:
+            raise ProviderUnavailable("stub: injected transient failure")
+        if random.random() < self.config.reject_rate:
+            raise ProviderRejected("stub: injected rejection, nothing created")
+
+    async def _count_attempt(self, kv: KeyValue, sandbox_id: str) -> int:
+        key = f"attempts.{sandbox_id}"
+        while True:
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:
+                try:
+                    await kv.create(key, b"1")
+                    return 1
+                except KeyWrongLastSequenceError:
+                    continue
+            count = int(entry.value or b"0") + 1
+            try:
+                await kv.update(key, str(count).encode(), last=entry.revision)
+                return count
+            except KeyWrongLastSequenceError:
+                continue
+
+    async def wait_ready(
+        self, sandbox: ProviderSandbox, credentials: Credentials
+    ) -> ProviderSandbox:
+        if not sandbox.running:
+            raise ProviderUnavailable(f"stub: {sandbox.provider_sandbox_id} is not running")
+        return sandbox
+
+    async def teardown(self, provider_sandbox_id: str, credentials: Credentials) -> None:
+        kv = await self._kv()
+        key = f"sbx.{provider_sandbox_id}"
+        while True:
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:
+                return  # never made, or long gone: nothing to do
+            record = _Record.model_validate_json(entry.value or b"")
+            if record.terminated_at is not None:
+                return
+            # Like a real provider, a sandbox past its timeout stopped running at expiry.
+            stopped = min(utcnow(), record.expires_at)
+            done = record.model_copy(update={"terminated_at": stopped})
+            try:
+                await kv.update(key, done.model_dump_json().encode(), last=entry.revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue  # a concurrent teardown won; read its result
+
+    def estimate_cost(self, profile: Profile, ttl_s: int) -> Decimal:
+        return self.rates.cost(Decimal(ttl_s))
+
+    async def meter_actual(self, provider_sandbox_id: str, credentials: Credentials) -> Usage:
+        record = await self._record(provider_sandbox_id)
+        if record is None or record.terminated_at is None:
+            raise ProviderUnavailable(f"stub: {provider_sandbox_id} has not been torn down")
+        duration = Decimal((record.terminated_at - record.created_at).total_seconds())
+        duration = max(duration, Decimal(0)).quantize(Decimal("0.001"))
+        return Usage(
+            started_at=record.created_at,
+            stopped_at=record.terminated_at,
+            duration_s=duration,
+            actual_usd=self.rates.cost(duration),
+            meter_fields=self._meter_fields(),
+        )
+
+    async def find(
+        self, tags: Mapping[str, str], credentials: Credentials
+    ) -> list[ProviderSandbox]:
+        found = []
+        async for _key, value in kv_entries(await self._kv(), "sbx.>"):
+            record = _Record.model_validate_json(value)
+            if record.terminated_at is None and tags.items() <= record.tags.items():
+                found.append(self._sandbox(record))
+        return found
+
+    async def count(self) -> tuple[int, int]:
+        """(sandboxes ever created, still running): what tests and benchmarks check."""
+        created = running = 0
+        async for _key, value in kv_entries(await self._kv(), "sbx.>"):
+            created += 1
+            running += _Record.model_validate_json(value).terminated_at is None
+        return created, running
+
+    async def aclose(self) -> None:
+        self._bucket = None
+
+    async def _record(self, provider_sandbox_id: str) -> _Record | None:
+        try:
+            entry = await (await self._kv()).get(f"sbx.{provider_sandbox_id}")
+        except KeyNotFoundError:
+            return None
+        return _Record.model_validate_json(entry.value or b"")
+
+    def _sandbox(self, record: _Record) -> ProviderSandbox:
+        return ProviderSandbox(
+            provider_sandbox_id=record.provider_sandbox_id,
+            tags=record.tags,
+            running=record.terminated_at is None,
+            started_at=record.created_at,
+            meter_fields=self._meter_fields(),
+        )
+
+    def _meter_fields(self) -> dict[str, Any]:
+        return {"usd_per_second": self.rates.usd_per_second}
+
+

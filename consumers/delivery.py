@@ -1,0 +1,84 @@
+"""What a handler needs of one JetStream delivery, and the decisions it can take.
+
+Handlers never ack by hand: they return (done, ack), raise `Retry` (nak with a delay) or
+let an error through (the wrapper decides between retry and a final `failed`). A single
+keep-alive loop tells JetStream that long provider calls are still in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+log = logging.getLogger("sandboxer.delivery")
+
+
+class Delivery(Protocol):
+    """One delivery of a JetStream message."""
+
+    @property
+    def attempt(self) -> int:
+        """1 on first delivery, then 2, 3, ..."""
+        ...
+
+    async def ack(self) -> None: ...
+
+    async def nack(self, delay_s: float) -> None: ...
+
+    async def term(self) -> None: ...
+
+    async def in_progress(self) -> None: ...
+
+
+class Retry(Exception):  # noqa: N818 - named for what it asks for, like arq's Retry
+    """Deliver this message again after `delay_s` seconds."""
+
+    def __init__(self, delay_s: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay_s = delay_s
+
+
+def backoff_s(attempt: int, *, base_s: float, cap_s: float) -> float:
+    """Capped exponential backoff with full jitter for delivery `attempt` (1-based)."""
+    ceiling = min(cap_s, base_s * 2 ** max(0, attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+class KeepAlive:
+    """Sends `in_progress` for every registered delivery each `every_s` seconds, from
+    one task, so that 10,000 slow provider calls cost one timer, not 10,000."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._active: set[Delivery] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def hold(self, delivery: Delivery) -> AsyncIterator[None]:
+        """Keep `delivery` from being redelivered while the block runs."""
+        self._active.add(delivery)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="sandboxer-keepalive")
+        try:
+            yield
+        finally:
+            self._active.discard(delivery)
+
+    async def _run(self) -> None:
+        while self._active:
+            await asyncio.sleep(self.every_s)
+            for delivery in list(self._active):
+                try:
+                    await delivery.in_progress()
+                except Exception as exc:  # the ack wait will redeliver; nothing lost
+                    log.warning("in_progress failed: %s", exc)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

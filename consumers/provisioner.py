@@ -1,0 +1,423 @@
+"""The provisioner: turns `sandbox.provision` and `sandbox.destroy` messages into provider
+calls, SandboxStatus changes and meter events.
+
+Every step is safe to repeat, because JetStream delivers at least once:
+
+- the status key (deterministic from tenant and request_id) is the claim: creating it
+  succeeds once; later deliveries read it and carry on from its state;
+- status changes are compare-and-set on the key's revision, so two workers handling the
+  same request cannot both move it forward;
+- adapters create idempotently on the sandbox id, and tear down idempotently;
+- meter events have deterministic ids (`Nats-Msg-Id`) and are published *before* the
+  status change they announce, so a crash in between repeats the event, never loses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from nats.js import JetStreamContext
+from pydantic import ValidationError
+
+from adapters.base import NO_CREDENTIALS, Credentials, SandboxSpec, Usage
+from consumers.delivery import Delivery, KeepAlive, Retry, backoff_s
+from sandboxer.errors import InvalidRequest, SandboxerError
+from sandboxer.ids import sandbox_id_for, ttl_destroy_request_id
+from sandboxer.registry import Registry
+from sandboxer.routing import Router
+from sandboxer.settings import Settings
+from sandboxer.state import StaleStatus, StatusStore
+from sandboxer.topology import (
+    DESTROY_SUBJECT,
+    REQUESTS_STREAM,
+    meter_subject,
+    schedule_subject,
+)
+from schemas import (
+    DestroyRequest,
+    ErrorCode,
+    ErrorInfo,
+    ProvisionRequest,
+    SandboxState,
+    SandboxStatus,
+    TtlOutOfRange,
+    meter_event_adapter,
+    meter_event_id,
+    utcnow,
+)
+
+log = logging.getLogger("sandboxer.provisioner")
+
+#: How long a destroy waits between looks at a sandbox that is still provisioning.
+DESTROY_WAIT_S = 2.0
+
+
+def _schedule_at(moment: datetime) -> str:
+    """`@at` time of a schedule, rounded up to the second: never fire before `moment`."""
+    utc = moment.astimezone(UTC)
+    if utc.microsecond:
+        utc = utc.replace(microsecond=0) + timedelta(seconds=1)
+    return f"@at {utc.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+
+
+def _attributable(data: bytes) -> tuple[str, str] | None:
+    """(tenant, request_id) of a message that failed validation, if both are usable."""
+    try:
+        body = json.loads(data)
+        probe = ProvisionRequest.model_validate(
+            {"tenant": body["tenant"], "request_id": body["request_id"], "profile": "profile.x"}
+        )
+    except (ValueError, TypeError, KeyError, ValidationError):
+        return None
+    return probe.tenant, probe.request_id
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+    )[:900]
+
+
+@dataclass
+class Provisioner:
+    """Handles provision and destroy deliveries. Holds no state of its own."""
+
+    js: JetStreamContext
+    registry: Registry
+    router: Router
+    statuses: StatusStore
+    settings: Settings
+    keepalive: KeepAlive
+
+    # -- provision -------------------------------------------------------------------
+
+    async def on_provision(self, data: bytes, delivery: Delivery) -> None:
+        """Handle one delivery of a ProvisionRequest, acking, retrying or failing it."""
+        try:
+            request = ProvisionRequest.model_validate_json(data)
+        except ValidationError as exc:
+            await self._reject_invalid(data, exc)
+            await delivery.term()
+            return
+        sandbox_id = sandbox_id_for(request.tenant, request.request_id)
+        try:
+            await self._provision(request, sandbox_id, delivery)
+        except Retry as retry:
+            log.info("provision %s: retry in %.1fs: %s", sandbox_id, retry.delay_s, retry)
+            await delivery.nack(retry.delay_s)
+            return
+        except Exception as exc:
+            if self._should_retry(exc, delivery):
+                delay = self._backoff(delivery)
+                log.warning("provision %s: attempt %d failed, retry in %.1fs: %s",
+                            sandbox_id, delivery.attempt, delay, exc)  # fmt: skip
+                await delivery.nack(delay)
+                return
+            await self._fail(request, sandbox_id, exc)
+            await delivery.term()
+            return
+        await delivery.ack()
+
+    async def _provision(
+        self, request: ProvisionRequest, sandbox_id: str, delivery: Delivery
+    ) -> None:
+        found = await self.statuses.get(sandbox_id)
+        status, revision = found if found is not None else await self._claim(request, sandbox_id)
+        if status.request_digest != request.digest():
+            await self._announce_conflict(request, status)
+            return
+        if status.state is not SandboxState.PROVISIONING:
+            # A redelivery or replay of a request that is already settled: answer again.
+            await self.statuses.announce(status)
+            return
+
+        assert status.extension_id is not None and status.expires_at is not None
+        adapter = self.router.adapter(status.extension_id)
+        profile = self.registry.profile(status.profile)
+        credentials = NO_CREDENTIALS
+        spec = SandboxSpec(
+            sandbox_id=sandbox_id,
+            tenant=request.tenant,
+            deployment=self.settings.deployment,
+            profile=profile,
+            ttl_s=profile.resolve_ttl(request.ttl_s),
+            expires_at=status.expires_at,
+            template=request.template or profile.template,
+            metadata=request.metadata,
+        )
+        # Scheduled before the provider is called, so even a sandbox whose worker dies
+        # mid-create is destroyed at expiry.
+        await self._schedule_ttl_destroy(status)
+        async with self.keepalive.hold(delivery):
+            sandbox = await adapter.provision(spec, credentials)
+            sandbox = await adapter.wait_ready(sandbox, credentials)
+
+        ready = status.with_changes(
+            state=SandboxState.READY,
+            provider_sandbox_id=sandbox.provider_sandbox_id,
+            ready_at=utcnow(),
+        )
+        await self._publish_meter(ready, "started", started_at=sandbox.started_at,
+                                  fields=sandbox.meter_fields)  # fmt: skip
+        try:
+            await self.statuses.update(ready, revision)
+        except StaleStatus:
+            log.info("provision %s: settled concurrently by another delivery", sandbox_id)
+
+    async def _claim(
+        self, request: ProvisionRequest, sandbox_id: str
+    ) -> tuple[SandboxStatus, int]:
+        """Route the request and create its `provisioning` status: the idempotency claim."""
+        profile = self.registry.profile(request.profile)
+        try:
+            ttl_s = profile.resolve_ttl(request.ttl_s)
+        except TtlOutOfRange as exc:
+            raise InvalidRequest(str(exc)) from None
+        route = await self.router.choose(profile, request.tenant)
+        now = utcnow()
+        status = SandboxStatus(
+            sandbox_id=sandbox_id,
+            request_id=request.request_id,
+            tenant=request.tenant,
+            profile=profile.id,
+            extension_id=route.extension_id,
+            state=SandboxState.PROVISIONING,
+            created_at=now,
+            expires_at=now + timedelta(seconds=ttl_s),
+            estimate_usd=route.adapter.estimate_cost(profile, ttl_s),
+            credential_source=route.credentials.source,
+            request_digest=request.digest(),
+        )
+        revision = await self.statuses.create(status)
+        if revision is not None:
+            return status, revision
+        found = await self.statuses.get(sandbox_id)  # claimed concurrently: take theirs
+        if found is None:
+            raise Retry(DESTROY_WAIT_S, f"claim of {sandbox_id} vanished")
+        return found
+
+    async def _schedule_ttl_destroy(self, status: SandboxStatus) -> None:
+        assert status.expires_at is not None
+        destroy = DestroyRequest(
+            request_id=ttl_destroy_request_id(status.sandbox_id),
+            tenant=status.tenant,
+            sandbox_id=status.sandbox_id,
+            reason="ttl",
+        )
+        await self.js.publish(
+            schedule_subject(status.sandbox_id),
+            destroy.model_dump_json().encode(),
+            headers={
+                "Nats-Schedule": _schedule_at(status.expires_at),
+                "Nats-Schedule-Target": DESTROY_SUBJECT,
+            },
+        )
+
+    async def _announce_conflict(self, request: ProvisionRequest, status: SandboxStatus) -> None:
+        log.warning("provision %s: request_id %s reused with a different body",
+                    status.sandbox_id, request.request_id)  # fmt: skip
+        await self.statuses.announce(
+            status.with_changes(
+                state=SandboxState.FAILED,
+                error=ErrorInfo(
+                    code=ErrorCode.IDEMPOTENCY_CONFLICT,
+                    message=f"request_id {request.request_id} was already used by "
+                    f"tenant {request.tenant} with a different body; the first request "
+                    f"stands (sandbox {status.sandbox_id} is {status.state})",
+                ),
+            )
+        )
+
+    async def _reject_invalid(self, data: bytes, exc: ValidationError) -> None:
+        reason = _validation_summary(exc)
+        who = _attributable(data)
+        if who is None:
+            log.warning("provision: unattributable message dropped: %s", reason)
+            return
+        tenant, request_id = who
+        log.warning("provision %s/%s: invalid request: %s", tenant, request_id, reason)
+        failed = SandboxStatus(
+            sandbox_id=sandbox_id_for(tenant, request_id),
+            request_id=request_id,
+            tenant=tenant,
+            profile="",
+            state=SandboxState.FAILED,
+            created_at=utcnow(),
+            error=ErrorInfo(code=ErrorCode.INVALID_REQUEST, message=reason),
+        )
+        if await self.statuses.create(failed) is None:
+            await self.statuses.announce(failed)
+
+    async def _fail(self, request: ProvisionRequest, sandbox_id: str, exc: Exception) -> None:
+        """Record the final failure of a provision as a `failed` status."""
+        error = self._error_info(exc)
+        log.warning("provision %s failed: %s: %s", sandbox_id, error.code, error.message)
+        for _ in range(5):
+            found = await self.statuses.get(sandbox_id)
+            if found is None:
+                failed = SandboxStatus(
+                    sandbox_id=sandbox_id,
+                    request_id=request.request_id,
+                    tenant=request.tenant,
+                    profile=request.profile,
+                    state=SandboxState.FAILED,
+                    created_at=utcnow(),
+                    error=error,
+                    request_digest=request.digest(),
+                )
+                if await self.statuses.create(failed) is not None:
+                    return
+                continue
+            status, revision = found
+            if status.state is not SandboxState.PROVISIONING:
+                return  # settled by another delivery meanwhile
+            try:
+                await self.statuses.update(
+                    status.with_changes(state=SandboxState.FAILED, error=error), revision
+                )
+                return
+            except StaleStatus:
+                continue
+
+    # -- destroy ---------------------------------------------------------------------
+
+    async def on_destroy(self, data: bytes, delivery: Delivery) -> None:
+        """Handle one delivery of a DestroyRequest."""
+        try:
+            request = DestroyRequest.model_validate_json(data)
+        except ValidationError as exc:
+            log.warning("destroy: invalid request dropped: %s", _validation_summary(exc))
+            await delivery.term()
+            return
+        try:
+            await self._destroy(request, delivery)
+        except Retry as retry:
+            log.info("destroy %s: retry in %.1fs: %s", request.sandbox_id, retry.delay_s, retry)
+            await delivery.nack(retry.delay_s)
+            return
+        except Exception as exc:
+            if self._should_retry(exc, delivery):
+                delay = self._backoff(delivery)
+                log.warning("destroy %s: attempt %d failed, retry in %.1fs: %s",
+                            request.sandbox_id, delivery.attempt, delay, exc)  # fmt: skip
+                await delivery.nack(delay)
+                return
+            # The sandbox stays `destroying` and its TTL destroy is still scheduled;
+            # reconciliation finishes it if the provider never answers.
+            log.error("destroy %s gave up after %d attempts: %s",
+                      request.sandbox_id, delivery.attempt, exc)  # fmt: skip
+            await delivery.term()
+            return
+        await delivery.ack()
+
+    async def _destroy(self, request: DestroyRequest, delivery: Delivery) -> None:
+        found = await self.statuses.get(request.sandbox_id)
+        if found is None or found[0].tenant != request.tenant:
+            await self._announce_not_found(request, exists=found is not None)
+            return
+        status, revision = found
+        if status.state is SandboxState.PROVISIONING:
+            raise Retry(DESTROY_WAIT_S, "sandbox is still provisioning")
+        if status.state in (SandboxState.FAILED, SandboxState.DESTROYED):
+            await self.statuses.announce(status)
+            return
+        if status.state is SandboxState.READY:
+            status = status.with_changes(state=SandboxState.DESTROYING)
+            try:
+                revision = await self.statuses.update(status, revision)
+            except StaleStatus:
+                raise Retry(0.1, "status changed concurrently") from None
+
+        assert status.extension_id is not None and status.provider_sandbox_id is not None
+        adapter = self.router.adapter(status.extension_id)
+        credentials: Credentials = NO_CREDENTIALS
+        async with self.keepalive.hold(delivery):
+            await adapter.teardown(status.provider_sandbox_id, credentials)
+            usage = await adapter.meter_actual(status.provider_sandbox_id, credentials)
+        destroyed = status.with_changes(
+            state=SandboxState.DESTROYED,
+            destroyed_at=usage.stopped_at,
+            actual_usd=usage.actual_usd,
+        )
+        await self._publish_meter(destroyed, "stopped", started_at=usage.started_at,
+                                  usage=usage, fields=usage.meter_fields)  # fmt: skip
+        try:
+            await self.statuses.update(destroyed, revision)
+        except StaleStatus:
+            log.info("destroy %s: settled concurrently by another delivery", status.sandbox_id)
+        # The TTL destroy is no longer needed; if it fires anyway it is a no-op.
+        await self.js.purge_stream(REQUESTS_STREAM, subject=schedule_subject(status.sandbox_id))
+
+    async def _announce_not_found(self, request: DestroyRequest, *, exists: bool) -> None:
+        log.warning("destroy %s by tenant %s: no such sandbox", request.sandbox_id, request.tenant)
+        if exists:
+            return  # another tenant's sandbox: say nothing on its subject
+        await self.statuses.announce(
+            SandboxStatus(
+                sandbox_id=request.sandbox_id,
+                request_id=request.request_id,
+                tenant=request.tenant,
+                profile="",
+                state=SandboxState.FAILED,
+                created_at=utcnow(),
+                error=ErrorInfo(
+                    code=ErrorCode.NOT_FOUND, message=f"no sandbox {request.sandbox_id}"
+                ),
+            )
+        )
+
+    # -- shared ----------------------------------------------------------------------
+
+    async def _publish_meter(
+        self,
+        status: SandboxStatus,
+        kind: str,
+        *,
+        started_at: datetime,
+        fields: Any,
+        usage: Usage | None = None,
+    ) -> None:
+        assert status.extension_id is not None
+        event = meter_event_adapter.validate_python(
+            {
+                **dict(fields),
+                "event_id": meter_event_id(status.sandbox_id, kind),  # type: ignore[arg-type]
+                "kind": kind,
+                "extension_id": status.extension_id,
+                "sandbox_id": status.sandbox_id,
+                "tenant": status.tenant,
+                "profile": status.profile,
+                "provider_sandbox_id": status.provider_sandbox_id,
+                "credential_source": status.credential_source,
+                "started_at": started_at,
+                "stopped_at": usage.stopped_at if usage else None,
+                "duration_s": usage.duration_s if usage else None,
+                "estimate_usd": status.estimate_usd,
+                "actual_usd": usage.actual_usd if usage else None,
+            }
+        )
+        await self.js.publish(
+            meter_subject(status.extension_id),
+            meter_event_adapter.dump_json(event),
+            headers={"Nats-Msg-Id": event.event_id},
+        )
+
+    def _should_retry(self, exc: Exception, delivery: Delivery) -> bool:
+        retryable = exc.retryable if isinstance(exc, SandboxerError) else True
+        return retryable and delivery.attempt < self.settings.max_deliver
+
+    def _backoff(self, delivery: Delivery) -> float:
+        return backoff_s(
+            delivery.attempt, base_s=self.settings.retry_backoff_s, cap_s=self.settings.retry_cap_s
+        )
+
+    @staticmethod
+    def _error_info(exc: Exception) -> ErrorInfo:
+        if isinstance(exc, SandboxerError):
+            return ErrorInfo(code=exc.code, message=str(exc)[:1024])
+        # An unexpected error: its type says enough; its text may carry internals.
+        return ErrorInfo(code=ErrorCode.INTERNAL, message=f"internal error ({type(exc).__name__})")

@@ -1,0 +1,158 @@
+"""The provisioner as a FastStream app: durable pull consumers on `sandbox.provision` and
+`sandbox.destroy`, each running up to `max_in_flight` handlers at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import nats
+from faststream import AckPolicy
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage, PullSub
+from nats.js.api import AckPolicy as JsAckPolicy
+from nats.js.api import DeliverPolicy
+
+from adapters.base import AdapterContext, SandboxAdapter
+from consumers.delivery import KeepAlive
+from consumers.provisioner import Provisioner
+from sandboxer.registry import Registry
+from sandboxer.routing import Router
+from sandboxer.settings import Settings
+from sandboxer.state import StatusStore
+from sandboxer.topology import (
+    DESTROY_CONSUMER,
+    DESTROY_SUBJECT,
+    PROVISION_CONSUMER,
+    PROVISION_SUBJECT,
+    REQUESTS_STREAM,
+    ensure_topology,
+)
+
+log = logging.getLogger("sandboxer.worker")
+
+
+class _FastStreamDelivery:
+    """A FastStream NatsMessage seen as a `Delivery`."""
+
+    __slots__ = ("_message",)
+
+    def __init__(self, message: NatsMessage) -> None:
+        self._message = message
+
+    @property
+    def attempt(self) -> int:
+        return int(self._message.raw_message.metadata.num_delivered or 1)
+
+    async def ack(self) -> None:
+        await self._message.ack()
+
+    async def nack(self, delay_s: float) -> None:
+        await self._message.nack(delay=delay_s)
+
+    async def term(self) -> None:
+        await self._message.reject()
+
+    async def in_progress(self) -> None:
+        await self._message.in_progress()
+
+
+def _consumer_config(durable: str, subject: str, settings: Settings, max_deliver: int) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=durable,
+        filter_subject=subject,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=JsAckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=max_deliver,
+        # Enough outstanding messages for every worker process to stay busy.
+        max_ack_pending=max(1000, settings.max_in_flight * 4),
+    )
+
+
+Pick = Callable[[Provisioner], Callable[[bytes, _FastStreamDelivery], Awaitable[None]]]
+
+
+def _handler(
+    pick: Pick, provisioner_ref: Callable[[], Provisioner]
+) -> Callable[[NatsMessage], Awaitable[None]]:
+    # FastStream reads a handler's signature to parse the payload: taking the message
+    # itself leaves the raw bytes to us, so malformed JSON is ours to report.
+    async def handle(message: NatsMessage) -> None:
+        await pick(provisioner_ref())(message.body, _FastStreamDelivery(message))
+
+    return handle
+
+
+def build_broker(settings: Settings, provisioner_ref: Callable[[], Provisioner]) -> NatsBroker:
+    """The FastStream broker with both subscribers; `provisioner_ref` is read per message
+    so the broker can be declared before the provisioner is built."""
+    # Per-message logging off: the handlers log what matters, at a fraction of the cost.
+    broker = NatsBroker(settings.nats_url, max_reconnect_attempts=-1, logger=None)
+    stream = JStream(REQUESTS_STREAM, declare=False)
+    batch = min(settings.max_in_flight, 128)
+
+    handlers: list[tuple[str, str, int, Pick]] = [
+        # A crash on the last attempt still gets two more deliveries before the server
+        # gives up; the handler itself fails the request at `max_deliver`.
+        (PROVISION_SUBJECT, PROVISION_CONSUMER, settings.max_deliver + 2, lambda p: p.on_provision),
+        # Destroys wait for provisioning to settle, which is itself bounded: no limit.
+        (DESTROY_SUBJECT, DESTROY_CONSUMER, -1, lambda p: p.on_destroy),
+    ]
+    for subject, durable, max_deliver, pick in handlers:
+        broker.subscriber(
+            subject,
+            stream=stream,
+            durable=durable,
+            pull_sub=PullSub(batch_size=batch, timeout=1.0),
+            config=_consumer_config(durable, subject, settings, max_deliver),
+            max_workers=settings.max_in_flight,
+            ack_policy=AckPolicy.MANUAL,
+        )(_handler(pick, provisioner_ref))
+    return broker
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run the provisioner until `stop` is set (or SIGTERM/SIGINT), then drain."""
+    registry = Registry.load(settings.extensions_dir)
+    stop = stop or asyncio.Event()
+    async with AsyncExitStack() as stack:
+        nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, name="sandboxer-worker")
+        stack.push_async_callback(nc.drain)
+        js = nc.jetstream(timeout=10.0)
+        await ensure_topology(js, replicas=settings.replicas)
+        adapters: dict[str, SandboxAdapter] = registry.build_adapters(
+            {
+                ext_id: AdapterContext(manifest, js, settings.deployment, settings.replicas)
+                for ext_id, manifest in registry.extensions.items()
+            }
+        )
+        for adapter in adapters.values():
+            stack.push_async_callback(adapter.aclose)
+        keepalive = KeepAlive(every_s=max(0.5, settings.ack_wait_s / 3))
+        stack.push_async_callback(keepalive.aclose)
+        provisioner = Provisioner(
+            js=js,
+            registry=registry,
+            router=Router(adapters),
+            statuses=await StatusStore.open(js),
+            settings=settings,
+            keepalive=keepalive,
+        )
+        broker = build_broker(settings, lambda: provisioner)
+        await broker.start()
+        stack.push_async_callback(broker.stop)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+        log.info(
+            "worker ready: nats=%s deployment=%s extensions=%s in-flight<=%d",
+            settings.nats_url, settings.deployment, ",".join(adapters), settings.max_in_flight,
+        )  # fmt: skip
+        await stop.wait()
+        log.info("worker stopping: draining in-flight requests")

@@ -1,0 +1,60 @@
+"""Errors with a stable code (SPEC "Error codes"), raised at the edge that knows and
+turned into a `failed` SandboxStatus once, in the consumer."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from schemas import ErrorCode
+
+
+class SandboxerError(Exception):
+    """Base of every error that ends up in `SandboxStatus.error`.
+
+    `retryable` errors are retried with backoff until the delivery limit; the others
+    fail the request at once. Messages must never contain a secret.
+    """
+
+    code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
+    retryable: ClassVar[bool] = False
+
+
+class InvalidRequest(SandboxerError):
+    code = ErrorCode.INVALID_REQUEST
+
+
+class UnknownProfile(SandboxerError):
+    code = ErrorCode.UNKNOWN_PROFILE
+
+
+class UnknownExtension(SandboxerError):
+    code = ErrorCode.UNKNOWN_EXTENSION
+
+
+class NoRoute(SandboxerError):
+    code = ErrorCode.NO_ROUTE
+
+
+class ProviderRejected(SandboxerError):
+    """The provider refused the request and provably created nothing."""
+
+    code = ErrorCode.PROVIDER_REJECTED
+
+
+class ProviderUnavailable(SandboxerError):
+    """The provider (or a service on the way to it) failed transiently."""
+
+    code = ErrorCode.PROVIDER_UNAVAILABLE
+    retryable = True
+
+
+class IdempotencyConflict(SandboxerError):
+    code = ErrorCode.IDEMPOTENCY_CONFLICT
+
+
+class NotFound(SandboxerError):
+    code = ErrorCode.NOT_FOUND
+
+
+class ManifestError(Exception):
+    """A file in `extensions/` is wrong; the message names the file and the field."""

@@ -1,0 +1,64 @@
+"""Configuration from the environment (SPEC "Configuration"), read once at start-up."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_extensions_dir() -> Path:
+    """`extensions/` of the source tree, or the copy packed into a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "extensions", here / "_extensions"):
+        if candidate.is_dir():
+            return candidate
+    return here.parent / "extensions"
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else int(raw)
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else float(raw)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything a worker or the CLI needs to know about its surroundings."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    #: Tag on every provider sandbox; reconciliation never touches another deployment's.
+    deployment: str = "default"
+    extensions_dir: Path = field(default_factory=default_extensions_dir)
+    #: Provision and destroy handlers running at once, per worker process and subject.
+    max_in_flight: int = 256
+    #: Seconds JetStream waits for an ack; long provider calls send `in_progress` within it.
+    ack_wait_s: float = 30.0
+    #: Deliveries of one message before it is failed for good.
+    max_deliver: int = 5
+    #: First retry delay of a transient failure; doubles per delivery up to `retry_cap_s`.
+    retry_backoff_s: float = 1.0
+    retry_cap_s: float = 60.0
+    #: JetStream replicas of every stream and bucket (3 on a cluster).
+    replicas: int = 1
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Settings from `SANDBOXER_*` variables, defaults for the rest."""
+        return cls(
+            nats_url=os.environ.get("SANDBOXER_NATS_URL") or cls.nats_url,
+            deployment=os.environ.get("SANDBOXER_DEPLOYMENT") or cls.deployment,
+            extensions_dir=Path(
+                os.environ.get("SANDBOXER_EXTENSIONS_DIR") or default_extensions_dir()
+            ),
+            max_in_flight=_env_int("SANDBOXER_MAX_IN_FLIGHT", cls.max_in_flight),
+            ack_wait_s=_env_float("SANDBOXER_ACK_WAIT_S", cls.ack_wait_s),
+            max_deliver=_env_int("SANDBOXER_MAX_DELIVER", cls.max_deliver),
+            retry_backoff_s=_env_float("SANDBOXER_RETRY_BACKOFF_S", cls.retry_backoff_s),
+            retry_cap_s=_env_float("SANDBOXER_RETRY_CAP_S", cls.retry_cap_s),
+            replicas=_env_int("SANDBOXER_REPLICAS", cls.replicas),
+        )

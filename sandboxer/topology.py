@@ -1,0 +1,119 @@
+"""Where everything lives in JetStream: subjects, streams, KV buckets, consumers.
+
+All state is here (SPEC guarantee 6): workers keep none, so any number of them can
+share the durable consumers, and a NATS cluster with replicated streams scales it out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, RePublish, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+
+PROVISION_SUBJECT = "sandbox.provision"
+DESTROY_SUBJECT = "sandbox.destroy"
+STATUS_SUBJECT_PREFIX = "sandbox.status"
+METER_SUBJECT_PREFIX = "sandbox.meter"
+#: One subject per sandbox holds its TTL destroy until nats-server fires it.
+SCHEDULE_SUBJECT_PREFIX = "sandbox.schedule"
+
+REQUESTS_STREAM = "SANDBOX_REQUESTS"
+STATUS_STREAM = "SANDBOX_STATUS"
+METER_STREAM = "SANDBOX_METER"
+
+STATUS_BUCKET = "sandboxer-status"
+
+PROVISION_CONSUMER = "provisioner-provision"
+DESTROY_CONSUMER = "provisioner-destroy"
+
+DAY_S = 24 * 3600.0
+#: Requests are kept a week so operators can replay them; status history and meter
+#: events a month, so billing can be rebuilt after an outage.
+REQUESTS_MAX_AGE_S = 7 * DAY_S
+EVENTS_MAX_AGE_S = 30 * DAY_S
+
+
+def status_subject(sandbox_id: str) -> str:
+    return f"{STATUS_SUBJECT_PREFIX}.{sandbox_id}"
+
+
+def meter_subject(extension_id: str) -> str:
+    return f"{METER_SUBJECT_PREFIX}.{extension_id}"
+
+
+def schedule_subject(sandbox_id: str) -> str:
+    return f"{SCHEDULE_SUBJECT_PREFIX}.{sandbox_id}"
+
+
+def stream_configs(replicas: int) -> list[StreamConfig]:
+    """The streams sandboxer needs, file-backed, with `replicas` copies."""
+    common = {"storage": StorageType.FILE, "num_replicas": replicas}
+    return [
+        StreamConfig(
+            name=REQUESTS_STREAM,
+            subjects=[PROVISION_SUBJECT, DESTROY_SUBJECT, f"{SCHEDULE_SUBJECT_PREFIX}.*"],
+            max_age=REQUESTS_MAX_AGE_S,
+            # nats-server >= 2.12 fires `Nats-Schedule` messages onto `sandbox.destroy`.
+            allow_msg_schedules=True,
+            **common,
+        ),
+        StreamConfig(
+            name=STATUS_STREAM,
+            subjects=[f"{STATUS_SUBJECT_PREFIX}.*"],
+            max_age=EVENTS_MAX_AGE_S,
+            **common,
+        ),
+        StreamConfig(
+            name=METER_STREAM,
+            subjects=[f"{METER_SUBJECT_PREFIX}.>"],
+            max_age=EVENTS_MAX_AGE_S,
+            **common,
+        ),
+    ]
+
+
+def status_bucket_config(replicas: int) -> KeyValueConfig:
+    """Latest SandboxStatus per sandbox. Every write is republished by the server on
+    `sandbox.status.<id>` (and so lands in SANDBOX_STATUS): one write stores and
+    announces a state change."""
+    return KeyValueConfig(
+        bucket=STATUS_BUCKET,
+        history=1,
+        storage=StorageType.FILE,
+        replicas=replicas,
+        republish=RePublish(src=f"$KV.{STATUS_BUCKET}.>", dest=f"{STATUS_SUBJECT_PREFIX}.>"),
+    )
+
+
+async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
+    """Create or update every stream and bucket; safe to run from many processes."""
+    for config in stream_configs(replicas):
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+    await ensure_bucket(js, status_bucket_config(replicas))
+
+
+async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """The bucket of `config`, created if missing."""
+    try:
+        return await js.key_value(config.bucket)
+    except NotFoundError:
+        return await js.create_key_value(config)
+
+
+async def kv_entries(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str, bytes]]:
+    """Every live (key, value) of a bucket matching `keys`, read in one ordered pass."""
+    watcher = await kv.watch(keys, ignore_deletes=True)
+    try:
+        async for entry in watcher:
+            if entry is None:  # the watcher's marker: initial values all delivered
+                break
+            if entry.value is not None:
+                yield entry.key, entry.value
+    finally:
+        await watcher.stop()

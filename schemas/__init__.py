@@ -1,0 +1,73 @@
+"""The contract: every message sandboxer reads or writes, as pydantic v2 models.
+
+Pure data, no I/O. `sandboxer schemas export DIR` writes their JSON Schemas for
+publishers in other languages.
+"""
+
+from schemas._types import (
+    SCHEMA_VERSION,
+    USD_QUANTUM,
+    ExtensionId,
+    ProfileId,
+    RequestId,
+    SandboxId,
+    Seconds,
+    TenantId,
+    Timestamp,
+    Usd,
+    quantize_usd,
+    utcnow,
+)
+from schemas.manifest import ExtensionManifest, Pricing, Profile, Resources, TtlLimits, TtlOutOfRange
+from schemas.meter import (
+    E2BMeterEvent,
+    MeterEvent,
+    MeterKind,
+    ModalMeterEvent,
+    StubMeterEvent,
+    meter_event_adapter,
+    meter_event_id,
+)
+from schemas.requests import DestroyRequest, ProvisionRequest
+from schemas.status import (
+    CredentialSource,
+    ErrorCode,
+    ErrorInfo,
+    SandboxState,
+    SandboxStatus,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "USD_QUANTUM",
+    "CredentialSource",
+    "DestroyRequest",
+    "E2BMeterEvent",
+    "ErrorCode",
+    "ErrorInfo",
+    "ExtensionId",
+    "ExtensionManifest",
+    "MeterEvent",
+    "MeterKind",
+    "ModalMeterEvent",
+    "Pricing",
+    "Profile",
+    "ProfileId",
+    "ProvisionRequest",
+    "RequestId",
+    "Resources",
+    "SandboxId",
+    "SandboxState",
+    "SandboxStatus",
+    "Seconds",
+    "StubMeterEvent",
+    "TenantId",
+    "Timestamp",
+    "TtlLimits",
+    "TtlOutOfRange",
+    "Usd",
+    "meter_event_adapter",
+    "meter_event_id",
+    "quantize_usd",
+    "utcnow",
+]

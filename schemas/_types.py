@@ -1,0 +1,86 @@
+"""Constrained scalar types shared by every message: ids, money, time."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer, WithJsonSchema
+
+SCHEMA_VERSION = 1
+
+#: Exactness of every amount: one micro-dollar.
+USD_QUANTUM = Decimal("0.000001")
+
+# Ids end up in NATS subjects and KV keys, so they may not contain dots,
+# spaces or wildcards.
+TenantId = Annotated[
+    str,
+    Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$"),
+]
+RequestId = Annotated[
+    str,
+    Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$"),
+]
+SandboxId = Annotated[str, Field(pattern=r"^sbx-[0-9a-f]{24}$")]
+ExtensionId = Annotated[str, Field(max_length=64, pattern=r"^ext\.[a-z0-9][a-z0-9-]*$")]
+ProfileId = Annotated[str, Field(max_length=64, pattern=r"^profile\.[a-z0-9][a-z0-9-]*$")]
+
+
+def _reject_float(value: Any) -> Any:
+    # A float has already lost exactness; accept only strings, ints and Decimals.
+    if isinstance(value, float):
+        raise ValueError("money must be a decimal string, not a float")
+    if isinstance(value, str):
+        try:
+            return Decimal(value)
+        except InvalidOperation:
+            raise ValueError(f"not a decimal amount: {value!r}") from None
+    return value
+
+
+def _exact_usd(value: Decimal) -> Decimal:
+    if not value.is_finite():
+        raise ValueError("amount must be finite")
+    if value != value.quantize(USD_QUANTUM):
+        raise ValueError("amount is finer than 0.000001 USD")
+    return value.quantize(USD_QUANTUM)
+
+
+Usd = Annotated[
+    Decimal,
+    BeforeValidator(_reject_float),
+    AfterValidator(_exact_usd),
+    PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": r"^-?\d+(\.\d{1,6})?$"}),
+]
+"""USD as an exact Decimal, a decimal string in JSON, at most six decimals."""
+
+Seconds = Annotated[
+    Decimal,
+    BeforeValidator(_reject_float),
+    Field(ge=0),
+    PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?$"}),
+]
+"""A duration as an exact Decimal (decimal string in JSON): billing multiplies it."""
+
+
+def quantize_usd(amount: Decimal) -> Decimal:
+    """Round an amount half-up to the micro-dollar, the exactness of every stored figure."""
+    return amount.quantize(USD_QUANTUM, rounding=ROUND_HALF_UP)
+
+
+def _aware(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamp must carry a time zone")
+    return value.astimezone(UTC)
+
+
+Timestamp = Annotated[datetime, AfterValidator(_aware)]
+
+
+def utcnow() -> datetime:
+    """The current time in UTC, the only zone sandboxer writes."""
+    return datetime.now(UTC)

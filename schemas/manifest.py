@@ -1,0 +1,104 @@
+"""The data in `extensions/`: one ExtensionManifest per provider adapter, one Profile per
+kind of sandbox a tenant can ask for."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas._types import ExtensionId, ProfileId, Usd
+
+
+class Pricing(BaseModel):
+    """How an extension charges. `rates` are read by the adapter's own pricing formula,
+    which names the rates it needs and rejects a manifest that lacks one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pricing_model: Literal["metered"]
+    currency: Literal["USD"] = "USD"
+    rates: dict[str, Usd] = Field(min_length=1)
+
+
+class ExtensionManifest(BaseModel):
+    """One provider adapter: which class implements it and what it costs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["extension"]
+    id: ExtensionId
+    name: str = Field(min_length=1, max_length=80)
+    description: str = Field(default="", max_length=2000)
+    adapter: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="Import path of the adapter class, `module:Class`.",
+    )
+    pricing: Pricing
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Adapter settings, validated by the adapter."
+    )
+
+
+class TtlLimits(BaseModel):
+    """The lifetimes a profile allows, in seconds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default_s: int = Field(ge=1)
+    min_s: int = Field(default=1, ge=1)
+    max_s: int = Field(le=7 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if not self.min_s <= self.default_s <= self.max_s:
+            raise ValueError("ttl limits must satisfy min_s <= default_s <= max_s")
+        return self
+
+
+class Resources(BaseModel):
+    """What one sandbox of a profile is given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu: int = Field(default=2, ge=1, le=64)
+    memory_mb: int = Field(default=2048, ge=128, le=1024 * 1024)
+    gpu: str | None = Field(default=None, max_length=32)
+    gpu_count: int = Field(default=0, ge=0, le=8)
+
+
+class TtlOutOfRange(ValueError):
+    """A requested TTL lies outside the profile's limits."""
+
+
+class Profile(BaseModel):
+    """A kind of sandbox: ordered routes (first eligible extension wins), TTL limits,
+    resources."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["profile"]
+    id: ProfileId
+    description: str = Field(default="", max_length=2000)
+    pricing_model: Literal["metered"]
+    routes: list[ExtensionId] = Field(min_length=1)
+    ttl: TtlLimits
+    resources: Resources = Field(default_factory=Resources)
+    template: str | None = Field(default=None, max_length=128)
+
+    @model_validator(mode="after")
+    def _unique_routes(self) -> Self:
+        if len(set(self.routes)) != len(self.routes):
+            raise ValueError("routes must not repeat an extension")
+        return self
+
+    def resolve_ttl(self, ttl_s: int | None) -> int:
+        """The TTL to use for a request: its own if within limits, else the default."""
+        if ttl_s is None:
+            return self.ttl.default_s
+        if not self.ttl.min_s <= ttl_s <= self.ttl.max_s:
+            raise TtlOutOfRange(
+                f"ttl_s={ttl_s} is outside {self.id}'s limits "
+                f"[{self.ttl.min_s}, {self.ttl.max_s}]"
+            )
+        return ttl_s

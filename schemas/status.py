@@ -1,0 +1,93 @@
+"""SandboxStatus: the state of one sandbox, stored in KV and announced on
+`sandbox.status.<sandbox_id>` at every change."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas._types import (
+    ExtensionId,
+    RequestId,
+    SandboxId,
+    TenantId,
+    Timestamp,
+    Usd,
+)
+
+
+class ErrorCode(StrEnum):
+    """Stable codes of `SandboxStatus.error.code` (see SPEC)."""
+
+    INVALID_REQUEST = "invalid_request"
+    UNKNOWN_PROFILE = "unknown_profile"
+    UNKNOWN_EXTENSION = "unknown_extension"
+    INSUFFICIENT_CREDITS = "insufficient_credits"
+    NO_ROUTE = "no_route"
+    PROVIDER_REJECTED = "provider_rejected"
+    PROVIDER_UNAVAILABLE = "provider_unavailable"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    NOT_FOUND = "not_found"
+    INTERNAL = "internal"
+
+
+class SandboxState(StrEnum):
+    """Lifecycle: provisioning -> ready -> destroying -> destroyed, or -> failed."""
+
+    PROVISIONING = "provisioning"
+    READY = "ready"
+    FAILED = "failed"
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+
+    @property
+    def settled(self) -> bool:
+        """True when nothing more will happen without a new request."""
+        return self in (SandboxState.READY, SandboxState.FAILED, SandboxState.DESTROYED)
+
+
+CredentialSource = Literal["byok", "platform", "none"]
+
+
+class ErrorInfo(BaseModel):
+    """Why a request failed: a stable code and a message fit for a log (never a secret)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    code: ErrorCode
+    message: str = Field(max_length=1024)
+
+
+class SandboxStatus(BaseModel):
+    """One sandbox as sandboxer knows it. Never holds a secret or a credential value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+    sandbox_id: SandboxId
+    request_id: RequestId
+    tenant: TenantId
+    profile: str = Field(max_length=64)
+    extension_id: ExtensionId | None = None
+    provider_sandbox_id: str | None = Field(default=None, max_length=128)
+    state: SandboxState
+    created_at: Timestamp
+    ready_at: Timestamp | None = None
+    expires_at: Timestamp | None = None
+    destroyed_at: Timestamp | None = None
+    estimate_usd: Usd | None = None
+    actual_usd: Usd | None = None
+    credential_source: CredentialSource = "none"
+    error: ErrorInfo | None = None
+    request_digest: str | None = Field(
+        default=None,
+        description="sha256 of the accepted ProvisionRequest body; a different body under "
+        "the same request_id is an idempotency_conflict.",
+    )
+
+    def with_changes(self, **changes: object) -> SandboxStatus:
+        """A copy with `changes` applied and validated."""
+        return SandboxStatus.model_validate({**self.model_dump(), **changes})
+
