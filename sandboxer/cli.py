@@ -1,0 +1,323 @@
+"""`sandboxer`: run the service, and talk to it.
+
+Exit codes: 0 success; 1 the operation failed (one line on stderr says why);
+2 bad usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from nats.errors import NoServersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
+from sandboxer.client import Client
+from sandboxer.embedded import EmbeddedNats
+from sandboxer.errors import ManifestError
+from sandboxer.registry import Registry
+from sandboxer.settings import Settings
+from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
+
+app = typer.Typer(
+    name="sandboxer",
+    help="Event-driven sandbox broker on NATS JetStream.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+schemas_app = typer.Typer(help="The message contract.", no_args_is_help=True)
+app.add_typer(schemas_app, name="schemas")
+
+T = TypeVar("T")
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+
+
+def _die(reason: str) -> NoReturn:
+    typer.echo(f"sandboxer: {reason}", err=True)
+    raise typer.Exit(1)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a client coroutine, turning connection trouble into one clear line."""
+    settings = Settings.from_env()
+    try:
+        return asyncio.run(coro)
+    except (NoServersError, OSError) as exc:
+        _die(f"cannot reach NATS at {settings.nats_url} ({exc}); is `sandboxer dev` running?")
+    except (NoStreamResponseError, ServiceUnavailableError):
+        _die(f"no sandboxer streams on {settings.nats_url}; start a worker first")
+    except (TimeoutError, NatsTimeout):
+        _die("timed out waiting for an answer")
+    except ManifestError as exc:
+        _die(str(exc))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _print_status(status: SandboxStatus, as_json: bool) -> None:
+    if as_json:
+        typer.echo(status.model_dump_json())
+        return
+    line = f"{status.sandbox_id}  {status.state}"
+    if status.extension_id:
+        line += f"  {status.extension_id}"
+    if status.provider_sandbox_id:
+        line += f"  provider_id={status.provider_sandbox_id}"
+    if status.expires_at and status.state is SandboxState.READY:
+        line += f"  expires_at={status.expires_at.isoformat()}"
+    if status.actual_usd is not None:
+        line += f"  actual_usd={status.actual_usd}"
+    elif status.estimate_usd is not None:
+        line += f"  estimate_usd={status.estimate_usd}"
+    if status.error:
+        line += f"  error={status.error.code}: {status.error.message}"
+    typer.echo(line)
+
+
+def _exit_for(status: SandboxStatus | None, as_json: bool) -> None:
+    if status is None:
+        return
+    _print_status(status, as_json)
+    if status.state is SandboxState.FAILED:
+        raise typer.Exit(1)
+
+
+# -- running the service --------------------------------------------------------------
+
+
+@app.command()
+def worker(
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run a provisioner worker against $SANDBOXER_NATS_URL until SIGTERM."""
+    from consumers.worker import run_worker
+
+    _setup_logging(log_level)
+    settings = Settings.from_env()
+    try:
+        asyncio.run(run_worker(settings))
+    except ManifestError as exc:
+        _die(str(exc))
+    except (NoServersError, OSError) as exc:
+        _die(f"cannot reach NATS at {settings.nats_url}: {exc}")
+
+
+@app.command()
+def dev(
+    port: Annotated[int, typer.Option(help="Port of the embedded NATS server.")] = 4222,
+    state_dir: Annotated[Path, typer.Option(help="Where NATS keeps its data.")] = Path(
+        ".sandboxer"
+    ),
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Start an embedded nats-server with JetStream and a worker, for local use."""
+    from dataclasses import replace
+
+    from consumers.worker import run_worker
+
+    _setup_logging(log_level)
+    server = EmbeddedNats(state_dir / "nats", port=port)
+    try:
+        server.start()
+    except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+        _die(f"cannot start nats-server: {exc} (try --port)")
+    settings = replace(Settings.from_env(), nats_url=server.url)
+    env = "" if port == 4222 else f"SANDBOXER_NATS_URL={server.url} "
+    typer.echo(
+        f"sandboxer dev: NATS with JetStream on {server.url}, state in {state_dir}/\n"
+        f"In another shell:\n"
+        f"  {env}.venv/bin/sandboxer provision --tenant demo --profile profile.burst-sandbox"
+        f" --wait\n"
+        f"  {env}.venv/bin/sandboxer destroy <sandbox_id> --wait\n"
+        f"  {env}.venv/bin/sandboxer ls\n"
+        f"Ctrl-C stops the worker and the server.",
+        err=True,
+    )
+    try:
+        asyncio.run(run_worker(settings))
+    except ManifestError as exc:
+        _die(str(exc))
+    finally:
+        server.stop()
+
+
+# -- talking to it --------------------------------------------------------------------
+
+
+@app.command()
+def provision(
+    tenant: Annotated[str, typer.Option(help="Tenant to provision for.")],
+    profile: Annotated[str, typer.Option(help="Profile id, e.g. profile.burst-sandbox.")],
+    ttl: Annotated[int | None, typer.Option(help="Lifetime in seconds.")] = None,
+    template: Annotated[str | None, typer.Option(help="Provider template.")] = None,
+    request_id: Annotated[
+        str | None, typer.Option(help="Idempotency key (default: a new one).")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for ready or failed.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 120.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask for a sandbox; with --wait, print its status once ready (or failed)."""
+    try:
+        request = ProvisionRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            tenant=tenant,
+            profile=profile,
+            ttl_s=ttl,
+            template=template,
+        )
+    except ValueError as exc:
+        _die(f"invalid request: {exc}".replace("\n", " "))
+
+    async def go() -> SandboxStatus | None:
+        async with Client(Settings.from_env().nats_url) as client:
+            return await client.provision(request, wait_s=timeout if wait else None)
+
+    status = _run(go())
+    if status is None:
+        from sandboxer.ids import sandbox_id_for
+
+        sandbox_id = sandbox_id_for(request.tenant, request.request_id)
+        typer.echo(json.dumps({"sandbox_id": sandbox_id}) if as_json else sandbox_id)
+    _exit_for(status, as_json)
+
+
+@app.command()
+def destroy(
+    sandbox_id: Annotated[str, typer.Argument(help="The sandbox to destroy.")],
+    tenant: Annotated[
+        str | None, typer.Option(help="Owner (default: read from its status).")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Why, for the record.")] = "requested",
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until destroyed.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 120.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Destroy a sandbox (idempotent) and print its final status."""
+
+    async def go() -> SandboxStatus | None:
+        async with Client(Settings.from_env().nats_url) as client:
+            owner = tenant
+            if owner is None:
+                current = await client.status(sandbox_id)
+                if current is None:
+                    _die(f"not_found: no sandbox {sandbox_id}")
+                owner = current.tenant
+            request = DestroyRequest(
+                request_id=f"cli-{uuid.uuid4().hex}",
+                tenant=owner,
+                sandbox_id=sandbox_id,
+                reason=reason,
+            )
+            return await client.destroy(request, wait_s=timeout if wait else None)
+
+    try:
+        _exit_for(_run(go()), as_json)
+    except ValueError as exc:
+        _die(f"invalid request: {exc}".replace("\n", " "))
+
+
+@app.command()
+def status(
+    sandbox_id: Annotated[str, typer.Argument(help="The sandbox to look up.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the stored status of a sandbox."""
+
+    async def go() -> SandboxStatus | None:
+        async with Client(Settings.from_env().nats_url) as client:
+            return await client.status(sandbox_id)
+
+    found = _run(go())
+    if found is None:
+        _die(f"not_found: no sandbox {sandbox_id}")
+    _print_status(found, as_json)
+
+
+@app.command("ls")
+def list_sandboxes(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's.")] = None,
+    state: Annotated[SandboxState | None, typer.Option(help="Only in this state.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List sandboxes, newest first."""
+
+    async def go() -> list[SandboxStatus]:
+        async with Client(Settings.from_env().nats_url) as client:
+            return await client.statuses()
+
+    rows = [
+        s
+        for s in _run(go())
+        if (tenant is None or s.tenant == tenant) and (state is None or s.state is state)
+    ]
+    rows.sort(key=lambda s: s.created_at, reverse=True)
+    for row in rows:
+        _print_status(row, as_json)
+
+
+def _registry() -> Registry:
+    try:
+        return Registry.load(Settings.from_env().extensions_dir)
+    except ManifestError as exc:
+        _die(str(exc))
+
+
+@app.command()
+def extensions(as_json: JsonOpt = False) -> None:
+    """List installed extensions and their pricing."""
+    for manifest in _registry().extensions.values():
+        if as_json:
+            typer.echo(manifest.model_dump_json())
+        else:
+            rates = ", ".join(f"{k}={v}" for k, v in manifest.pricing.rates.items())
+            typer.echo(f"{manifest.id}  {manifest.adapter}  {manifest.pricing.pricing_model}"
+                       f"  {rates}")  # fmt: skip
+
+
+@app.command()
+def profiles(as_json: JsonOpt = False) -> None:
+    """List profiles with their routes and TTL limits."""
+    registry = _registry()
+    for profile in registry.profiles.values():
+        if as_json:
+            typer.echo(profile.model_dump_json())
+            continue
+        routes = " > ".join(
+            ext if ext in registry.extensions else f"({ext}: not installed)"
+            for ext in profile.routes
+        )
+        typer.echo(
+            f"{profile.id}  routes: {routes}  ttl: {profile.ttl.min_s}..{profile.ttl.max_s}s "
+            f"(default {profile.ttl.default_s}s)"
+        )
+
+
+@schemas_app.command("export")
+def schemas_export(
+    directory: Annotated[Path, typer.Argument(help="Where to write *.schema.json.")],
+) -> None:
+    """Write the JSON Schema of every message and data file."""
+    from schemas.export import export_json_schemas
+
+    for path in export_json_schemas(directory):
+        typer.echo(str(path))
+
+
+def main() -> None:
+    app()

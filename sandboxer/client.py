@@ -1,0 +1,114 @@
+"""A small client of the service, over plain NATS: what the CLI, the tests and the
+benchmark use, and a model for publishers in other languages."""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+
+import nats
+from nats.aio.client import Client as Nats
+from nats.js import JetStreamContext
+
+from sandboxer.ids import sandbox_id_for
+from sandboxer.state import StatusStore
+from sandboxer.topology import DESTROY_SUBJECT, PROVISION_SUBJECT, status_subject
+from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
+
+PROVISION_SETTLED = frozenset(
+    {SandboxState.READY, SandboxState.FAILED, SandboxState.DESTROYING, SandboxState.DESTROYED}
+)
+DESTROY_SETTLED = frozenset({SandboxState.DESTROYED, SandboxState.FAILED})
+
+
+async def _quiet(exc: Exception) -> None:
+    # nats-py prints every connection error with a traceback; the caller reports it once.
+    return None
+
+
+class Client:
+    """`async with Client(url) as client: await client.provision(request, wait=30)`."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._nc: Nats | None = None
+        self._js: JetStreamContext | None = None
+
+    async def __aenter__(self) -> Client:
+        self._nc = await nats.connect(
+            self.url,
+            name="sandboxer-client",
+            connect_timeout=5,
+            allow_reconnect=False,
+            error_cb=_quiet,
+        )
+        self._js = self._nc.jetstream(timeout=10.0)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._nc is not None:
+            await self._nc.close()
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "use `async with Client(...)`"
+        return self._js
+
+    async def provision(
+        self, request: ProvisionRequest, *, wait_s: float | None = None
+    ) -> SandboxStatus | None:
+        """Publish a ProvisionRequest; with `wait_s`, return its settled status."""
+        sandbox_id = sandbox_id_for(request.tenant, request.request_id)
+        return await self._request(
+            PROVISION_SUBJECT, request.model_dump_json().encode(), sandbox_id,
+            PROVISION_SETTLED, wait_s,
+        )  # fmt: skip
+
+    async def destroy(
+        self, request: DestroyRequest, *, wait_s: float | None = None
+    ) -> SandboxStatus | None:
+        """Publish a DestroyRequest; with `wait_s`, return the sandbox's final status."""
+        return await self._request(
+            DESTROY_SUBJECT, request.model_dump_json().encode(), request.sandbox_id,
+            DESTROY_SETTLED, wait_s,
+        )  # fmt: skip
+
+    async def status(self, sandbox_id: str) -> SandboxStatus | None:
+        """The stored status of a sandbox, or None."""
+        found = await (await StatusStore.open(self.js)).get(sandbox_id)
+        return found[0] if found else None
+
+    async def statuses(self) -> list[SandboxStatus]:
+        """Every stored status."""
+        store = await StatusStore.open(self.js)
+        return [status async for status in store.all()]
+
+    async def _request(
+        self,
+        subject: str,
+        payload: bytes,
+        sandbox_id: str,
+        settled: frozenset[SandboxState],
+        wait_s: float | None,
+    ) -> SandboxStatus | None:
+        if wait_s is None:
+            await self.js.publish(subject, payload)
+            return None
+        assert self._nc is not None
+        # Subscribe before publishing, so no answer can slip by.
+        answers = await self._nc.subscribe(status_subject(sandbox_id))
+        try:
+            await self.js.publish(subject, payload)
+            async with asyncio.timeout(wait_s):
+                while True:
+                    message = await answers.next_msg(timeout=None)
+                    status = SandboxStatus.model_validate_json(message.data)
+                    if status.state in settled:
+                        return status
+        finally:
+            await answers.unsubscribe()

@@ -1,0 +1,146 @@
+"""Real servers for real tests: every test gets its own nats-server with JetStream, on a
+free loopback port, in a temporary folder, stopped by PID afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as Nats
+from nats.js import JetStreamContext
+
+from consumers.worker import run_worker
+from sandboxer.client import Client
+from sandboxer.embedded import EmbeddedNats
+from sandboxer.settings import Settings
+from sandboxer.topology import ensure_topology
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    with EmbeddedNats(tmp_path / "nats") as server:
+        yield server
+
+
+@pytest.fixture
+def settings(nats_server: EmbeddedNats) -> Settings:
+    """Fast timings for tests: short ack wait and backoff."""
+    return Settings(
+        nats_url=nats_server.url,
+        deployment="test",
+        ack_wait_s=2.0,
+        max_deliver=3,
+        retry_backoff_s=0.1,
+        retry_cap_s=0.5,
+    )
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Nats]:
+    conn = await nats.connect(nats_server.url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def js(nc: Nats) -> JetStreamContext:
+    context = nc.jetstream()
+    await ensure_topology(context)
+    return context
+
+
+class WorkerHandle:
+    """An in-process worker task that a test can start and stop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(run_worker(self.settings, self._stop))
+        # Ready once both durable consumers exist.
+        async with Client(self.settings.nats_url) as client:
+            for _ in range(200):
+                if self._task.done():
+                    self._task.result()
+                try:
+                    names = [c.name for c in await client.js.consumers_info("SANDBOX_REQUESTS")]
+                except Exception:
+                    names = []
+                if {"provisioner-provision", "provisioner-destroy"} <= set(names):
+                    return
+                await asyncio.sleep(0.05)
+        raise TimeoutError("worker did not start")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.wait_for(self._task, 30)
+
+
+@pytest.fixture
+async def start_worker(settings: Settings) -> AsyncIterator[Callable[..., object]]:
+    handles: list[WorkerHandle] = []
+
+    async def start(**changes: object) -> WorkerHandle:
+        handle = WorkerHandle(replace(settings, **changes))  # type: ignore[arg-type]
+        await handle.start()
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        await handle.stop()
+
+
+@pytest.fixture
+async def worker(start_worker: Callable[..., object]) -> WorkerHandle:
+    return await start_worker()  # type: ignore[misc, no-any-return]
+
+
+@pytest.fixture
+async def client(settings: Settings, worker: WorkerHandle) -> AsyncIterator[Client]:
+    async with Client(settings.nats_url) as c:
+        yield c
+
+
+@pytest.fixture
+def spawn_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start `sandboxer worker` as a child process (for kill tests)."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(**env: str) -> subprocess.Popen[bytes]:
+        environment = {
+            **os.environ,
+            "SANDBOXER_NATS_URL": settings.nats_url,
+            "SANDBOXER_DEPLOYMENT": settings.deployment,
+            "SANDBOXER_ACK_WAIT_S": str(settings.ack_wait_s),
+            "SANDBOXER_MAX_DELIVER": str(settings.max_deliver),
+            "SANDBOXER_RETRY_BACKOFF_S": str(settings.retry_backoff_s),
+            "SANDBOXER_RETRY_CAP_S": str(settings.retry_cap_s),
+            **env,
+        }
+        log = open(tmp_path / f"worker-{len(procs)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sandboxer", "worker"], env=environment, stdout=log, stderr=log
+        )
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()

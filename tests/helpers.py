@@ -1,0 +1,84 @@
+"""Small observers used by the tests: they read what the service wrote, nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from sandboxer.client import Client
+from schemas import SandboxState, SandboxStatus
+
+
+async def stream_messages(
+    js: JetStreamContext, stream: str, subject: str = ">"
+) -> list[tuple[str, dict[str, Any]]]:
+    """Every message of `stream` on `subject`, as (subject, decoded JSON)."""
+    info = await js.stream_info(stream)
+    if info.state.messages == 0:
+        return []
+    sub = await js.pull_subscribe(
+        subject,
+        stream=stream,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=5.0),
+    )
+    found: list[tuple[str, dict[str, Any]]] = []
+    try:
+        while True:
+            try:
+                batch = await sub.fetch(256, timeout=0.5)
+            except TimeoutError:
+                break
+            for message in batch:
+                found.append((message.subject, json.loads(message.data)))
+                await message.ack()
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+async def meter_events(js: JetStreamContext, sandbox_id: str | None = None) -> list[dict[str, Any]]:
+    events = [body for _, body in await stream_messages(js, "SANDBOX_METER")]
+    return [e for e in events if sandbox_id is None or e["sandbox_id"] == sandbox_id]
+
+
+async def wait_for_status(
+    client: Client,
+    sandbox_id: str,
+    predicate: Callable[[SandboxStatus], bool] = lambda s: s.state.settled,
+    timeout_s: float = 15.0,
+) -> SandboxStatus:
+    """Poll the stored status until `predicate` holds."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    last: SandboxStatus | None = None
+    while asyncio.get_running_loop().time() < deadline:
+        last = await client.status(sandbox_id)
+        if last is not None and predicate(last):
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"status of {sandbox_id} never matched; last seen: {last}")
+
+
+async def wait_for_state(
+    client: Client, sandbox_id: str, state: SandboxState, timeout_s: float = 15.0
+) -> SandboxStatus:
+    return await wait_for_status(client, sandbox_id, lambda s: s.state is state, timeout_s)
+
+
+async def consumer_backlog(js: JetStreamContext, durable: str) -> tuple[int, int]:
+    """(messages not yet delivered, delivered but not acked) of a durable consumer."""
+    info = await js.consumer_info("SANDBOX_REQUESTS", durable)
+    return info.num_pending or 0, info.num_ack_pending or 0
+
+
+async def wait_until_drained(js: JetStreamContext, durable: str, timeout_s: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        if await consumer_backlog(js, durable) == (0, 0):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{durable} still has {await consumer_backlog(js, durable)}")
