@@ -82,3 +82,9 @@ async def wait_until_drained(js: JetStreamContext, durable: str, timeout_s: floa
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{durable} still has {await consumer_backlog(js, durable)}")
+
+
+async def deliveries(js: JetStreamContext, durable: str) -> int:
+    """How many times the consumer has delivered anything, redeliveries included."""
+    info = await js.consumer_info("SANDBOX_REQUESTS", durable)
+    return info.delivered.consumer_seq or 0
