@@ -40,6 +40,8 @@ class Client:
             name="sandboxer-client",
             connect_timeout=5,
             allow_reconnect=False,
+            max_reconnect_attempts=1,  # 0 would mean "forever" to nats-py
+            reconnect_time_wait=0.2,
             error_cb=_quiet,
         )
         self._js = self._nc.jetstream(timeout=10.0)

@@ -1,0 +1,105 @@
+"""The `sandboxer` command: exit codes, one-line reasons, and a real round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from sandboxer.cli import app
+from sandboxer.embedded import free_port
+from sandboxer.settings import Settings
+from tests.conftest import ROOT, WorkerHandle
+
+runner = CliRunner()
+
+
+async def sandboxer(settings: Settings, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandboxer", *args,
+        env={**os.environ, "SANDBOXER_NATS_URL": settings.nats_url},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_provision_wait_then_destroy(settings: Settings, worker: WorkerHandle) -> None:
+    code, out, err = await sandboxer(
+        settings, "provision", "--tenant", "demo", "--profile", "profile.burst-sandbox",
+        "--wait", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    status = json.loads(out)
+    assert status["state"] == "ready" and status["extension_id"] == "ext.saas-stub"
+
+    code, out, err = await sandboxer(settings, "destroy", status["sandbox_id"])
+    assert code == 0, err
+    assert " destroyed " in out
+
+    code, out, _ = await sandboxer(settings, "ls", "--tenant", "demo")
+    assert code == 0 and status["sandbox_id"] in out
+
+    code, out, _ = await sandboxer(settings, "status", status["sandbox_id"], "--json")
+    assert code == 0 and json.loads(out)["state"] == "destroyed"
+
+
+async def test_failures_exit_non_zero_with_one_line(
+    settings: Settings, worker: WorkerHandle
+) -> None:
+    code, out, err = await sandboxer(
+        settings, "provision", "--tenant", "demo", "--profile", "profile.nope", "--wait"
+    )
+    assert code == 1 and "unknown_profile" in out
+
+    code, _, err = await sandboxer(settings, "status", "sbx-" + "0" * 24)
+    assert code == 1 and err.strip().count("\n") == 0 and "not_found" in err
+
+    code, _, err = await sandboxer(settings, "destroy", "sbx-" + "0" * 24)
+    assert code == 1 and "not_found" in err
+
+
+async def test_unreachable_nats_is_one_clear_line() -> None:
+    unreachable = Settings(nats_url=f"nats://127.0.0.1:{free_port()}")
+    code, _, err = await sandboxer(unreachable, "status", "sbx-" + "0" * 24)
+    assert code == 1
+    assert err.strip().count("\n") == 0 and "cannot reach NATS" in err
+
+
+def test_invalid_provision_input_is_rejected_before_publishing() -> None:
+    result = runner.invoke(app, ["provision", "--tenant", "a.b", "--profile", "profile.x"])
+    assert result.exit_code == 1
+    assert "invalid request" in result.output
+
+
+def test_profiles_and_extensions_list_the_shipped_files() -> None:
+    profiles = runner.invoke(app, ["profiles"])
+    assert profiles.exit_code == 0 and "profile.burst-sandbox" in profiles.output
+    extensions = runner.invoke(app, ["extensions", "--json"])
+    assert extensions.exit_code == 0
+    assert json.loads(extensions.output.splitlines()[0])["id"] == "ext.saas-stub"
+
+
+def test_schemas_export_writes_files(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["schemas", "export", str(tmp_path)])
+    assert result.exit_code == 0
+    assert (tmp_path / "ProvisionRequest.schema.json").exists()
+
+
+def test_compose_services_run_existing_cli_commands() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    commands = get_command(app).commands  # type: ignore[attr-defined]
+    checked = 0
+    for name, service in compose["services"].items():
+        command = service.get("command")
+        if command and command[0] == "sandboxer":
+            assert command[1] in commands, f"compose service {name}: no `sandboxer {command[1]}`"
+            checked += 1
+    assert checked >= 1

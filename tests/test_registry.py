@@ -1,0 +1,89 @@
+"""extensions/ is validated at start-up; a wrong file is named with its wrong field."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sandboxer.errors import ManifestError, NoRoute, UnknownProfile
+from sandboxer.registry import Registry
+from sandboxer.routing import Router
+from sandboxer.settings import default_extensions_dir
+
+
+@pytest.fixture
+def ext_dir(tmp_path: Path) -> Path:
+    target = tmp_path / "extensions"
+    shutil.copytree(default_extensions_dir(), target)
+    return target
+
+
+def test_shipped_extensions_load() -> None:
+    registry = Registry.load(default_extensions_dir())
+    assert "ext.saas-stub" in registry.extensions
+    profile = registry.profile("profile.burst-sandbox")
+    assert profile.routes[-1] == "ext.saas-stub"
+    assert registry.extensions["ext.saas-stub"].pricing.pricing_model == "metered"
+
+
+def test_unknown_profile_is_a_coded_error() -> None:
+    with pytest.raises(UnknownProfile):
+        Registry.load(default_extensions_dir()).profile("profile.nope")
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "named"),
+    [
+        ("ext.saas-stub.yaml", 'usd_per_second: "0.000010"', "usd_per_second: 0.1",
+         "pricing.rates.usd_per_second"),
+        ("ext.saas-stub.yaml", 'usd_per_second: "0.000010"', 'per_hour: "1"',
+         "pricing.rates.usd_per_second"),
+        ("ext.saas-stub.yaml", "pricing_model: metered", "pricing_model: flat",
+         "pricing.pricing_model"),
+        ("ext.saas-stub.yaml", "latency_s: 0", "latency_s: -1", "config.latency_s"),
+        ("ext.saas-stub.yaml", "adapters.saas_stub:SaasStubAdapter", "adapters.nope:X",
+         "adapter"),
+        ("profile.burst-sandbox.yaml", "default_s: 900", "default_s: 999999", "ttl"),
+        ("profile.burst-sandbox.yaml", "routes: [", "routez: [", "routes"),
+    ],
+)  # fmt: skip
+def test_wrong_manifest_names_file_and_field(
+    ext_dir: Path, file: str, old: str, new: str, named: str
+) -> None:
+    path = ext_dir / file
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new))
+    with pytest.raises(ManifestError) as error:
+        Registry.load(ext_dir)
+    assert file in str(error.value)
+    assert named in str(error.value)
+
+
+def test_id_must_match_file_name(ext_dir: Path) -> None:
+    (ext_dir / "ext.saas-stub.yaml").rename(ext_dir / "ext.other.yaml")
+    with pytest.raises(ManifestError, match=r"ext\.other\.yaml: id"):
+        Registry.load(ext_dir)
+
+
+def test_yaml_syntax_error_names_the_file(ext_dir: Path) -> None:
+    (ext_dir / "profile.burst-sandbox.yaml").write_text("kind: [unclosed")
+    with pytest.raises(ManifestError, match=r"profile\.burst-sandbox\.yaml: not valid YAML"):
+        Registry.load(ext_dir)
+
+
+async def test_router_skips_uninstalled_extensions_and_falls_to_the_stub() -> None:
+    registry = Registry.load(default_extensions_dir())
+    stub = object()
+    router = Router({"ext.saas-stub": stub})  # type: ignore[dict-item]
+    route = await router.choose(registry.profile("profile.burst-sandbox"), "acme")
+    assert route.extension_id == "ext.saas-stub" and route.adapter is stub
+    assert [ext for ext, _ in route.skipped] == ["ext.e2b", "ext.modal"]
+    assert route.credentials.source == "none"
+
+
+async def test_router_without_any_adapter_is_no_route() -> None:
+    registry = Registry.load(default_extensions_dir())
+    with pytest.raises(NoRoute, match="ext.saas-stub: extension not installed"):
+        await Router({}).choose(registry.profile("profile.burst-sandbox"), "acme")
