@@ -238,5 +238,3 @@ class SaasStubAdapter:
 
     def _meter_fields(self) -> dict[str, Any]:
         return {"usd_per_second": self.rates.usd_per_second}
-
-

@@ -34,7 +34,7 @@ class Delivery(Protocol):
     async def in_progress(self) -> None: ...
 
 
-class Retry(Exception):  # noqa: N818 - named for what it asks for, like arq's Retry
+class Retry(Exception):
     """Deliver this message again after `delay_s` seconds."""
 
     def __init__(self, delay_s: float, reason: str) -> None:

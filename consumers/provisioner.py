@@ -168,9 +168,7 @@ class Provisioner:
         except StaleStatus:
             log.info("provision %s: settled concurrently by another delivery", sandbox_id)
 
-    async def _claim(
-        self, request: ProvisionRequest, sandbox_id: str
-    ) -> tuple[SandboxStatus, int]:
+    async def _claim(self, request: ProvisionRequest, sandbox_id: str) -> tuple[SandboxStatus, int]:
         """Route the request and create its `provisioning` status: the idempotency claim."""
         profile = self.registry.profile(request.profile)
         try:

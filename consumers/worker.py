@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -59,7 +60,9 @@ class _FastStreamDelivery:
         await self._message.in_progress()
 
 
-def _consumer_config(durable: str, subject: str, settings: Settings, max_deliver: int) -> ConsumerConfig:
+def _consumer_config(
+    durable: str, subject: str, settings: Settings, max_deliver: int
+) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=durable,
         filter_subject=subject,
@@ -119,7 +122,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     registry = Registry.load(settings.extensions_dir)
     stop = stop or asyncio.Event()
     async with AsyncExitStack() as stack:
-        nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, name="sandboxer-worker")
+        nc = await nats.connect(
+            settings.nats_url, max_reconnect_attempts=-1, name="sandboxer-worker"
+        )
         stack.push_async_callback(nc.drain)
         js = nc.jetstream(timeout=10.0)
         await ensure_topology(js, replicas=settings.replicas)
@@ -146,10 +151,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         stack.push_async_callback(broker.stop)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not main thread
                 loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):  # not the main thread
-                pass
         log.info(
             "worker ready: nats=%s deployment=%s extensions=%s in-flight<=%d",
             settings.nats_url, settings.deployment, ",".join(adapters), settings.max_in_flight,

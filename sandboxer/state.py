@@ -57,9 +57,7 @@ class StatusStore:
     async def announce(self, status: SandboxStatus) -> None:
         """Publish a status without storing it: an answer to a request that must not
         overwrite the sandbox's own state (a conflict, an unknown id)."""
-        await self._js.publish(
-            status_subject(status.sandbox_id), status.model_dump_json().encode()
-        )
+        await self._js.publish(status_subject(status.sandbox_id), status.model_dump_json().encode())
 
     async def all(self) -> AsyncIterator[SandboxStatus]:
         """Every stored status, in bucket order."""

@@ -50,27 +50,29 @@ def schedule_subject(sandbox_id: str) -> str:
 
 def stream_configs(replicas: int) -> list[StreamConfig]:
     """The streams sandboxer needs, file-backed, with `replicas` copies."""
-    common = {"storage": StorageType.FILE, "num_replicas": replicas}
     return [
         StreamConfig(
             name=REQUESTS_STREAM,
             subjects=[PROVISION_SUBJECT, DESTROY_SUBJECT, f"{SCHEDULE_SUBJECT_PREFIX}.*"],
             max_age=REQUESTS_MAX_AGE_S,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
             # nats-server >= 2.12 fires `Nats-Schedule` messages onto `sandbox.destroy`.
             allow_msg_schedules=True,
-            **common,
         ),
         StreamConfig(
             name=STATUS_STREAM,
             subjects=[f"{STATUS_SUBJECT_PREFIX}.*"],
             max_age=EVENTS_MAX_AGE_S,
-            **common,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
         ),
         StreamConfig(
             name=METER_STREAM,
             subjects=[f"{METER_SUBJECT_PREFIX}.>"],
             max_age=EVENTS_MAX_AGE_S,
-            **common,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
         ),
     ]
 
@@ -116,4 +118,4 @@ async def kv_entries(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str, 
             if entry.value is not None:
                 yield entry.key, entry.value
     finally:
-        await watcher.stop()
+        await watcher.stop()  # type: ignore[no-untyped-call]

@@ -18,7 +18,14 @@ from schemas._types import (
     quantize_usd,
     utcnow,
 )
-from schemas.manifest import ExtensionManifest, Pricing, Profile, Resources, TtlLimits, TtlOutOfRange
+from schemas.manifest import (
+    ExtensionManifest,
+    Pricing,
+    Profile,
+    Resources,
+    TtlLimits,
+    TtlOutOfRange,
+)
 from schemas.meter import (
     E2BMeterEvent,
     MeterEvent,

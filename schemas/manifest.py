@@ -98,7 +98,6 @@ class Profile(BaseModel):
             return self.ttl.default_s
         if not self.ttl.min_s <= ttl_s <= self.ttl.max_s:
             raise TtlOutOfRange(
-                f"ttl_s={ttl_s} is outside {self.id}'s limits "
-                f"[{self.ttl.min_s}, {self.ttl.max_s}]"
+                f"ttl_s={ttl_s} is outside {self.id}'s limits [{self.ttl.min_s}, {self.ttl.max_s}]"
             )
         return ttl_s

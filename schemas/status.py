@@ -90,4 +90,3 @@ class SandboxStatus(BaseModel):
     def with_changes(self, **changes: object) -> SandboxStatus:
         """A copy with `changes` applied and validated."""
         return SandboxStatus.model_validate({**self.model_dump(), **changes})
-

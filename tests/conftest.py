@@ -117,7 +117,9 @@ async def client(settings: Settings, worker: WorkerHandle) -> AsyncIterator[Clie
 
 
 @pytest.fixture
-def spawn_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+def spawn_worker(
+    settings: Settings, tmp_path: Path
+) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start `sandboxer worker` as a child process (for kill tests)."""
     procs: list[subprocess.Popen[bytes]] = []
 

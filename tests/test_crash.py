@@ -65,7 +65,9 @@ async def test_sigterm_drains_in_flight_provisions(
     worker = spawn_worker(SANDBOXER_STUB_LATENCY_S="2")
     async with Client(settings.nats_url) as client:
         await wait_for_consumers(client)
-        request = ProvisionRequest(request_id="drain", tenant="acme", profile="profile.burst-sandbox")
+        request = ProvisionRequest(
+            request_id="drain", tenant="acme", profile="profile.burst-sandbox"
+        )
         await client.provision(request)
         sandbox_id = sandbox_id_for("acme", "drain")
         await wait_for_state(client, sandbox_id, SandboxState.PROVISIONING)

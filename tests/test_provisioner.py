@@ -48,9 +48,7 @@ async def test_provision_then_destroy_emits_started_and_stopped(
     ).quantize(Decimal("0.000001"))
 
 
-async def test_replayed_provision_creates_one_sandbox(
-    client: Client, js: JetStreamContext
-) -> None:
+async def test_replayed_provision_creates_one_sandbox(client: Client, js: JetStreamContext) -> None:
     request = provision_request("replayed")
     for _ in range(5):
         await js.publish("sandbox.provision", request.model_dump_json().encode())
@@ -95,9 +93,7 @@ async def test_destroy_twice_and_unknown_sandbox_give_clear_answers(client: Clie
     assert unknown.error is not None and unknown.error.code is ErrorCode.NOT_FOUND
 
 
-async def test_other_tenant_cannot_destroy_a_sandbox(
-    client: Client, js: JetStreamContext
-) -> None:
+async def test_other_tenant_cannot_destroy_a_sandbox(client: Client, js: JetStreamContext) -> None:
     ready = await client.provision(provision_request(), wait_s=15)
     assert ready is not None
     await client.destroy(

@@ -85,5 +85,5 @@ async def test_router_skips_uninstalled_extensions_and_falls_to_the_stub() -> No
 
 async def test_router_without_any_adapter_is_no_route() -> None:
     registry = Registry.load(default_extensions_dir())
-    with pytest.raises(NoRoute, match="ext.saas-stub: extension not installed"):
+    with pytest.raises(NoRoute, match=r"ext\.saas-stub: extension not installed"):
         await Router({}).choose(registry.profile("profile.burst-sandbox"), "acme")

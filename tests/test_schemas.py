@@ -118,7 +118,7 @@ def test_status_never_accepts_naive_timestamps() -> None:
     with pytest.raises(ValidationError):
         SandboxStatus(
             sandbox_id="sbx-" + "a" * 24, request_id="r", tenant="t", profile="p",
-            state=SandboxState.READY, created_at=datetime(2026, 1, 1),  # noqa: DTZ001
+            state=SandboxState.READY, created_at=datetime(2026, 1, 1),
         )  # fmt: skip
     ok = SandboxStatus(
         sandbox_id="sbx-" + "a" * 24, request_id="r", tenant="t", profile="p",
