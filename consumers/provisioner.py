@@ -125,8 +125,7 @@ class Provisioner:
     async def _provision(
         self, request: ProvisionRequest, sandbox_id: str, delivery: Delivery
     ) -> None:
-        found = await self.statuses.get(sandbox_id)
-        status, revision = found if found is not None else await self._claim(request, sandbox_id)
+        status, revision = await self._claim(request, sandbox_id)
         if status.request_digest != request.digest():
             await self._announce_conflict(request, status)
             return
@@ -168,8 +167,31 @@ class Provisioner:
         except StaleStatus:
             log.info("provision %s: settled concurrently by another delivery", sandbox_id)
 
-    async def _claim(self, request: ProvisionRequest, sandbox_id: str) -> tuple[SandboxStatus, int]:
-        """Route the request and create its `provisioning` status: the idempotency claim."""
+    async def _claim(
+        self, request: ProvisionRequest, sandbox_id: str
+    ) -> tuple[SandboxStatus, int]:
+        """Create the request's `provisioning` status (the idempotency claim), or load the
+        status an earlier delivery created. Creating first saves a read on the common
+        path: the first delivery."""
+        try:
+            status = await self._first_status(request, sandbox_id)
+        except SandboxerError:
+            # The request cannot be routed now; if it was claimed before, carry on with
+            # the route chosen then.
+            found = await self.statuses.get(sandbox_id)
+            if found is None:
+                raise
+            return found
+        revision = await self.statuses.create(status)
+        if revision is not None:
+            return status, revision
+        found = await self.statuses.get(sandbox_id)
+        if found is None:  # only if an operator deleted the key in between
+            raise Retry(DESTROY_WAIT_S, f"claim of {sandbox_id} vanished")
+        return found
+
+    async def _first_status(self, request: ProvisionRequest, sandbox_id: str) -> SandboxStatus:
+        """Validate and route the request; its status before the provider is called."""
         profile = self.registry.profile(request.profile)
         try:
             ttl_s = profile.resolve_ttl(request.ttl_s)
@@ -177,7 +199,7 @@ class Provisioner:
             raise InvalidRequest(str(exc)) from None
         route = await self.router.choose(profile, request.tenant)
         now = utcnow()
-        status = SandboxStatus(
+        return SandboxStatus(
             sandbox_id=sandbox_id,
             request_id=request.request_id,
             tenant=request.tenant,
@@ -190,13 +212,6 @@ class Provisioner:
             credential_source=route.credentials.source,
             request_digest=request.digest(),
         )
-        revision = await self.statuses.create(status)
-        if revision is not None:
-            return status, revision
-        found = await self.statuses.get(sandbox_id)  # claimed concurrently: take theirs
-        if found is None:
-            raise Retry(DESTROY_WAIT_S, f"claim of {sandbox_id} vanished")
-        return found
 
     async def _schedule_ttl_destroy(self, status: SandboxStatus) -> None:
         assert status.expires_at is not None
@@ -271,6 +286,9 @@ class Provisioner:
                     return
                 continue
             status, revision = found
+            if status.request_digest != request.digest():
+                await self._announce_conflict(request, status)
+                return
             if status.state is not SandboxState.PROVISIONING:
                 return  # settled by another delivery meanwhile
             try:

@@ -12,7 +12,8 @@ from contextlib import AsyncExitStack
 
 import nats
 from faststream import AckPolicy
-from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
+from faststream.nats.message import NatsMessage
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import DeliverPolicy
 
@@ -81,19 +82,26 @@ Pick = Callable[[Provisioner], Callable[[bytes, _FastStreamDelivery], Awaitable[
 def _handler(
     pick: Pick, provisioner_ref: Callable[[], Provisioner]
 ) -> Callable[[NatsMessage], Awaitable[None]]:
-    # FastStream reads a handler's signature to parse the payload: taking the message
-    # itself leaves the raw bytes to us, so malformed JSON is ours to report.
     async def handle(message: NatsMessage) -> None:
         await pick(provisioner_ref())(message.body, _FastStreamDelivery(message))
 
     return handle
 
 
+async def _message_itself(message: NatsMessage) -> NatsMessage:
+    # The decoder hands the handler the message itself: the raw bytes stay ours to
+    # validate (so malformed JSON gets our error), and no dependency injection runs per
+    # message (FastStream resolves `Context` parameters in a thread pool).
+    return message
+
+
 def build_broker(settings: Settings, provisioner_ref: Callable[[], Provisioner]) -> NatsBroker:
     """The FastStream broker with both subscribers; `provisioner_ref` is read per message
     so the broker can be declared before the provisioner is built."""
     # Per-message logging off: the handlers log what matters, at a fraction of the cost.
-    broker = NatsBroker(settings.nats_url, max_reconnect_attempts=-1, logger=None)
+    broker = NatsBroker(
+        settings.nats_url, max_reconnect_attempts=-1, logger=None, apply_types=False
+    )
     stream = JStream(REQUESTS_STREAM, declare=False)
     batch = min(settings.max_in_flight, 128)
 
@@ -113,6 +121,7 @@ def build_broker(settings: Settings, provisioner_ref: Callable[[], Provisioner])
             config=_consumer_config(durable, subject, settings, max_deliver),
             max_workers=settings.max_in_flight,
             ack_policy=AckPolicy.MANUAL,
+            decoder=_message_itself,
         )(_handler(pick, provisioner_ref))
     return broker
 

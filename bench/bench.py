@@ -1,0 +1,309 @@
+"""`make bench`: throughput, latency and memory of the provisioner, on one nats-server.
+
+(a) raw nats-py pull consume+ack rate: the ceiling;
+(b) provision pipeline rate, zero-latency stub, one worker process;
+(c) 1,000 provisions with 1 s stub latency: achieved rate / (in-flight limit / 1 s);
+(d) p50/p99 broker-added latency at half of (b)'s rate;
+(e) worker peak RSS with 10,000 sandboxes in flight.
+
+Prints a table and writes bench/results.json. Everything runs on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+
+from sandboxer.embedded import EmbeddedNats
+from sandboxer.ids import sandbox_id_for
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE = "profile.burst-sandbox"
+
+
+@contextmanager
+def worker_process(url: str, log: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A `sandboxer worker` child process, stopped with SIGTERM afterwards."""
+    environment = {**os.environ, "SANDBOXER_NATS_URL": url, "SANDBOXER_DEPLOYMENT": "bench", **env}
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sandboxer", "worker", "--log-level", "WARNING"],
+            env=environment, stdout=out, stderr=out,
+        )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def payload(tenant: str, request_id: str, ttl_s: int = 3600) -> bytes:
+    return json.dumps(
+        {"request_id": request_id, "tenant": tenant, "profile": PROFILE, "ttl_s": ttl_s}
+    ).encode()
+
+
+async def wait_consumers(js: Any) -> None:
+    for _ in range(600):
+        try:
+            names = {c.name for c in await js.consumers_info("SANDBOX_REQUESTS")}
+            if {"provisioner-provision", "provisioner-destroy"} <= names:
+                return
+        except Exception:  # noqa: S110 - not created yet
+            pass
+        await asyncio.sleep(0.05)
+    raise TimeoutError("worker did not start")
+
+
+class ReadyCounter:
+    """Counts `ready` announcements on sandbox.status.* and records when each came."""
+
+    def __init__(self) -> None:
+        self.ready_at: dict[str, float] = {}
+        self.first_seen: float | None = None
+        self.target = 0
+        self.done = asyncio.Event()
+
+    async def on_status(self, message: Any) -> None:
+        now = time.perf_counter()
+        if self.first_seen is None:
+            self.first_seen = now
+        if b'"state":"ready"' in message.data:
+            sandbox_id = message.subject.rsplit(".", 1)[1]
+            self.ready_at.setdefault(sandbox_id, now)
+            if len(self.ready_at) >= self.target:
+                self.done.set()
+
+
+async def publish_all(js: Any, payloads: list[bytes]) -> None:
+    for start in range(0, len(payloads), 500):
+        await asyncio.gather(
+            *(js.publish("sandbox.provision", p) for p in payloads[start : start + 500])
+        )
+
+
+async def bench_raw(url: str, n: int) -> float:
+    """(a) messages/s of a bare pull consumer that acks each message."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="BENCH_RAW", subjects=["bench.raw"],
+                                     storage=StorageType.FILE))  # fmt: skip
+    body = payload("raw", "x")
+    for start in range(0, n, 1000):
+        await asyncio.gather(*(js.publish("bench.raw", body) for _ in range(min(1000, n - start))))
+    sub = await js.pull_subscribe(
+        "bench.raw", durable="raw", stream="BENCH_RAW",
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
+    )  # fmt: skip
+    got = 0
+    began = time.perf_counter()
+    while got < n:
+        for message in await sub.fetch(256, timeout=5):
+            await message.ack()
+            got += 1
+    await nc.flush()
+    elapsed = time.perf_counter() - began
+    await nc.close()
+    return n / elapsed
+
+
+async def run_provisions(
+    url: str, log: Path, n: int, tenant: str, **env: str
+) -> tuple[float, ReadyCounter, float]:
+    """Provision `n` sandboxes with one worker; (elapsed s, counter, worker peak RSS)."""
+    nc = await nats.connect(url)
+    js = nc.jetstream(timeout=30)
+    counter = ReadyCounter()
+    counter.target = n
+    payloads = [payload(tenant, f"{tenant}-{i}") for i in range(n)]
+    with worker_process(url, log, **env) as proc:
+        await wait_consumers(js)
+        sub = await nc.subscribe("sandbox.status.*", cb=counter.on_status)
+        # Timed from the first status seen to the last `ready`, so publishing and
+        # worker start-up are not counted.
+        await publish_all(js, payloads)
+        await asyncio.wait_for(counter.done.wait(), timeout=600)
+        rss = peak_rss_mib(proc.pid)
+        await sub.unsubscribe()
+    await nc.close()
+    assert counter.first_seen is not None
+    elapsed = max(counter.ready_at.values()) - counter.first_seen
+    return elapsed, counter, rss
+
+
+async def bench_latency(url: str, log: Path, rate: float, seconds: float) -> list[float]:
+    """(d) publish at `rate`/s; time from publish to the `ready` announcement."""
+    nc = await nats.connect(url)
+    js = nc.jetstream(timeout=30)
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+    done = asyncio.Event()
+    total = int(rate * seconds)
+
+    async def on_status(message: Any) -> None:
+        if b'"state":"ready"' in message.data:
+            sandbox_id = message.subject.rsplit(".", 1)[1]
+            began = sent.pop(sandbox_id, None)
+            if began is not None:
+                latencies.append(time.perf_counter() - began)
+                if len(latencies) >= total:
+                    done.set()
+
+    with worker_process(url, log, SANDBOXER_STUB_LATENCY_S="0"):
+        await wait_consumers(js)
+        await nc.subscribe("sandbox.status.*", cb=on_status)
+        interval = 1.0 / rate
+        start = time.perf_counter()
+        pending: set[asyncio.Task[Any]] = set()
+        for i in range(total):
+            target = start + i * interval
+            delay = target - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            request_id = f"lat-{i}"
+            sent[sandbox_id_for("lat", request_id)] = time.perf_counter()
+            task = asyncio.create_task(js.publish("sandbox.provision", payload("lat", request_id)))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        await asyncio.wait_for(done.wait(), timeout=120)
+    await nc.close()
+    return latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+    }
+    with tempfile.TemporaryDirectory(prefix="sandboxer-bench-") as tmp:
+        log = Path(tmp) / "workers.log"
+        with EmbeddedNats(Path(tmp) / "nats") as server:
+            url = server.url
+            raw = await bench_raw(url, args.raw_messages)
+            results["a_raw_pull_ack_msgs_per_s"] = round(raw)
+            print(f"(a) raw pull consume+ack: {raw:,.0f} msg/s", flush=True)
+
+            elapsed, _, _ = await run_provisions(
+                url, log, args.pipeline_messages, "pipe", SANDBOXER_STUB_LATENCY_S="0"
+            )
+            pipeline = args.pipeline_messages / elapsed
+            results["b_pipeline_provisions_per_s"] = round(pipeline)
+            results["b_over_a"] = round(pipeline / raw, 3)
+            print(f"(b) provision pipeline: {pipeline:,.0f}/s = {pipeline / raw:.3f} x (a)",
+                  flush=True)  # fmt: skip
+
+            limit = 256
+            elapsed, _, _ = await run_provisions(
+                url, log, 1000, "slow",
+                SANDBOXER_STUB_LATENCY_S="1", SANDBOXER_MAX_IN_FLIGHT=str(limit),
+            )  # fmt: skip
+            efficiency = (1000 / elapsed) / (limit / 1.0)
+            results["c_concurrency_efficiency"] = round(efficiency, 3)
+            results["c_elapsed_s"] = round(elapsed, 2)
+            print(f"(c) 1,000 x 1 s latency, limit {limit}: {elapsed:.2f}s, "
+                  f"efficiency {efficiency:.3f}", flush=True)  # fmt: skip
+
+            rate = pipeline / 2
+            latencies = await bench_latency(url, log, rate, args.latency_seconds)
+            p50, p99 = percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000
+            results["d_rate_per_s"] = round(rate)
+            results["d_p50_ms"] = round(p50, 2)
+            results["d_p99_ms"] = round(p99, 2)
+            print(f"(d) latency at {rate:,.0f}/s: p50 {p50:.2f} ms, p99 {p99:.2f} ms", flush=True)
+        # (e) runs on a fresh server with a long latency: all sandboxes in flight at once.
+        with EmbeddedNats(Path(tmp) / "nats-e") as server:
+            rss = await bench_rss(server.url, log, args.rss_sandboxes)
+            results["e_peak_rss_mib"] = round(rss, 1)
+            results["e_in_flight"] = args.rss_sandboxes
+            print(f"(e) worker peak RSS, {args.rss_sandboxes:,} in flight: {rss:.1f} MiB",
+                  flush=True)  # fmt: skip
+    return results
+
+
+async def bench_rss(url: str, log: Path, n: int) -> float:
+    """(e) peak RSS of a worker holding `n` slow provider calls at once."""
+    nc = await nats.connect(url)
+    js = nc.jetstream(timeout=30)
+    provisioning: set[str] = set()
+    all_in = asyncio.Event()
+
+    async def on_status(message: Any) -> None:
+        if b'"state":"provisioning"' in message.data:
+            provisioning.add(message.subject)
+            if len(provisioning) >= n:
+                all_in.set()
+
+    env = {"SANDBOXER_STUB_LATENCY_S": "120", "SANDBOXER_MAX_IN_FLIGHT": str(n),
+           "SANDBOXER_ACK_WAIT_S": "60"}  # fmt: skip
+    with worker_process(url, log, **env) as proc:
+        await wait_consumers(js)
+        await nc.subscribe("sandbox.status.*", cb=on_status)
+        await publish_all(js, [payload("mem", f"mem-{i}") for i in range(n)])
+        await asyncio.wait_for(all_in.wait(), timeout=300)
+        await asyncio.sleep(2)  # let every handler reach its provider call
+        rss = peak_rss_mib(proc.pid)
+        proc.send_signal(signal.SIGKILL)  # no need to drain 120 s of fake latency
+    await nc.close()
+    return rss
+
+
+TARGETS = [
+    ("b_over_a", ">=", 0.15, "(b) >= 0.15 x (a)"),
+    ("c_concurrency_efficiency", ">=", 0.9, "(c) >= 0.9"),
+    ("d_p99_ms", "<=", 5.0, "(d) p99 <= 5 ms"),
+    ("e_peak_rss_mib", "<=", 150.0, "(e) <= 150 MiB"),
+]
+
+
+def report(results: dict[str, Any]) -> None:
+    print("\n| target | measured | met |\n|---|---|---|")
+    for key, op, bound, label in TARGETS:
+        value = results[key]
+        met = value >= bound if op == ">=" else value <= bound
+        print(f"| {label} | {value} | {'yes' if met else 'NO'} |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--raw-messages", type=int, default=50_000)
+    parser.add_argument("--pipeline-messages", type=int, default=10_000)
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--rss-sandboxes", type=int, default=10_000)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    arguments = parser.parse_args()
+    figures = asyncio.run(main(arguments))
+    report(figures)
+    arguments.out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"\nwritten: {arguments.out}")
