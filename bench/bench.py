@@ -71,15 +71,21 @@ def payload(tenant: str, request_id: str, ttl_s: int = 3600) -> bytes:
 
 
 async def wait_consumers(js: Any) -> None:
-    for _ in range(600):
+    """Wait until a new worker serves: one warm-up provision must come back ready (the
+    durable consumers may still exist from an earlier phase, so their presence proves
+    nothing)."""
+    request_id = f"warmup-{time.monotonic_ns()}"
+    nc = js._nc
+    answers = await nc.subscribe(f"sandbox.status.{sandbox_id_for('warmup', request_id)}")
+    for _ in range(100):
         try:
-            names = {c.name for c in await js.consumers_info("SANDBOX_REQUESTS")}
-            if {"provisioner-provision", "provisioner-destroy"} <= names:
-                return
-        except Exception:  # noqa: S110 - not created yet
-            pass
-        await asyncio.sleep(0.05)
-    raise TimeoutError("worker did not start")
+            await js.publish("sandbox.provision", payload("warmup", request_id))
+            break
+        except Exception:  # noqa: S110 - the worker has not created the stream yet
+            await asyncio.sleep(0.1)
+    while b'"state":"ready"' not in (await answers.next_msg(timeout=60)).data:
+        pass
+    await answers.unsubscribe()
 
 
 class ReadyCounter:
@@ -95,7 +101,7 @@ class ReadyCounter:
         now = time.perf_counter()
         if self.first_seen is None:
             self.first_seen = now
-        if b'"state":"ready"' in message.data:
+        if b'"state":"ready"' in message.data and b'"tenant":"warmup"' not in message.data:
             sandbox_id = message.subject.rsplit(".", 1)[1]
             self.ready_at.setdefault(sandbox_id, now)
             if len(self.ready_at) >= self.target:
@@ -130,6 +136,47 @@ async def bench_raw(url: str, n: int) -> float:
             got += 1
     await nc.flush()
     elapsed = time.perf_counter() - began
+    await nc.close()
+    return n / elapsed
+
+
+async def bench_faststream(url: str, n: int) -> float:
+    """(a2) messages/s of a FastStream pull subscriber built like the worker's (same
+    batch, concurrency and ack policy) whose handler only acks: FastStream's own cost."""
+    from faststream import AckPolicy as HandlerAckPolicy
+    from faststream.nats import JStream, NatsBroker, PullSub
+
+    from consumers.worker import _message_itself
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="BENCH_FS", subjects=["bench.fs"],
+                                     storage=StorageType.FILE))  # fmt: skip
+    body = payload("fs", "x")
+    for start in range(0, n, 1000):
+        await asyncio.gather(*(js.publish("bench.fs", body) for _ in range(min(1000, n - start))))
+    done = asyncio.Event()
+    seen = 0
+    broker = NatsBroker(url, logger=None, apply_types=False)
+
+    @broker.subscriber(
+        "bench.fs", stream=JStream("BENCH_FS", declare=False), durable="fs",
+        pull_sub=PullSub(batch_size=128, timeout=1.0), max_workers=256,
+        ack_policy=HandlerAckPolicy.MANUAL, decoder=_message_itself,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
+    )  # fmt: skip
+    async def ack_only(message: Any) -> None:
+        nonlocal seen
+        await message.ack()
+        seen += 1
+        if seen >= n:
+            done.set()
+
+    began = time.perf_counter()
+    await broker.start()
+    await asyncio.wait_for(done.wait(), timeout=300)
+    elapsed = time.perf_counter() - began
+    await broker.stop()
     await nc.close()
     return n / elapsed
 
@@ -214,6 +261,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             raw = await bench_raw(url, args.raw_messages)
             results["a_raw_pull_ack_msgs_per_s"] = round(raw)
             print(f"(a) raw pull consume+ack: {raw:,.0f} msg/s", flush=True)
+            ceiling = await bench_faststream(url, args.raw_messages)
+            results["a2_faststream_ack_only_msgs_per_s"] = round(ceiling)
+            print(f"(a2) FastStream pull consume+ack, worker's settings: {ceiling:,.0f} msg/s",
+                  flush=True)  # fmt: skip
 
             elapsed, _, _ = await run_provisions(
                 url, log, args.pipeline_messages, "pipe", SANDBOXER_STUB_LATENCY_S="0"
@@ -221,8 +272,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             pipeline = args.pipeline_messages / elapsed
             results["b_pipeline_provisions_per_s"] = round(pipeline)
             results["b_over_a"] = round(pipeline / raw, 3)
-            print(f"(b) provision pipeline: {pipeline:,.0f}/s = {pipeline / raw:.3f} x (a)",
-                  flush=True)  # fmt: skip
+            results["b_over_a2"] = round(pipeline / ceiling, 3)
+            print(f"(b) provision pipeline: {pipeline:,.0f}/s = {pipeline / raw:.3f} x (a), "
+                  f"{pipeline / ceiling:.3f} x (a2)", flush=True)  # fmt: skip
 
             limit = 256
             elapsed, _, _ = await run_provisions(
@@ -260,7 +312,7 @@ async def bench_rss(url: str, log: Path, n: int) -> float:
     all_in = asyncio.Event()
 
     async def on_status(message: Any) -> None:
-        if b'"state":"provisioning"' in message.data:
+        if b'"state":"provisioning"' in message.data and b'"tenant":"mem"' in message.data:
             provisioning.add(message.subject)
             if len(provisioning) >= n:
                 all_in.set()

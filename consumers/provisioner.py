@@ -167,9 +167,7 @@ class Provisioner:
         except StaleStatus:
             log.info("provision %s: settled concurrently by another delivery", sandbox_id)
 
-    async def _claim(
-        self, request: ProvisionRequest, sandbox_id: str
-    ) -> tuple[SandboxStatus, int]:
+    async def _claim(self, request: ProvisionRequest, sandbox_id: str) -> tuple[SandboxStatus, int]:
         """Create the request's `provisioning` status (the idempotency claim), or load the
         status an earlier delivery created. Creating first saves a read on the common
         path: the first delivery."""
