@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,7 +80,7 @@ async def wait_consumers(js: Any) -> None:
         try:
             await js.publish("sandbox.provision", payload("warmup", request_id))
             break
-        except Exception:  # noqa: S110 - the worker has not created the stream yet
+        except Exception:
             await asyncio.sleep(0.1)
     while b'"state":"ready"' not in (await answers.next_msg(timeout=60)).data:
         pass
@@ -252,7 +251,8 @@ def percentile(values: list[float], q: float) -> float:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
     }
     with tempfile.TemporaryDirectory(prefix="sandboxer-bench-") as tmp:
         log = Path(tmp) / "workers.log"
