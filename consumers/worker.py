@@ -15,6 +15,7 @@ import nats
 from faststream import AckPolicy
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.message import NatsMessage
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import DeliverPolicy
 
@@ -62,6 +63,24 @@ class _FastStreamDelivery:
         await self._message.in_progress()
 
 
+def consumer_configs(settings: Settings) -> list[ConsumerConfig]:
+    """The two durable consumers. A crash on the last provision attempt still gets two
+    more deliveries before the server gives up (the handler itself fails the request at
+    `max_deliver`); destroys wait for provisioning to settle, which is itself bounded, so
+    they have no limit."""
+    return [
+        _consumer_config(PROVISION_CONSUMER, PROVISION_SUBJECT, settings, settings.max_deliver + 2),
+        _consumer_config(DESTROY_CONSUMER, DESTROY_SUBJECT, settings, -1),
+    ]
+
+
+async def ensure_consumers(js: JetStreamContext, settings: Settings) -> None:
+    """Create or update the durable consumers: FastStream binds to an existing durable
+    without applying a changed config, so changes to ack wait or limits go through here."""
+    for config in consumer_configs(settings):
+        await js.add_consumer(REQUESTS_STREAM, config)
+
+
 def _consumer_config(
     durable: str, subject: str, settings: Settings, max_deliver: int
 ) -> ConsumerConfig:
@@ -101,29 +120,33 @@ def build_broker(settings: Settings, provisioner_ref: Callable[[], Provisioner])
     so the broker can be declared before the provisioner is built."""
     # Per-message logging off: the handlers log what matters, at a fraction of the cost.
     broker = NatsBroker(
-        settings.nats_url, max_reconnect_attempts=-1, logger=None, apply_types=False
+        settings.nats_url,
+        max_reconnect_attempts=-1,
+        logger=None,
+        apply_types=False,
+        # On SIGTERM, in-flight handlers get this long to finish; what is cut off is
+        # redelivered after the ack wait, so nothing is lost either way.
+        graceful_timeout=settings.drain_timeout_s,
     )
     stream = JStream(REQUESTS_STREAM, declare=False)
     batch = min(settings.max_in_flight, 128)
 
-    handlers: list[tuple[str, str, int, Pick]] = [
-        # A crash on the last attempt still gets two more deliveries before the server
-        # gives up; the handler itself fails the request at `max_deliver`.
-        (PROVISION_SUBJECT, PROVISION_CONSUMER, settings.max_deliver + 2, lambda p: p.on_provision),
-        # Destroys wait for provisioning to settle, which is itself bounded: no limit.
-        (DESTROY_SUBJECT, DESTROY_CONSUMER, -1, lambda p: p.on_destroy),
-    ]
-    for subject, durable, max_deliver, pick in handlers:
+    picks: dict[str, Pick] = {
+        PROVISION_CONSUMER: lambda p: p.on_provision,
+        DESTROY_CONSUMER: lambda p: p.on_destroy,
+    }
+    for config in consumer_configs(settings):
+        assert config.durable_name is not None and config.filter_subject is not None
         broker.subscriber(
-            subject,
+            config.filter_subject,
             stream=stream,
-            durable=durable,
+            durable=config.durable_name,
             pull_sub=PullSub(batch_size=batch, timeout=1.0),
-            config=_consumer_config(durable, subject, settings, max_deliver),
+            config=config,
             max_workers=settings.max_in_flight,
             ack_policy=AckPolicy.MANUAL,
             decoder=_message_itself,
-        )(_handler(pick, provisioner_ref))
+        )(_handler(picks[config.durable_name], provisioner_ref))
     return broker
 
 
@@ -156,6 +179,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             settings=settings,
             keepalive=keepalive,
         )
+        await ensure_consumers(js, settings)
         broker = build_broker(settings, lambda: provisioner)
         await broker.start()
         stack.push_async_callback(broker.stop)

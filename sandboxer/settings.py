@@ -43,6 +43,8 @@ class Settings:
     #: First retry delay of a transient failure; doubles per delivery up to `retry_cap_s`.
     retry_backoff_s: float = 1.0
     retry_cap_s: float = 60.0
+    #: Seconds a stopping worker gives in-flight handlers before it exits anyway.
+    drain_timeout_s: float = 60.0
     #: JetStream replicas of every stream and bucket (3 on a cluster).
     replicas: int = 1
 
@@ -60,5 +62,6 @@ class Settings:
             max_deliver=_env_int("SANDBOXER_MAX_DELIVER", cls.max_deliver),
             retry_backoff_s=_env_float("SANDBOXER_RETRY_BACKOFF_S", cls.retry_backoff_s),
             retry_cap_s=_env_float("SANDBOXER_RETRY_CAP_S", cls.retry_cap_s),
+            drain_timeout_s=_env_float("SANDBOXER_DRAIN_TIMEOUT_S", cls.drain_timeout_s),
             replicas=_env_int("SANDBOXER_REPLICAS", cls.replicas),
         )

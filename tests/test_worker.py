@@ -1,0 +1,20 @@
+"""Worker lifecycle: consumer settings follow the configuration across restarts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from nats.js import JetStreamContext
+
+
+async def test_restart_applies_changed_consumer_settings(
+    start_worker: Callable[..., object], js: JetStreamContext
+) -> None:
+    first = await start_worker(ack_wait_s=2.0, max_deliver=3)  # type: ignore[misc]
+    await first.stop()
+    await start_worker(ack_wait_s=7.0, max_deliver=9)  # type: ignore[misc]
+    info = await js.consumer_info("SANDBOX_REQUESTS", "provisioner-provision")
+    assert info.config.ack_wait == 7.0
+    assert info.config.max_deliver == 11  # the handler gives up at 9; two spare for crashes
+    destroy = await js.consumer_info("SANDBOX_REQUESTS", "provisioner-destroy")
+    assert destroy.config.ack_wait == 7.0
