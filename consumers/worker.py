@@ -85,6 +85,7 @@ def _consumer_config(
     durable: str, subject: str, settings: Settings, max_deliver: int
 ) -> ConsumerConfig:
     return ConsumerConfig(
+        name=durable,
         durable_name=durable,
         filter_subject=subject,
         deliver_policy=DeliverPolicy.ALL,
@@ -150,8 +151,13 @@ def build_broker(settings: Settings, provisioner_ref: Callable[[], Provisioner])
     return broker
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run the provisioner until `stop` is set (or SIGTERM/SIGINT), then drain."""
+async def run_worker(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run the provisioner until `stop` is set (or SIGTERM/SIGINT), then drain.
+    `ready` is set once both consumers are pulling."""
     registry = Registry.load(settings.extensions_dir)
     stop = stop or asyncio.Event()
     async with AsyncExitStack() as stack:
@@ -197,5 +203,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             "worker ready: nats=%s deployment=%s extensions=%s in-flight<=%d",
             settings.nats_url, settings.deployment, ",".join(adapters), settings.max_in_flight,
         )  # fmt: skip
+        if ready is not None:
+            ready.set()
         await stop.wait()
         log.info("worker stopping: draining in-flight requests")

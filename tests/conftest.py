@@ -69,20 +69,14 @@ class WorkerHandle:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(run_worker(self.settings, self._stop))
-        # Ready once both durable consumers exist.
-        async with Client(self.settings.nats_url) as client:
-            for _ in range(200):
-                if self._task.done():
-                    self._task.result()
-                try:
-                    names = [c.name for c in await client.js.consumers_info("SANDBOX_REQUESTS")]
-                except Exception:
-                    names = []
-                if {"provisioner-provision", "provisioner-destroy"} <= set(names):
-                    return
-                await asyncio.sleep(0.05)
-        raise TimeoutError("worker did not start")
+        ready = asyncio.Event()
+        self._task = asyncio.create_task(run_worker(self.settings, self._stop, ready))
+        waiter = asyncio.create_task(ready.wait())
+        await asyncio.wait({self._task, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if self._task.done():
+            self._task.result()  # raises what made the worker stop
+        if not ready.is_set():
+            raise TimeoutError("worker did not start")
 
     async def stop(self) -> None:
         self._stop.set()
