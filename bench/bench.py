@@ -70,9 +70,8 @@ def payload(tenant: str, request_id: str, ttl_s: int = 3600) -> bytes:
 
 
 async def wait_consumers(js: Any) -> None:
-    """Wait until a new worker serves: one warm-up provision must come back ready (the
-    durable consumers may still exist from an earlier phase, so their presence proves
-    nothing)."""
+    """Wait until a new worker serves: a warm-up provision must be claimed (the durable
+    consumers may still exist from an earlier phase, so their presence proves nothing)."""
     request_id = f"warmup-{time.monotonic_ns()}"
     nc = js._nc
     answers = await nc.subscribe(f"sandbox.status.{sandbox_id_for('warmup', request_id)}")
@@ -82,8 +81,7 @@ async def wait_consumers(js: Any) -> None:
             break
         except Exception:
             await asyncio.sleep(0.1)
-    while b'"state":"ready"' not in (await answers.next_msg(timeout=60)).data:
-        pass
+    await answers.next_msg(timeout=60)
     await answers.unsubscribe()
 
 
@@ -98,9 +96,11 @@ class ReadyCounter:
 
     async def on_status(self, message: Any) -> None:
         now = time.perf_counter()
+        if b'"tenant":"warmup"' in message.data:
+            return
         if self.first_seen is None:
             self.first_seen = now
-        if b'"state":"ready"' in message.data and b'"tenant":"warmup"' not in message.data:
+        if b'"state":"ready"' in message.data:
             sandbox_id = message.subject.rsplit(".", 1)[1]
             self.ready_at.setdefault(sandbox_id, now)
             if len(self.ready_at) >= self.target:
@@ -317,7 +317,8 @@ async def bench_rss(url: str, log: Path, n: int) -> float:
             if len(provisioning) >= n:
                 all_in.set()
 
-    env = {"SANDBOXER_STUB_LATENCY_S": "120", "SANDBOXER_MAX_IN_FLIGHT": str(n),
+    # n + 1: the warm-up request stays in flight too.
+    env = {"SANDBOXER_STUB_LATENCY_S": "120", "SANDBOXER_MAX_IN_FLIGHT": str(n + 1),
            "SANDBOXER_ACK_WAIT_S": "60"}  # fmt: skip
     with worker_process(url, log, **env) as proc:
         await wait_consumers(js)
