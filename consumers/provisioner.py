@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -41,6 +42,7 @@ from schemas import (
     DestroyRequest,
     ErrorCode,
     ErrorInfo,
+    MeterKind,
     ProvisionRequest,
     SandboxState,
     SandboxStatus,
@@ -104,23 +106,16 @@ class Provisioner:
             await delivery.term()
             return
         sandbox_id = sandbox_id_for(request.tenant, request.request_id)
-        try:
-            await self._provision(request, sandbox_id, delivery)
-        except Retry as retry:
-            log.info("provision %s: retry in %.1fs: %s", sandbox_id, retry.delay_s, retry)
-            await delivery.nack(retry.delay_s)
-            return
-        except Exception as exc:
-            if self._should_retry(exc, delivery):
-                delay = self._backoff(delivery)
-                log.warning("provision %s: attempt %d failed, retry in %.1fs: %s",
-                            sandbox_id, delivery.attempt, delay, exc)  # fmt: skip
-                await delivery.nack(delay)
-                return
+
+        async def give_up(exc: Exception) -> None:
             await self._fail(request, sandbox_id, exc)
-            await delivery.term()
-            return
-        await delivery.ack()
+
+        await self._settle(
+            f"provision {sandbox_id}",
+            self._provision(request, sandbox_id, delivery),
+            delivery,
+            give_up=give_up,
+        )
 
     async def _provision(
         self, request: ProvisionRequest, sandbox_id: str, delivery: Delivery
@@ -307,26 +302,21 @@ class Provisioner:
             log.warning("destroy: invalid request dropped: %s", _validation_summary(exc))
             await delivery.term()
             return
-        try:
-            await self._destroy(request, delivery)
-        except Retry as retry:
-            log.info("destroy %s: retry in %.1fs: %s", request.sandbox_id, retry.delay_s, retry)
-            await delivery.nack(retry.delay_s)
-            return
-        except Exception as exc:
-            if self._should_retry(exc, delivery):
-                delay = self._backoff(delivery)
-                log.warning("destroy %s: attempt %d failed, retry in %.1fs: %s",
-                            request.sandbox_id, delivery.attempt, delay, exc)  # fmt: skip
-                await delivery.nack(delay)
-                return
-            # The sandbox stays `destroying` and its TTL destroy is still scheduled;
-            # reconciliation finishes it if the provider never answers.
-            log.error("destroy %s gave up after %d attempts: %s",
-                      request.sandbox_id, delivery.attempt, exc)  # fmt: skip
-            await delivery.term()
-            return
-        await delivery.ack()
+
+        async def give_up(exc: Exception) -> None:
+            # A running sandbox costs money, so provider outages are retried without
+            # limit; only errors that retrying cannot fix (or unexpected ones, after
+            # max_deliver) get here. The sandbox stays `destroying` for an operator or
+            # reconciliation.
+            log.error("destroy %s failed for good: %s", request.sandbox_id, exc)
+
+        await self._settle(
+            f"destroy {request.sandbox_id}",
+            self._destroy(request, delivery),
+            delivery,
+            give_up=give_up,
+            retry_provider_forever=True,
+        )
 
     async def _destroy(self, request: DestroyRequest, delivery: Delivery) -> None:
         found = await self.statuses.get(request.sandbox_id)
@@ -389,7 +379,7 @@ class Provisioner:
     async def _publish_meter(
         self,
         status: SandboxStatus,
-        kind: str,
+        kind: MeterKind,
         *,
         started_at: datetime,
         fields: Any,
@@ -399,7 +389,7 @@ class Provisioner:
         event = meter_event_adapter.validate_python(
             {
                 **dict(fields),
-                "event_id": meter_event_id(status.sandbox_id, kind),  # type: ignore[arg-type]
+                "event_id": meter_event_id(status.sandbox_id, kind),
                 "kind": kind,
                 "extension_id": status.extension_id,
                 "sandbox_id": status.sandbox_id,
@@ -420,14 +410,46 @@ class Provisioner:
             headers={"Nats-Msg-Id": event.event_id},
         )
 
-    def _should_retry(self, exc: Exception, delivery: Delivery) -> bool:
-        retryable = exc.retryable if isinstance(exc, SandboxerError) else True
-        return retryable and delivery.attempt < self.settings.max_deliver
+    async def _settle(
+        self,
+        what: str,
+        work: Coroutine[Any, Any, None],
+        delivery: Delivery,
+        *,
+        give_up: Callable[[Exception], Awaitable[None]],
+        retry_provider_forever: bool = False,
+    ) -> None:
+        """Run `work` and end the delivery with exactly one ack, nak or term.
 
-    def _backoff(self, delivery: Delivery) -> float:
-        return backoff_s(
-            delivery.attempt, base_s=self.settings.retry_backoff_s, cap_s=self.settings.retry_cap_s
-        )
+        `Retry` and retryable errors are nak'ed with backoff while attempts remain (up
+        to `max_deliver`; without limit for provider outages if
+        `retry_provider_forever`); anything else is handed to `give_up` and terminated.
+        Unexpected errors count as retryable, within `max_deliver`.
+        """
+        try:
+            await work
+        except Retry as retry:
+            log.info("%s: retry in %.1fs: %s", what, retry.delay_s, retry)
+            await delivery.nack(retry.delay_s)
+            return
+        except Exception as exc:
+            known = isinstance(exc, SandboxerError)
+            retryable = exc.retryable if isinstance(exc, SandboxerError) else True
+            unbounded = known and retry_provider_forever
+            if retryable and (unbounded or delivery.attempt < self.settings.max_deliver):
+                delay = backoff_s(
+                    delivery.attempt,
+                    base_s=self.settings.retry_backoff_s,
+                    cap_s=self.settings.retry_cap_s,
+                )
+                log.warning("%s: attempt %d failed, retry in %.1fs: %s",
+                            what, delivery.attempt, delay, exc)  # fmt: skip
+                await delivery.nack(delay)
+                return
+            await give_up(exc)
+            await delivery.term()
+            return
+        await delivery.ack()
 
     @staticmethod
     def _error_info(exc: Exception) -> ErrorInfo:

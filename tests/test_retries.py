@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from nats.js import JetStreamContext
@@ -15,17 +15,31 @@ from sandboxer.settings import Settings
 from schemas import ErrorCode, ProvisionRequest, SandboxState
 from tests.helpers import deliveries, meter_events, wait_for_state, wait_until_drained
 
+StubWorker = Callable[..., Awaitable[object]]
+
 
 def request(request_id: str) -> ProvisionRequest:
     return ProvisionRequest(request_id=request_id, tenant="acme", profile="profile.burst-sandbox")
 
 
+@pytest.fixture
+def stub_worker(
+    start_worker: Callable[..., object], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Awaitable[object]]:
+    """Start a worker whose stub behaves as `SANDBOXER_STUB_<NAME>=value` say."""
+
+    async def start(worker_settings: dict[str, object] | None = None, **stub: str) -> object:
+        for name, value in stub.items():
+            monkeypatch.setenv(f"SANDBOXER_STUB_{name.upper()}", value)
+        return await start_worker(**(worker_settings or {}))  # type: ignore[misc]
+
+    return start
+
+
 async def test_transient_failures_are_retried_until_ready(
-    start_worker: Callable[..., object], settings: Settings, js: JetStreamContext,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
-    monkeypatch.setenv("SANDBOXER_STUB_FAIL_FIRST", "2")
-    await start_worker()  # type: ignore[misc]
+    stub_worker: StubWorker, settings: Settings, js: JetStreamContext
+) -> None:
+    await stub_worker(fail_first="2")
     async with Client(settings.nats_url) as client:
         ready = await client.provision(request("flaky"), wait_s=20)
     assert ready is not None and ready.state is SandboxState.READY
@@ -36,11 +50,9 @@ async def test_transient_failures_are_retried_until_ready(
 
 
 async def test_persistent_failure_gives_up_with_provider_unavailable(
-    start_worker: Callable[..., object], settings: Settings, js: JetStreamContext,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
-    monkeypatch.setenv("SANDBOXER_STUB_FAILURE_RATE", "1")
-    await start_worker()  # type: ignore[misc]
+    stub_worker: StubWorker, settings: Settings, js: JetStreamContext
+) -> None:
+    await stub_worker(failure_rate="1")
     async with Client(settings.nats_url) as client:
         failed = await client.provision(request("down"), wait_s=20)
     assert failed is not None and failed.state is SandboxState.FAILED
@@ -49,11 +61,9 @@ async def test_persistent_failure_gives_up_with_provider_unavailable(
 
 
 async def test_rejection_fails_at_once(
-    start_worker: Callable[..., object], settings: Settings, js: JetStreamContext,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
-    monkeypatch.setenv("SANDBOXER_STUB_REJECT_RATE", "1")
-    await start_worker()  # type: ignore[misc]
+    stub_worker: StubWorker, settings: Settings, js: JetStreamContext
+) -> None:
+    await stub_worker(reject_rate="1")
     async with Client(settings.nats_url) as client:
         failed = await client.provision(request("refused"), wait_s=20)
     assert failed is not None and failed.error is not None
@@ -62,13 +72,10 @@ async def test_rejection_fails_at_once(
 
 
 async def test_lost_create_response_is_retried_without_a_second_sandbox(
-    start_worker: Callable[..., object], settings: Settings, js: JetStreamContext,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+    stub_worker: StubWorker, settings: Settings, js: JetStreamContext
+) -> None:
     # Every create succeeds at the provider but the first answer is lost half the time.
-    monkeypatch.setenv("SANDBOXER_STUB_LOST_RESPONSE_RATE", "0.5")
-    monkeypatch.setenv("SANDBOXER_MAX_DELIVER", "20")
-    await start_worker(max_deliver=20)  # type: ignore[misc]
+    await stub_worker({"max_deliver": 20}, lost_response_rate="0.5")
     async with Client(settings.nats_url) as client:
         for i in range(10):
             await client.provision(request(f"lossy-{i}"))
@@ -79,11 +86,9 @@ async def test_lost_create_response_is_retried_without_a_second_sandbox(
 
 
 async def test_slow_provider_calls_run_concurrently(
-    start_worker: Callable[..., object], settings: Settings, js: JetStreamContext,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
-    monkeypatch.setenv("SANDBOXER_STUB_LATENCY_S", "1")
-    await start_worker()  # type: ignore[misc]
+    stub_worker: StubWorker, settings: Settings, js: JetStreamContext
+) -> None:
+    await stub_worker(latency_s="1")
     async with Client(settings.nats_url) as client:
         began = time.monotonic()
         for i in range(100):
@@ -100,12 +105,10 @@ async def test_slow_provider_calls_run_concurrently(
 
 
 async def test_long_provider_call_is_not_redelivered(
-    start_worker: Callable[..., object], settings: Settings, js: JetStreamContext,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+    stub_worker: StubWorker, settings: Settings, js: JetStreamContext
+) -> None:
     # The create takes three ack-wait periods; in_progress keeps the message ours.
-    monkeypatch.setenv("SANDBOXER_STUB_LATENCY_S", str(settings.ack_wait_s * 3))
-    await start_worker()  # type: ignore[misc]
+    await stub_worker(latency_s=str(settings.ack_wait_s * 3))
     async with Client(settings.nats_url) as client:
         ready = await client.provision(request("slow"), wait_s=30)
     assert ready is not None and ready.state is SandboxState.READY
