@@ -114,15 +114,19 @@ async def publish_all(js: Any, payloads: list[bytes]) -> None:
         )
 
 
+async def preload_stream(js: Any, name: str, subject: str, n: int) -> None:
+    """A file-backed stream holding `n` provision-sized messages on `subject`."""
+    await js.add_stream(StreamConfig(name=name, subjects=[subject], storage=StorageType.FILE))
+    body = payload("preload", "x")
+    for start in range(0, n, 1000):
+        await asyncio.gather(*(js.publish(subject, body) for _ in range(min(1000, n - start))))
+
+
 async def bench_raw(url: str, n: int) -> float:
     """(a) messages/s of a bare pull consumer that acks each message."""
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await js.add_stream(StreamConfig(name="BENCH_RAW", subjects=["bench.raw"],
-                                     storage=StorageType.FILE))  # fmt: skip
-    body = payload("raw", "x")
-    for start in range(0, n, 1000):
-        await asyncio.gather(*(js.publish("bench.raw", body) for _ in range(min(1000, n - start))))
+    await preload_stream(js, "BENCH_RAW", "bench.raw", n)
     sub = await js.pull_subscribe(
         "bench.raw", durable="raw", stream="BENCH_RAW",
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
@@ -149,18 +153,14 @@ async def bench_faststream(url: str, n: int) -> float:
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await js.add_stream(StreamConfig(name="BENCH_FS", subjects=["bench.fs"],
-                                     storage=StorageType.FILE))  # fmt: skip
-    body = payload("fs", "x")
-    for start in range(0, n, 1000):
-        await asyncio.gather(*(js.publish("bench.fs", body) for _ in range(min(1000, n - start))))
+    await preload_stream(js, "BENCH_FS", "bench.fs", n)
     done = asyncio.Event()
     seen = 0
     broker = NatsBroker(url, logger=None, apply_types=False)
 
     @broker.subscriber(
         "bench.fs", stream=JStream("BENCH_FS", declare=False), durable="fs",
-        pull_sub=PullSub(batch_size=128, timeout=1.0), max_workers=256,
+        pull_sub=PullSub(batch_size=128, timeout=1.0), max_workers=64,
         ack_policy=HandlerAckPolicy.MANUAL, decoder=_message_itself,
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
     )  # fmt: skip
