@@ -148,7 +148,12 @@ class Provisioner:
         await self._schedule_ttl_destroy(status)
         async with self.keepalive.hold(delivery):
             sandbox = await adapter.provision(spec, credentials)
-            sandbox = await adapter.wait_ready(sandbox, credentials)
+            try:
+                sandbox = await adapter.wait_ready(sandbox, credentials)
+            except SandboxerError as exc:
+                if not exc.retryable:  # it will never be ready: do not leave it running
+                    await adapter.teardown(sandbox.provider_sandbox_id, credentials)
+                raise
 
         ready = status.with_changes(
             state=SandboxState.READY,

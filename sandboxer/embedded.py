@@ -83,9 +83,7 @@ class EmbeddedNats:
             "--log", str(self.log_file),
             *self.extra_args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
-        )
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
         while not _listening(self.port):
             if self.process.poll() is not None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 
 from nats.js import JetStreamContext
 
 from sandboxer.client import Client
 from sandboxer.ids import sandbox_id_for
+from sandboxer.settings import Settings, default_extensions_dir
 from schemas import DestroyRequest, ErrorCode, ProvisionRequest, SandboxState
 from tests.helpers import meter_events, wait_for_state, wait_until_drained
 
@@ -132,3 +136,33 @@ async def test_hand_written_json_over_raw_nats_reaches_ready(client: Client, nc,
         while "ready" not in states:
             states.append(json.loads((await statuses.next_msg(timeout=None)).data)["state"])
     assert states == ["provisioning", "ready"]
+
+
+async def test_sandbox_that_never_gets_ready_is_torn_down(
+    tmp_path: Path, start_worker: Callable[..., object], settings: Settings, js: JetStreamContext
+) -> None:
+    extensions = tmp_path / "extensions"
+    shutil.copytree(default_extensions_dir(), extensions)
+    stub = (extensions / "ext.saas-stub.yaml").read_text()
+    (extensions / "ext.never-ready.yaml").write_text(
+        stub.replace("id: ext.saas-stub", "id: ext.never-ready").replace(
+            "adapters.saas_stub:SaasStubAdapter", "tests.fake_adapters:NeverReadyAdapter"
+        )
+    )
+    profile = (extensions / "profile.burst-sandbox.yaml").read_text()
+    (extensions / "profile.never.yaml").write_text(
+        profile.replace("id: profile.burst-sandbox", "id: profile.never").replace(
+            "routes: [ext.e2b, ext.modal, ext.saas-stub]", "routes: [ext.never-ready]"
+        )
+    )
+    await start_worker(extensions_dir=extensions)  # type: ignore[misc]
+    async with Client(settings.nats_url) as client:
+        failed = await client.provision(
+            ProvisionRequest(request_id="boot", tenant="acme", profile="profile.never"), wait_s=15
+        )
+    assert failed is not None and failed.error is not None
+    assert failed.error.code is ErrorCode.PROVIDER_REJECTED
+    bucket = await js.key_value("sandboxer-stub")
+    records = [json.loads((await bucket.get(k)).value) for k in await bucket.keys()
+               if k.startswith("sbx.")]  # fmt: skip
+    assert len(records) == 1 and records[0]["terminated_at"] is not None
