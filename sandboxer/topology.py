@@ -8,8 +8,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, RePublish, StorageType, StreamConfig
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    RePublish,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
@@ -25,6 +34,19 @@ STATUS_STREAM = "SANDBOX_STATUS"
 METER_STREAM = "SANDBOX_METER"
 
 STATUS_BUCKET = "sandboxer-status"
+
+#: The credits journal: one subject per entry, `credits.ledger.<tenant>.<entry_id>`.
+LEDGER_STREAM = "CREDITS_LEDGER"
+LEDGER_SUBJECT_PREFIX = "credits.ledger"
+
+BILLING_STREAM = "BILLING"
+USAGE_SUBJECT = "billing.usage"
+#: Records fin-hub refused for good, with its answer: `billing.dlq.finhub`.
+DLQ_SUBJECT_PREFIX = "billing.dlq"
+#: Durable markers of the billing consumers (usage published, record exported).
+BILLING_BUCKET = "sandboxer-billing"
+BILLING_CONSUMER = "billing-meter"
+EXPORT_CONSUMER = "finhub-export"
 
 PROVISION_CONSUMER = "provisioner-provision"
 DESTROY_CONSUMER = "provisioner-destroy"
@@ -46,6 +68,10 @@ def meter_subject(extension_id: str) -> str:
 
 def schedule_subject(sandbox_id: str) -> str:
     return f"{SCHEDULE_SUBJECT_PREFIX}.{sandbox_id}"
+
+
+def ledger_subject(tenant: str, entry_id: str = "*") -> str:
+    return f"{LEDGER_SUBJECT_PREFIX}.{tenant}.{entry_id}"
 
 
 def stream_configs(replicas: int) -> list[StreamConfig]:
@@ -74,6 +100,28 @@ def stream_configs(replicas: int) -> list[StreamConfig]:
             storage=StorageType.FILE,
             num_replicas=replicas,
         ),
+        StreamConfig(
+            name=LEDGER_STREAM,
+            subjects=[f"{LEDGER_SUBJECT_PREFIX}.>"],
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            # Each entry id is a subject that takes one message, ever: an entry written
+            # twice, even years apart, is refused by the server (error 10077).
+            max_msgs_per_subject=1,
+            discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
+            allow_direct=True,
+        ),
+        StreamConfig(
+            name=BILLING_STREAM,
+            subjects=[USAGE_SUBJECT, f"{DLQ_SUBJECT_PREFIX}.>"],
+            max_age=EVENTS_MAX_AGE_S,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            # Usage records are deduplicated by Nats-Msg-Id over a day, far longer than
+            # any crash-and-redeliver; later replays are stopped by a durable marker.
+            duplicate_window=DAY_S,
+        ),
     ]
 
 
@@ -98,6 +146,9 @@ async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
         except BadRequestError:
             await js.update_stream(config)
     await ensure_bucket(js, status_bucket_config(replicas))
+    await ensure_bucket(
+        js, KeyValueConfig(bucket=BILLING_BUCKET, storage=StorageType.FILE, replicas=replicas)
+    )
 
 
 async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
@@ -119,3 +170,28 @@ async def kv_entries(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str, 
                 yield entry.key, entry.value
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+async def read_subject(
+    js: JetStreamContext, stream: str, subject: str
+) -> AsyncIterator[tuple[int, str, bytes]]:
+    """Every stored (sequence, subject, data) of `stream` matching `subject`, oldest
+    first, read with a short-lived consumer."""
+    sub = await js.pull_subscribe(
+        subject,
+        stream=stream,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=10.0),
+    )
+    try:
+        while True:
+            try:
+                batch = await sub.fetch(256, timeout=0.5)
+            except (TimeoutError, NatsTimeout):
+                return
+            for message in batch:
+                yield message.metadata.sequence.stream, message.subject, message.data
+                await message.ack()
+            if batch[-1].metadata.num_pending == 0:
+                return
+    finally:
+        await sub.unsubscribe()

@@ -18,6 +18,7 @@ from schemas._types import (
     quantize_usd,
     utcnow,
 )
+from schemas.billing import LedgerEntry, LedgerKind, UsageRecord, usage_record_id
 from schemas.manifest import (
     ExtensionManifest,
     Pricing,
@@ -54,6 +55,8 @@ __all__ = [
     "ErrorInfo",
     "ExtensionId",
     "ExtensionManifest",
+    "LedgerEntry",
+    "LedgerKind",
     "MeterEvent",
     "MeterKind",
     "ModalMeterEvent",
@@ -72,9 +75,11 @@ __all__ = [
     "Timestamp",
     "TtlLimits",
     "TtlOutOfRange",
+    "UsageRecord",
     "Usd",
     "meter_event_adapter",
     "meter_event_id",
     "quantize_usd",
+    "usage_record_id",
     "utcnow",
 ]

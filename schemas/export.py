@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
+from schemas.billing import LedgerEntry, UsageRecord
 from schemas.manifest import ExtensionManifest, Profile
 from schemas.meter import meter_event_adapter
 from schemas.requests import DestroyRequest, ProvisionRequest
@@ -18,6 +19,8 @@ _MODELS: dict[str, type[BaseModel] | TypeAdapter[Any]] = {
     "DestroyRequest": DestroyRequest,
     "SandboxStatus": SandboxStatus,
     "MeterEvent": meter_event_adapter,
+    "UsageRecord": UsageRecord,
+    "LedgerEntry": LedgerEntry,
     "ExtensionManifest": ExtensionManifest,
     "Profile": Profile,
 }

@@ -1,0 +1,219 @@
+"""Prepaid credits: a per-tenant journal on JetStream, the only source of truth.
+
+Every grant, hold, release and debit is one message on
+`credits.ledger.<tenant>.<entry_id>` in the CREDITS_LEDGER stream (see
+docs/payments.md):
+
+- the stream allows one message per subject and refuses the next one (discard new per
+  subject), so an entry id is written at most once, ever: a replay a week later cannot
+  debit again;
+- every append says which tenant entry it follows
+  (`Nats-Expected-Last-Subject-Sequence` over `credits.ledger.<tenant>.*`), so two
+  holds decided on the same balance cannot both land: the loser re-reads and decides
+  again. No overspending, across any number of processes.
+
+A tenant's balance is the fold of its entries, cached per process and caught up
+incrementally; the server's checks make a stale cache harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NotFoundError
+
+from sandboxer.errors import SandboxerError
+from sandboxer.topology import LEDGER_STREAM, ledger_subject, read_subject
+from schemas import ErrorCode, LedgerEntry, LedgerKind, utcnow
+
+#: Server error codes: the expected last sequence moved; the entry id exists already.
+_WRONG_LAST_SEQUENCE = 10071
+_ENTRY_EXISTS = 10077
+
+_MAX_CONFLICTS = 1000
+
+
+class InsufficientCredits(SandboxerError):
+    """The tenant's available balance does not cover the hold."""
+
+    code = ErrorCode.INSUFFICIENT_CREDITS
+
+
+@dataclass
+class Balance:
+    """A tenant's credits: `balance` is granted minus debited; `holds` are open
+    reservations by sandbox id; `available` is what a new hold may take."""
+
+    balance: Decimal = Decimal("0")
+    holds: dict[str, Decimal] = field(default_factory=dict)
+
+    @property
+    def held(self) -> Decimal:
+        return sum(self.holds.values(), Decimal("0"))
+
+    @property
+    def available(self) -> Decimal:
+        return self.balance - self.held
+
+    def apply(self, entry: LedgerEntry) -> None:
+        """Fold one journal entry in."""
+        if entry.kind == "grant":
+            self.balance += entry.amount_usd
+        elif entry.kind == "hold" and entry.sandbox_id is not None:
+            self.holds[entry.sandbox_id] = entry.amount_usd
+        elif entry.kind == "release" and entry.sandbox_id is not None:
+            self.holds.pop(entry.sandbox_id, None)
+        elif entry.kind == "debit":
+            self.balance -= entry.amount_usd
+            if entry.sandbox_id is not None:  # a debit settles the sandbox's hold
+                self.holds.pop(entry.sandbox_id, None)
+
+
+# Builds the entry to append from the current balance, returns None to skip it, or
+# raises to refuse it; re-run after every conflict.
+Decision = Callable[[Balance], LedgerEntry | None]
+
+
+def _entry(
+    kind: LedgerKind,
+    tenant: str,
+    amount: Decimal,
+    entry_id: str,
+    sandbox_id: str | None = None,
+    note: str = "",
+) -> LedgerEntry:
+    return LedgerEntry(
+        entry_id=entry_id, kind=kind, tenant=tenant, amount_usd=amount,
+        sandbox_id=sandbox_id, at=utcnow(), note=note,
+    )  # fmt: skip
+
+
+class Ledger:
+    """Appends to and reads the credits journal."""
+
+    def __init__(self, js: JetStreamContext, *, cached_tenants: int = 10_000) -> None:
+        self._js = js
+        self._cache: OrderedDict[str, tuple[Balance, int]] = OrderedDict()
+        self._cached_tenants = cached_tenants
+        # Appends of one tenant are serialized inside a process (lock striping keeps
+        # the number of locks fixed); across processes the server's check does it.
+        self._locks = [asyncio.Lock() for _ in range(64)]
+
+    # -- operations ------------------------------------------------------------------
+
+    async def grant(self, tenant: str, amount: Decimal, grant_id: str, note: str = "") -> bool:
+        """Add credits; False if `grant_id` was granted before."""
+        if amount <= 0:
+            raise ValueError("a grant must be positive")
+        entry = _entry("grant", tenant, amount, f"grant-{grant_id}", note=note)
+        return await self._append(tenant, lambda balance: entry)
+
+    async def hold(self, tenant: str, sandbox_id: str, amount: Decimal) -> bool:
+        """Reserve `amount` for a sandbox, or raise `InsufficientCredits`. Idempotent:
+        False if the sandbox already has (or had) its hold."""
+
+        def decide(balance: Balance) -> LedgerEntry | None:
+            if sandbox_id in balance.holds:
+                return None
+            if balance.available < amount:
+                raise InsufficientCredits(
+                    f"tenant {tenant} has {balance.available:.6f} USD available, "
+                    f"the sandbox needs a hold of {amount:.6f} USD"
+                )
+            return _entry("hold", tenant, amount, f"hold-{sandbox_id}", sandbox_id)
+
+        return await self._append(tenant, decide)
+
+    async def release(self, tenant: str, sandbox_id: str) -> bool:
+        """Drop a sandbox's open hold (it failed before it could be billed); False if
+        there is none."""
+
+        def decide(balance: Balance) -> LedgerEntry | None:
+            held = balance.holds.get(sandbox_id)
+            if held is None:
+                return None
+            return _entry("release", tenant, held, f"release-{sandbox_id}", sandbox_id)
+
+        return await self._append(tenant, decide)
+
+    async def debit(self, tenant: str, sandbox_id: str, amount: Decimal) -> bool:
+        """Charge a sandbox's actual cost and settle its hold; False if it was
+        charged before (whenever that was)."""
+        entry = _entry("debit", tenant, amount, f"debit-{sandbox_id}", sandbox_id)
+        return await self._append(tenant, lambda balance: entry)
+
+    async def balance(self, tenant: str) -> Balance:
+        """The tenant's balance, read up to the latest entry."""
+        async with self._lock(tenant):
+            balance, _ = await self._catch_up(tenant)
+            return Balance(balance.balance, dict(balance.holds))
+
+    async def entries(self, tenant: str) -> list[LedgerEntry]:
+        """The tenant's journal, oldest first."""
+        return [
+            LedgerEntry.model_validate_json(data)
+            async for _, _, data in read_subject(self._js, LEDGER_STREAM, ledger_subject(tenant))
+        ]
+
+    # -- the journal -----------------------------------------------------------------
+
+    def _lock(self, tenant: str) -> asyncio.Lock:
+        return self._locks[zlib.crc32(tenant.encode()) % len(self._locks)]
+
+    async def _append(self, tenant: str, decide: Decision) -> bool:
+        """Append what `decide` builds, after the tenant's latest entry; True if written."""
+        async with self._lock(tenant):
+            balance, last = self._cache.get(tenant) or await self._catch_up(tenant)
+            for _ in range(_MAX_CONFLICTS):
+                entry = decide(balance)
+                if entry is None:
+                    return False
+                try:
+                    ack = await self._js.publish(
+                        ledger_subject(tenant, entry.entry_id),
+                        entry.model_dump_json().encode(),
+                        headers={
+                            "Nats-Expected-Last-Subject-Sequence": str(last),
+                            "Nats-Expected-Last-Subject-Sequence-Subject": ledger_subject(tenant),
+                        },
+                    )
+                except APIError as exc:
+                    if exc.err_code == _ENTRY_EXISTS:
+                        return False  # written before: this is a replay
+                    if exc.err_code != _WRONG_LAST_SEQUENCE:
+                        raise
+                    # Another writer got in first: catch up and decide again.
+                    balance, last = await self._catch_up(tenant)
+                    continue
+                balance.apply(entry)
+                self._remember(tenant, balance, ack.seq)
+                return True
+        raise RuntimeError(f"ledger of {tenant}: too many concurrent writers")
+
+    async def _catch_up(self, tenant: str) -> tuple[Balance, int]:
+        """The cached balance brought up to date with the journal (under the lock)."""
+        balance, last = self._cache.get(tenant) or (Balance(), 0)
+        filter_subject = ledger_subject(tenant)
+        while True:
+            try:
+                message = await self._js.get_msg(
+                    LEDGER_STREAM, seq=last + 1, subject=filter_subject, next=True, direct=True
+                )
+            except NotFoundError:
+                break
+            balance.apply(LedgerEntry.model_validate_json(message.data or b""))
+            last = message.seq or last
+        self._remember(tenant, balance, last)
+        return balance, last
+
+    def _remember(self, tenant: str, balance: Balance, last: int) -> None:
+        self._cache[tenant] = (balance, last)
+        self._cache.move_to_end(tenant)
+        while len(self._cache) > self._cached_tenants:
+            self._cache.popitem(last=False)
