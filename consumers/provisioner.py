@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from adapters.base import NO_CREDENTIALS, Credentials, SandboxSpec, Usage
 from consumers.delivery import Delivery, KeepAlive, Retry, backoff_s
+from sandboxer.credits import Ledger
 from sandboxer.errors import InvalidRequest, SandboxerError
 from sandboxer.ids import sandbox_id_for, ttl_destroy_request_id
 from sandboxer.registry import Registry
@@ -94,6 +95,7 @@ class Provisioner:
     statuses: StatusStore
     settings: Settings
     keepalive: KeepAlive
+    ledger: Ledger
 
     # -- provision -------------------------------------------------------------------
 
@@ -143,6 +145,10 @@ class Provisioner:
             template=request.template or profile.template,
             metadata=request.metadata,
         )
+        # Credits are held before the provider is called: a tenant that cannot pay for
+        # the whole TTL gets `insufficient_credits` and no sandbox.
+        assert status.estimate_usd is not None
+        await self.ledger.hold(request.tenant, sandbox_id, status.estimate_usd)
         # Scheduled before the provider is called, so even a sandbox whose worker dies
         # mid-create is destroyed at expiry.
         await self._schedule_ttl_destroy(status)
@@ -267,6 +273,8 @@ class Provisioner:
         """Record the final failure of a provision as a `failed` status."""
         error = self._error_info(exc)
         log.warning("provision %s failed: %s: %s", sandbox_id, error.code, error.message)
+        # No sandbox, no bill: give the credits back (a no-op if none were held).
+        await self.ledger.release(request.tenant, sandbox_id)
         for _ in range(5):
             found = await self.statuses.get(sandbox_id)
             if found is None:

@@ -23,6 +23,7 @@ from nats.js.api import DeliverPolicy
 from adapters.base import AdapterContext, SandboxAdapter
 from consumers.delivery import Delivery, InFlight, KeepAlive
 from consumers.provisioner import Provisioner
+from sandboxer.credits import Ledger
 from sandboxer.registry import Registry
 from sandboxer.routing import Router
 from sandboxer.settings import Settings
@@ -186,6 +187,7 @@ async def run_worker(
             statuses=await StatusStore.open(js),
             settings=settings,
             keepalive=keepalive,
+            ledger=Ledger(js),
         )
         await ensure_consumers(js, settings)
         # Shutdown runs in reverse: stop fetching, drain handlers, then close the rest.

@@ -198,9 +198,16 @@ class Ledger:
 
     async def _catch_up(self, tenant: str) -> tuple[Balance, int]:
         """The cached balance brought up to date with the journal (under the lock)."""
-        balance, last = self._cache.get(tenant) or (Balance(), 0)
+        cached = self._cache.get(tenant)
+        if cached is None:
+            # First look at this tenant: fold the whole journal in one streamed read.
+            cached = Balance(), 0
+            async for seq, _, data in read_subject(self._js, LEDGER_STREAM, ledger_subject(tenant)):
+                cached[0].apply(LedgerEntry.model_validate_json(data))
+                cached = cached[0], seq
+        balance, last = cached
         filter_subject = ledger_subject(tenant)
-        while True:
+        while True:  # then one direct read per entry written since
             try:
                 message = await self._js.get_msg(
                     LEDGER_STREAM, seq=last + 1, subject=filter_subject, next=True, direct=True

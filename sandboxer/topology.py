@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import (
+    AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
@@ -176,22 +176,22 @@ async def read_subject(
     js: JetStreamContext, stream: str, subject: str
 ) -> AsyncIterator[tuple[int, str, bytes]]:
     """Every stored (sequence, subject, data) of `stream` matching `subject`, oldest
-    first, read with a short-lived consumer."""
+    first, read with a short-lived consumer; returns at once when there is none."""
     sub = await js.pull_subscribe(
         subject,
         stream=stream,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=10.0),
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,  # a read, not a delivery to account for
+            inactive_threshold=10.0,
+        ),
     )
     try:
-        while True:
-            try:
-                batch = await sub.fetch(256, timeout=0.5)
-            except (TimeoutError, NatsTimeout):
-                return
+        remaining = (await sub.consumer_info()).num_pending or 0
+        while remaining > 0:
+            batch = await sub.fetch(min(256, remaining), timeout=5.0)
             for message in batch:
                 yield message.metadata.sequence.stream, message.subject, message.data
-                await message.ack()
-            if batch[-1].metadata.num_pending == 0:
-                return
+            remaining -= len(batch)
     finally:
         await sub.unsubscribe()

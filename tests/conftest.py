@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 
 import nats
@@ -20,6 +21,7 @@ from nats.js import JetStreamContext
 
 from consumers.worker import run_worker
 from sandboxer.client import Client
+from sandboxer.credits import Ledger
 from sandboxer.embedded import EmbeddedNats
 from sandboxer.settings import Settings
 from sandboxer.topology import ensure_topology
@@ -44,6 +46,19 @@ def settings(nats_server: EmbeddedNats) -> Settings:
         retry_backoff_s=0.1,
         retry_cap_s=0.5,
     )
+
+
+#: Tenants the tests provision for, granted plenty of credits by `funded`.
+FUNDED_TENANTS = ("acme", "t1", "demo")
+FUNDS = Decimal("1000")
+
+
+@pytest.fixture
+async def funded(js: JetStreamContext) -> tuple[str, ...]:
+    ledger = Ledger(js)
+    for tenant in FUNDED_TENANTS:
+        await ledger.grant(tenant, FUNDS, "test-funds")
+    return FUNDED_TENANTS
 
 
 @pytest.fixture
@@ -85,7 +100,9 @@ class WorkerHandle:
 
 
 @pytest.fixture
-async def start_worker(settings: Settings) -> AsyncIterator[Callable[..., object]]:
+async def start_worker(
+    settings: Settings, funded: tuple[str, ...]
+) -> AsyncIterator[Callable[..., object]]:
     handles: list[WorkerHandle] = []
 
     async def start(**changes: object) -> WorkerHandle:
@@ -112,7 +129,7 @@ async def client(settings: Settings, worker: WorkerHandle) -> AsyncIterator[Clie
 
 @pytest.fixture
 def spawn_worker(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, funded: tuple[str, ...]
 ) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start `sandboxer worker` as a child process (for kill tests)."""
     procs: list[subprocess.Popen[bytes]] = []

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from sandboxer.client import Client
+from sandboxer.topology import read_subject
 from schemas import SandboxState, SandboxStatus
 
 
@@ -18,27 +18,7 @@ async def stream_messages(
     js: JetStreamContext, stream: str, subject: str = ">"
 ) -> list[tuple[str, dict[str, Any]]]:
     """Every message of `stream` on `subject`, as (subject, decoded JSON)."""
-    info = await js.stream_info(stream)
-    if info.state.messages == 0:
-        return []
-    sub = await js.pull_subscribe(
-        subject,
-        stream=stream,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=5.0),
-    )
-    found: list[tuple[str, dict[str, Any]]] = []
-    try:
-        while True:
-            try:
-                batch = await sub.fetch(256, timeout=0.5)
-            except TimeoutError:
-                break
-            for message in batch:
-                found.append((message.subject, json.loads(message.data)))
-                await message.ack()
-    finally:
-        await sub.unsubscribe()
-    return found
+    return [(subj, json.loads(data)) async for _, subj, data in read_subject(js, stream, subject)]
 
 
 async def meter_events(js: JetStreamContext, sandbox_id: str | None = None) -> list[dict[str, Any]]:

@@ -8,7 +8,12 @@ from decimal import Decimal
 import pytest
 from nats.js import JetStreamContext
 
-from sandboxer.credits import InsufficientCredits, Ledger
+from sandboxer.client import Client
+from sandboxer.credits import Balance, InsufficientCredits, Ledger
+from sandboxer.ids import sandbox_id_for
+from sandboxer.settings import Settings
+from schemas import ErrorCode, ProvisionRequest, SandboxState
+from tests.helpers import wait_for_status
 
 
 def sandbox(i: int) -> str:
@@ -56,7 +61,7 @@ async def test_hold_beyond_available_is_refused(js: JetStreamContext) -> None:
     ledger = Ledger(js)
     await ledger.grant("acme", Decimal("1"), "g")
     await ledger.hold("acme", sandbox(1), Decimal("0.6"))
-    with pytest.raises(InsufficientCredits, match="0.400000 USD available"):
+    with pytest.raises(InsufficientCredits, match=r"0\.400000 USD available"):
         await ledger.hold("acme", sandbox(2), Decimal("0.6"))
     assert await ledger.release("acme", sandbox(1))
     assert await ledger.hold("acme", sandbox(2), Decimal("0.6"))
@@ -89,3 +94,38 @@ async def test_tenants_do_not_share_a_balance(js: JetStreamContext) -> None:
     # "a" is also a prefix of "ab": subjects keep them apart.
     await ledger.grant("ab", Decimal("2"), "g")
     assert (await ledger.balance("a")).balance == Decimal("1")
+
+
+async def test_200_concurrent_provisions_against_credits_for_20(
+    worker: object, settings: Settings, js: JetStreamContext
+) -> None:
+    estimate = Decimal("0.009000")  # profile.burst-sandbox: 900 s x 0.000010 USD/s
+    ledger = Ledger(js)
+    await ledger.grant("frugal", estimate * 20, "g")
+    async with Client(settings.nats_url) as client:
+        await asyncio.gather(
+            *(
+                client.provision(
+                    ProvisionRequest(
+                        request_id=f"r{i}", tenant="frugal", profile="profile.burst-sandbox"
+                    )
+                )
+                for i in range(200)
+            )
+        )
+        statuses = await asyncio.gather(
+            *(wait_for_status(client, sandbox_id_for("frugal", f"r{i}")) for i in range(200))
+        )
+    ready = [s for s in statuses if s.state is SandboxState.READY]
+    refused = [s for s in statuses if s.state is SandboxState.FAILED]
+    assert len(ready) == 20 and len(refused) == 180
+    assert {s.error.code for s in refused if s.error} == {ErrorCode.INSUFFICIENT_CREDITS}
+    stub = await js.key_value("sandboxer-stub")
+    assert len([k for k in await stub.keys() if k.startswith("sbx.")]) == 20
+
+    # Replaying the journal entry by entry, the balance never went below zero.
+    running = Balance()
+    for entry in await ledger.entries("frugal"):
+        running.apply(entry)
+        assert running.available >= 0
+    assert running.available == 0

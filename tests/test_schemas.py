@@ -133,7 +133,7 @@ def test_exported_json_schemas_describe_every_contract(tmp_path: Path) -> None:
     assert names == sorted(
         f"{n}.schema.json"
         for n in ("ProvisionRequest", "DestroyRequest", "SandboxStatus", "MeterEvent",
-                  "ExtensionManifest", "Profile")
+                  "UsageRecord", "LedgerEntry", "ExtensionManifest", "Profile")
     )  # fmt: skip
     provision = json.loads((tmp_path / "ProvisionRequest.schema.json").read_text())
     assert set(provision["required"]) == {"request_id", "tenant", "profile"}
