@@ -149,7 +149,7 @@ async def bench_faststream(url: str, n: int) -> float:
     from faststream import AckPolicy as HandlerAckPolicy
     from faststream.nats import JStream, NatsBroker, PullSub
 
-    from consumers.worker import _message_itself
+    from consumers.app import _message_itself
 
     nc = await nats.connect(url)
     js = nc.jetstream()
