@@ -11,8 +11,11 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Protocol
+
+from sandboxer.errors import SandboxerError
+from sandboxer.settings import Settings
 
 log = logging.getLogger("sandboxer.delivery")
 
@@ -46,6 +49,46 @@ def backoff_s(attempt: int, *, base_s: float, cap_s: float) -> float:
     """Capped exponential backoff with full jitter for delivery `attempt` (1-based)."""
     ceiling = min(cap_s, base_s * 2 ** max(0, attempt - 1))
     return random.uniform(ceiling / 2, ceiling)
+
+
+async def settle(
+    what: str,
+    work: Coroutine[Any, Any, None],
+    delivery: Delivery,
+    settings: Settings,
+    *,
+    give_up: Callable[[Exception], Awaitable[None]],
+    retry_transient_forever: bool = False,
+) -> None:
+    """Run `work` and end the delivery with exactly one ack, nak or term.
+
+    `Retry` and retryable errors are nak'ed with backoff while attempts remain (up to
+    `max_deliver`, or without limit for known transient errors if
+    `retry_transient_forever`); anything else is handed to `give_up` and terminated.
+    Unexpected errors count as retryable, within `max_deliver`.
+    """
+    try:
+        await work
+    except Retry as retry:
+        log.info("%s: retry in %.1fs: %s", what, retry.delay_s, retry)
+        await delivery.nack(retry.delay_s)
+        return
+    except Exception as exc:
+        known = isinstance(exc, SandboxerError)
+        retryable = exc.retryable if isinstance(exc, SandboxerError) else True
+        unbounded = known and retry_transient_forever
+        if retryable and (unbounded or delivery.attempt < settings.max_deliver):
+            delay = backoff_s(
+                delivery.attempt, base_s=settings.retry_backoff_s, cap_s=settings.retry_cap_s
+            )
+            log.warning("%s: attempt %d failed, retry in %.1fs: %s",
+                        what, delivery.attempt, delay, exc)  # fmt: skip
+            await delivery.nack(delay)
+            return
+        await give_up(exc)
+        await delivery.term()
+        return
+    await delivery.ack()
 
 
 class KeepAlive:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,7 +24,7 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from adapters.base import NO_CREDENTIALS, Credentials, SandboxSpec, Usage
-from consumers.delivery import Delivery, KeepAlive, Retry, backoff_s
+from consumers.delivery import Delivery, KeepAlive, Retry, settle
 from sandboxer.credits import Ledger
 from sandboxer.errors import InvalidRequest, SandboxerError
 from sandboxer.ids import sandbox_id_for, ttl_destroy_request_id
@@ -112,10 +111,11 @@ class Provisioner:
         async def give_up(exc: Exception) -> None:
             await self._fail(request, sandbox_id, exc)
 
-        await self._settle(
+        await settle(
             f"provision {sandbox_id}",
             self._provision(request, sandbox_id, delivery),
             delivery,
+            self.settings,
             give_up=give_up,
         )
 
@@ -323,12 +323,13 @@ class Provisioner:
             # reconciliation.
             log.error("destroy %s failed for good: %s", request.sandbox_id, exc)
 
-        await self._settle(
+        await settle(
             f"destroy {request.sandbox_id}",
             self._destroy(request, delivery),
             delivery,
+            self.settings,
             give_up=give_up,
-            retry_provider_forever=True,
+            retry_transient_forever=True,
         )
 
     async def _destroy(self, request: DestroyRequest, delivery: Delivery) -> None:
@@ -422,47 +423,6 @@ class Provisioner:
             meter_event_adapter.dump_json(event),
             headers={"Nats-Msg-Id": event.event_id},
         )
-
-    async def _settle(
-        self,
-        what: str,
-        work: Coroutine[Any, Any, None],
-        delivery: Delivery,
-        *,
-        give_up: Callable[[Exception], Awaitable[None]],
-        retry_provider_forever: bool = False,
-    ) -> None:
-        """Run `work` and end the delivery with exactly one ack, nak or term.
-
-        `Retry` and retryable errors are nak'ed with backoff while attempts remain (up
-        to `max_deliver`; without limit for provider outages if
-        `retry_provider_forever`); anything else is handed to `give_up` and terminated.
-        Unexpected errors count as retryable, within `max_deliver`.
-        """
-        try:
-            await work
-        except Retry as retry:
-            log.info("%s: retry in %.1fs: %s", what, retry.delay_s, retry)
-            await delivery.nack(retry.delay_s)
-            return
-        except Exception as exc:
-            known = isinstance(exc, SandboxerError)
-            retryable = exc.retryable if isinstance(exc, SandboxerError) else True
-            unbounded = known and retry_provider_forever
-            if retryable and (unbounded or delivery.attempt < self.settings.max_deliver):
-                delay = backoff_s(
-                    delivery.attempt,
-                    base_s=self.settings.retry_backoff_s,
-                    cap_s=self.settings.retry_cap_s,
-                )
-                log.warning("%s: attempt %d failed, retry in %.1fs: %s",
-                            what, delivery.attempt, delay, exc)  # fmt: skip
-                await delivery.nack(delay)
-                return
-            await give_up(exc)
-            await delivery.term()
-            return
-        await delivery.ack()
 
     @staticmethod
     def _error_info(exc: Exception) -> ErrorInfo:
