@@ -12,6 +12,7 @@ import logging
 import sys
 import uuid
 from collections.abc import Coroutine
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -22,11 +23,21 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from sandboxer.client import Client
+from sandboxer.credits import Balance, Ledger
 from sandboxer.embedded import EmbeddedNats
 from sandboxer.errors import ManifestError
 from sandboxer.registry import Registry
 from sandboxer.settings import Settings
-from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
+from sandboxer.topology import ensure_topology
+from schemas import (
+    USD_QUANTUM,
+    DestroyRequest,
+    LedgerEntry,
+    ProvisionRequest,
+    SandboxState,
+    SandboxStatus,
+    UsageRecord,
+)
 
 app = typer.Typer(
     name="sandboxer",
@@ -37,6 +48,10 @@ app = typer.Typer(
 )
 schemas_app = typer.Typer(help="The message contract.", no_args_is_help=True)
 app.add_typer(schemas_app, name="schemas")
+credits_app = typer.Typer(help="Prepaid credits of tenants.", no_args_is_help=True)
+app.add_typer(credits_app, name="credits")
+finhub_app = typer.Typer(help="The fin-hub export.", no_args_is_help=True)
+app.add_typer(finhub_app, name="finhub")
 
 T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
@@ -126,6 +141,22 @@ def worker(
 
 
 @app.command()
+def billing(
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run the billing consumer (debits, usage records) and, if $SANDBOXER_FIN_HUB_URL is
+    set, the fin-hub exporter, until SIGTERM."""
+    from consumers.billing import run_billing
+
+    _setup_logging(log_level)
+    settings = Settings.from_env()
+    try:
+        _run_service(run_billing(settings))
+    except (NoServersError, OSError) as exc:
+        _die(f"cannot reach NATS at {settings.nats_url}: {exc}")
+
+
+@app.command()
 def dev(
     port: Annotated[int, typer.Option(help="Port of the embedded NATS server.")] = 4222,
     state_dir: Annotated[Path, typer.Option(help="Where NATS keeps its data.")] = Path(
@@ -135,8 +166,6 @@ def dev(
 ) -> None:
     """Start an embedded nats-server with JetStream and a worker, for local use."""
     from dataclasses import replace
-
-    from consumers.worker import run_worker
 
     _setup_logging(log_level)
     server = EmbeddedNats(state_dir / "nats", port=port)
@@ -153,15 +182,34 @@ def dev(
         f" --wait\n"
         f"  {env}.venv/bin/sandboxer destroy <sandbox_id> --wait\n"
         f"  {env}.venv/bin/sandboxer ls\n"
+        f"  {env}.venv/bin/sandboxer credits balance demo\n"
+        f"  {env}.venv/bin/sandboxer credits ledger demo\n"
         f"Ctrl-C stops the worker and the server.",
         err=True,
     )
     try:
-        _run_service(run_worker(settings))
+        _run_service(_dev_services(settings))
     except ManifestError as exc:
         _die(str(exc))
     finally:
         server.stop()
+
+
+#: What `sandboxer dev` grants the `demo` tenant, once per state folder.
+DEMO_CREDITS = Decimal("10")
+
+
+async def _dev_services(settings: Settings) -> None:
+    """Worker and billing in one process, and credits for the demo tenant."""
+    from consumers.billing import run_billing
+    from consumers.worker import run_worker
+
+    async with Client(settings.nats_url) as client:
+        await ensure_topology(client.js, replicas=settings.replicas)
+        if await Ledger(client.js).grant("demo", DEMO_CREDITS, "dev-welcome", "sandboxer dev"):
+            logging.getLogger("sandboxer.dev").info("granted %s USD to tenant demo", DEMO_CREDITS)
+    stop = asyncio.Event()
+    await asyncio.gather(run_worker(settings, stop), run_billing(settings, stop))
 
 
 # -- talking to it --------------------------------------------------------------------
@@ -325,6 +373,119 @@ def schemas_export(
 
     for path in export_json_schemas(directory):
         typer.echo(str(path))
+
+
+def _amount(raw: str) -> Decimal:
+    try:
+        amount = Decimal(raw)
+    except InvalidOperation:
+        _die(f"not an amount: {raw!r} (use a decimal like 12.50)")
+    if not amount.is_finite() or amount <= 0 or amount != amount.quantize(USD_QUANTUM):
+        _die(f"amount must be positive with at most 6 decimals: {raw}")
+    return amount
+
+
+@credits_app.command("grant")
+def credits_grant(
+    tenant: Annotated[str, typer.Argument(help="Tenant to credit.")],
+    amount: Annotated[str, typer.Argument(help="USD, e.g. 25 or 12.50.")],
+    grant_id: Annotated[
+        str | None, typer.Option(help="Idempotency key (default: a new one).")
+    ] = None,
+    note: Annotated[str, typer.Option(help="Why, for the ledger.")] = "",
+) -> None:
+    """Add prepaid credits. The same --grant-id is applied once, however often sent."""
+    usd = _amount(amount)
+    key = grant_id or uuid.uuid4().hex
+
+    async def go() -> bool:
+        async with Client(Settings.from_env().nats_url) as client:
+            return await Ledger(client.js).grant(tenant, usd, key, note)
+
+    try:
+        applied = _run(go())
+    except ValueError as exc:
+        _die(f"invalid grant: {exc}".replace("\n", " "))
+    typer.echo(f"grant-{key}: {'granted' if applied else 'already granted'} {usd} USD to {tenant}")
+
+
+@credits_app.command("balance")
+def credits_balance(
+    tenant: Annotated[str, typer.Argument(help="Tenant to look up.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Balance, open holds and what is available for new sandboxes."""
+
+    async def go() -> Balance:
+        async with Client(Settings.from_env().nats_url) as client:
+            return await Ledger(client.js).balance(tenant)
+
+    balance = _run(go())
+    figures = {"tenant": tenant, "balance_usd": f"{balance.balance:.6f}",
+               "held_usd": f"{balance.held:.6f}", "available_usd": f"{balance.available:.6f}",
+               "open_holds": len(balance.holds)}  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(figures))
+    else:
+        typer.echo(
+            f"{tenant}  balance {figures['balance_usd']}  held {figures['held_usd']} "
+            f"({len(balance.holds)} open)  available {figures['available_usd']} USD"
+        )
+
+
+@credits_app.command("ledger")
+def credits_ledger(
+    tenant: Annotated[str, typer.Argument(help="Tenant to look up.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """The tenant's journal, newest first."""
+
+    async def go() -> list[LedgerEntry]:
+        async with Client(Settings.from_env().nats_url) as client:
+            return await Ledger(client.js).entries(tenant)
+
+    for entry in reversed(_run(go())):
+        if as_json:
+            typer.echo(entry.model_dump_json())
+        else:
+            sign = {"grant": "+", "debit": "-"}.get(entry.kind, " ")
+            typer.echo(f"{entry.at.isoformat()}  {entry.kind:<7}  {sign}{entry.amount_usd:.6f}"
+                       f"  {entry.entry_id}  {entry.note}".rstrip())  # fmt: skip
+
+
+@finhub_app.command("export")
+def finhub_export(
+    record: Annotated[Path, typer.Option(help="A UsageRecord as JSON.")],
+    url: Annotated[
+        str | None, typer.Option(help="fin-hub endpoint (default: $SANDBOXER_FIN_HUB_URL).")
+    ] = None,
+) -> None:
+    """POST one usage record to fin-hub by hand (Idempotency-Key = record_id)."""
+    from adapters.finhub import FinHubClient, Verdict
+
+    settings = Settings.from_env()
+    target = url or settings.fin_hub_url
+    if not target:
+        _die("no fin-hub URL: set SANDBOXER_FIN_HUB_URL or pass --url")
+    try:
+        usage = UsageRecord.model_validate_json(record.read_bytes())
+    except OSError as exc:
+        _die(f"cannot read {record}: {exc.strerror}")
+    except ValueError as exc:
+        _die(f"{record} is not a UsageRecord: {exc}".replace("\n", " "))
+
+    async def go() -> str:
+        client = FinHubClient(target, token=Settings.fin_hub_token(),
+                              timeout_s=settings.fin_hub_timeout_s)  # fmt: skip
+        try:
+            outcome = await client.post(usage)
+        finally:
+            await client.aclose()
+        if outcome.verdict is not Verdict.DELIVERED:
+            _die(f"{usage.record_id} not delivered ({outcome.verdict.value}): {outcome.detail}")
+        return outcome.detail
+
+    typer.echo(f"{usage.record_id}: delivered ({asyncio.run(go())})")
 
 
 def main() -> None:

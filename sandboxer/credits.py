@@ -71,8 +71,6 @@ class Balance:
             self.holds.pop(entry.sandbox_id, None)
         elif entry.kind == "debit":
             self.balance -= entry.amount_usd
-            if entry.sandbox_id is not None:  # a debit settles the sandbox's hold
-                self.holds.pop(entry.sandbox_id, None)
 
 
 # Builds the entry to append from the current balance, returns None to skip it, or
@@ -131,8 +129,8 @@ class Ledger:
         return await self._append(tenant, decide)
 
     async def release(self, tenant: str, sandbox_id: str) -> bool:
-        """Drop a sandbox's open hold (it failed before it could be billed); False if
-        there is none."""
+        """Drop a sandbox's open hold (it was billed, or failed before it could be);
+        False if there is none."""
 
         def decide(balance: Balance) -> LedgerEntry | None:
             held = balance.holds.get(sandbox_id)
@@ -143,10 +141,19 @@ class Ledger:
         return await self._append(tenant, decide)
 
     async def debit(self, tenant: str, sandbox_id: str, amount: Decimal) -> bool:
-        """Charge a sandbox's actual cost and settle its hold; False if it was
-        charged before (whenever that was)."""
+        """Charge a sandbox's actual cost; False if it was charged before (whenever
+        that was)."""
         entry = _entry("debit", tenant, amount, f"debit-{sandbox_id}", sandbox_id)
         return await self._append(tenant, lambda balance: entry)
+
+    async def settle(self, tenant: str, sandbox_id: str, amount: Decimal) -> bool:
+        """Debit a finished sandbox, then release its hold; True if this call debited.
+
+        Debit first: between the two entries the cost is counted twice (debited and
+        still held), which can only refuse a hold, never let one overspend."""
+        debited = await self.debit(tenant, sandbox_id, amount)
+        await self.release(tenant, sandbox_id)
+        return debited
 
     async def balance(self, tenant: str) -> Balance:
         """The tenant's balance, read up to the latest entry."""

@@ -45,8 +45,18 @@ class Settings:
     retry_cap_s: float = 60.0
     #: Seconds a stopping worker gives in-flight handlers before it exits anyway.
     drain_timeout_s: float = 60.0
+    #: fin-hub's usage endpoint; None disables the export (records stay on the stream).
+    fin_hub_url: str | None = None
+    #: Seconds one POST to fin-hub may take before it counts as failed (and is retried).
+    fin_hub_timeout_s: float = 10.0
     #: JetStream replicas of every stream and bucket (3 on a cluster).
     replicas: int = 1
+
+    @staticmethod
+    def fin_hub_token() -> str | None:
+        """The bearer token for fin-hub, read when needed and never kept in settings
+        (which get logged)."""
+        return os.environ.get("SANDBOXER_FIN_HUB_TOKEN") or None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -63,5 +73,7 @@ class Settings:
             retry_backoff_s=_env_float("SANDBOXER_RETRY_BACKOFF_S", cls.retry_backoff_s),
             retry_cap_s=_env_float("SANDBOXER_RETRY_CAP_S", cls.retry_cap_s),
             drain_timeout_s=_env_float("SANDBOXER_DRAIN_TIMEOUT_S", cls.drain_timeout_s),
+            fin_hub_url=os.environ.get("SANDBOXER_FIN_HUB_URL") or None,
+            fin_hub_timeout_s=_env_float("SANDBOXER_FIN_HUB_TIMEOUT_S", cls.fin_hub_timeout_s),
             replicas=_env_int("SANDBOXER_REPLICAS", cls.replicas),
         )
