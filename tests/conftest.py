@@ -9,16 +9,18 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
 
+from consumers.billing import run_billing
 from consumers.worker import run_worker
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
@@ -75,17 +77,21 @@ async def js(nc: Nats) -> JetStreamContext:
     return context
 
 
-class WorkerHandle:
-    """An in-process worker task that a test can start and stop."""
+Service = Callable[[Settings, asyncio.Event, asyncio.Event], Coroutine[Any, Any, None]]
 
-    def __init__(self, settings: Settings) -> None:
+
+class WorkerHandle:
+    """An in-process service (a worker, by default) that a test can start and stop."""
+
+    def __init__(self, settings: Settings, run: Service = run_worker) -> None:
         self.settings = settings
+        self._run = run
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         ready = asyncio.Event()
-        self._task = asyncio.create_task(run_worker(self.settings, self._stop, ready))
+        self._task = asyncio.create_task(self._run(self.settings, self._stop, ready))
         waiter = asyncio.create_task(ready.wait())
         await asyncio.wait({self._task, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
         if self._task.done():
@@ -117,6 +123,22 @@ async def start_worker(
 
 
 @pytest.fixture
+async def start_billing(settings: Settings) -> AsyncIterator[Callable[..., object]]:
+    """Start the billing app in-process; keyword arguments change its settings."""
+    handles: list[WorkerHandle] = []
+
+    async def start(**changes: object) -> WorkerHandle:
+        handle = WorkerHandle(replace(settings, **changes), run_billing)  # type: ignore[arg-type]
+        await handle.start()
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        await handle.stop()
+
+
+@pytest.fixture
 async def worker(start_worker: Callable[..., object]) -> WorkerHandle:
     return await start_worker()  # type: ignore[misc, no-any-return]
 
@@ -134,7 +156,7 @@ def spawn_worker(
     """Start `sandboxer worker` as a child process (for kill tests)."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(**env: str) -> subprocess.Popen[bytes]:
+    def spawn(*command: str, **env: str) -> subprocess.Popen[bytes]:
         environment = {
             **os.environ,
             "SANDBOXER_NATS_URL": settings.nats_url,
@@ -147,7 +169,10 @@ def spawn_worker(
         }
         log = open(tmp_path / f"worker-{len(procs)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sandboxer", "worker"], env=environment, stdout=log, stderr=log
+            [sys.executable, "-m", "sandboxer", *(command or ("worker",))],
+            env=environment,
+            stdout=log,
+            stderr=log,
         )
         procs.append(proc)
         return proc
@@ -157,3 +182,15 @@ def spawn_worker(
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+@pytest.fixture
+def spawn_billing(
+    spawn_worker: Callable[..., subprocess.Popen[bytes]],
+) -> Callable[..., subprocess.Popen[bytes]]:
+    """Start `sandboxer billing` as a child process."""
+
+    def spawn(**env: str) -> subprocess.Popen[bytes]:
+        return spawn_worker("billing", **env)
+
+    return spawn

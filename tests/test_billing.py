@@ -1,0 +1,207 @@
+"""Billing: one debit and one usage record per sandbox, and a fin-hub export that never
+loses or doubles a record, over real NATS and a real HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from nats.js import JetStreamContext
+
+from sandboxer.client import Client
+from sandboxer.credits import Ledger
+from sandboxer.settings import Settings
+from schemas import DestroyRequest, ProvisionRequest, SandboxState
+from tests.fake_finhub import FakeFinHub, Script
+from tests.helpers import stream_messages
+
+Start = Callable[..., Any]
+
+
+def stopped_event(n: int, tenant: str = "acme", usd: str = "0.000123") -> bytes:
+    sandbox_id = f"sbx-{n:024x}"
+    started = datetime(2026, 1, 1, tzinfo=UTC)
+    return json.dumps(
+        {
+            "event_id": f"{sandbox_id}.stopped", "kind": "stopped",
+            "extension_id": "ext.saas-stub", "sandbox_id": sandbox_id, "tenant": tenant,
+            "profile": "profile.burst-sandbox", "provider_sandbox_id": f"stub-{n}",
+            "started_at": started.isoformat(),
+            "stopped_at": (started + timedelta(seconds=12.3)).isoformat(),
+            "duration_s": "12.300", "estimate_usd": "0.009000", "actual_usd": usd,
+            "usd_per_second": "0.000010",
+        }
+    ).encode()  # fmt: skip
+
+
+async def until(check: Callable[[], Any], timeout_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def usage_records(js: JetStreamContext) -> list[dict[str, Any]]:
+    return [body for _, body in await stream_messages(js, "BILLING", "billing.usage")]
+
+
+async def debits(js: JetStreamContext, tenant: str = "acme") -> list[Decimal]:
+    return [e.amount_usd for e in await Ledger(js).entries(tenant) if e.kind == "debit"]
+
+
+@pytest.fixture
+def fin_hub() -> Iterator[FakeFinHub]:
+    with FakeFinHub() as hub:
+        yield hub
+
+
+async def test_stopped_event_delivered_five_times_and_replayed_bills_once(
+    start_billing: Start, js: JetStreamContext, fin_hub: FakeFinHub
+) -> None:
+    billing = await start_billing(fin_hub_url=fin_hub.url)
+    for _ in range(5):  # five copies on the stream: no Nats-Msg-Id to hide behind
+        await js.publish("sandbox.meter.ext.saas-stub", stopped_event(1))
+
+    async def exported() -> bool:
+        return len(fin_hub.accepted) == 1
+
+    await until(exported)
+    # A replay from the stream start by a fresh consumer, after a restart.
+    await billing.stop()
+    await js.delete_consumer("SANDBOX_METER", "billing-meter")
+    await js.delete_consumer("BILLING", "finhub-export")
+    await start_billing(fin_hub_url=fin_hub.url)
+    await asyncio.sleep(1.0)
+    await until(lambda: _drained(js, "SANDBOX_METER", "billing-meter"))
+    await until(lambda: _drained(js, "BILLING", "finhub-export"))
+
+    assert await debits(js) == [Decimal("0.000123")]
+    assert len(await usage_records(js)) == 1
+    assert fin_hub.posts == 1  # not one accepted among duplicates: one POST, period
+    record = fin_hub.accepted[f"usage-sbx-{1:024x}"]
+    assert record["actual_usd"] == "0.000123" and record["tenant"] == "acme"
+
+
+async def _drained(js: JetStreamContext, stream: str, durable: str) -> bool:
+    info = await js.consumer_info(stream, durable)
+    return (info.num_pending or 0) == 0 and (info.num_ack_pending or 0) == 0
+
+
+async def test_fin_hub_outage_and_hang_lose_nothing_and_ack_nothing_early(
+    start_billing: Start, js: JetStreamContext
+) -> None:
+    with FakeFinHub(Script(fail=4, hang=2, hang_s=3.0)) as hub:
+        await start_billing(fin_hub_url=hub.url, fin_hub_timeout_s=0.5)
+        for n in range(3):
+            await js.publish("sandbox.meter.ext.saas-stub", stopped_event(n, usd=f"0.00010{n}"))
+
+        async def failing_phase_over() -> bool:
+            return hub.script.fail == 0 and hub.script.hang == 0
+
+        await until(failing_phase_over)
+        if not hub.accepted:  # nothing arrived yet, so nothing may have been acked
+            info = await js.consumer_info("BILLING", "finhub-export")
+            assert info.ack_floor.consumer_seq == 0
+
+        async def all_arrived() -> bool:
+            return len(hub.accepted) == 3
+
+        await until(all_arrived, timeout_s=30)
+        await until(lambda: _drained(js, "BILLING", "finhub-export"))
+        assert set(hub.accepted_count.values()) == {1}  # exactly once per record_id
+        assert hub.posts >= 3 + 4 + 2
+        assert hub.total_usd() == sum(await debits(js), Decimal(0)) == Decimal("0.000303")
+
+
+async def test_rejected_record_goes_to_the_dead_letter_subject(
+    start_billing: Start, js: JetStreamContext
+) -> None:
+    rejected = f"usage-sbx-{7:024x}"
+    with FakeFinHub(Script(reject={rejected})) as hub:
+        await start_billing(fin_hub_url=hub.url)
+        await js.publish("sandbox.meter.ext.saas-stub", stopped_event(7))
+        await js.publish("sandbox.meter.ext.saas-stub", stopped_event(8))
+
+        async def settled() -> bool:
+            return len(hub.accepted) == 1 and await _drained(js, "BILLING", "finhub-export")
+
+        await until(settled)
+        dead = await stream_messages(js, "BILLING", "billing.dlq.>")
+        assert [subject for subject, _ in dead] == ["billing.dlq.finhub"]
+        assert dead[0][1]["status"] == 422 and dead[0][1]["record"]["record_id"] == rejected
+        assert hub.posts == 2  # the rejected one was not retried
+
+
+async def test_export_disabled_keeps_records_on_the_stream(
+    start_billing: Start, js: JetStreamContext
+) -> None:
+    await start_billing(fin_hub_url=None)
+    await js.publish("sandbox.meter.ext.saas-stub", stopped_event(3))
+
+    async def recorded() -> bool:
+        return len(await usage_records(js)) == 1
+
+    await until(recorded)
+    assert "finhub-export" not in {c.name for c in await js.consumers_info("BILLING")}
+
+
+async def test_billing_killed_between_debit_and_usage_record(
+    settings: Settings, js: JetStreamContext, spawn_billing: Callable[..., Any]
+) -> None:
+    crashing = spawn_billing(SANDBOXER_FAULT_INJECT="kill-after-debit")
+    await asyncio.sleep(1.0)
+    await js.publish("sandbox.meter.ext.saas-stub", stopped_event(5))
+    assert await asyncio.to_thread(crashing.wait, 30) == -signal.SIGKILL
+    assert await debits(js) == [Decimal("0.000123")]
+    assert await usage_records(js) == []
+
+    spawn_billing()
+
+    async def recorded() -> bool:
+        return len(await usage_records(js)) == 1
+
+    await until(recorded, timeout_s=30)
+    await until(lambda: _drained(js, "SANDBOX_METER", "billing-meter"), timeout_s=30)
+    assert await debits(js) == [Decimal("0.000123")]
+    assert len(await usage_records(js)) == 1
+
+
+async def test_money_adds_up_from_provision_to_fin_hub(
+    worker: Any, start_billing: Start, settings: Settings, js: JetStreamContext,
+    fin_hub: FakeFinHub,
+) -> None:  # fmt: skip
+    await start_billing(fin_hub_url=fin_hub.url)
+    before = await Ledger(js).balance("acme")
+    requests = [
+        ProvisionRequest(request_id=f"m{i}", tenant="acme", profile="profile.burst-sandbox")
+        for i in range(20)
+    ]
+    async with Client(settings.nats_url) as client:
+        ready = await asyncio.gather(*(client.provision(r, wait_s=20) for r in requests))
+        await asyncio.sleep(1.0)  # so that every sandbox costs something
+        destroys = [
+            DestroyRequest(request_id=f"d-{s.sandbox_id}", tenant="acme", sandbox_id=s.sandbox_id)
+            for s in ready
+            if s is not None
+        ]
+        await asyncio.gather(*(client.destroy(d, wait_s=20) for d in destroys))
+
+    async def all_exported() -> bool:
+        return len(fin_hub.accepted) == 20
+
+    await until(all_exported, timeout_s=30)
+    debited = sum(await debits(js), Decimal(0))
+    recorded = sum((Decimal(r["actual_usd"]) for r in await usage_records(js)), Decimal(0))
+    assert debited == recorded == fin_hub.total_usd() > 0
+    after = await Ledger(js).balance("acme")
+    assert after.holds == {}  # every hold released
+    assert before.balance - after.balance == debited
+    statuses = [s for s in ready if s is not None and s.state is SandboxState.READY]
+    assert len(statuses) == 20
