@@ -202,8 +202,9 @@ class SaasStubAdapter:
     async def find(
         self, tags: Mapping[str, str], credentials: Credentials
     ) -> list[ProviderSandbox]:
+        await self._kv()
         found = []
-        async for _key, value in kv_entries(await self._kv(), "sbx.>"):
+        async for _key, value in kv_entries(self._js, STUB_BUCKET, "sbx.>"):
             record = _Record.model_validate_json(value)
             if record.terminated_at is None and tags.items() <= record.tags.items():
                 found.append(self._sandbox(record))
@@ -211,8 +212,9 @@ class SaasStubAdapter:
 
     async def count(self) -> tuple[int, int]:
         """(sandboxes ever created, still running): what tests and benchmarks check."""
+        await self._kv()
         created = running = 0
-        async for _key, value in kv_entries(await self._kv(), "sbx.>"):
+        async for _key, value in kv_entries(self._js, STUB_BUCKET, "sbx.>"):
             created += 1
             running += _Record.model_validate_json(value).terminated_at is None
         return created, running

@@ -61,5 +61,5 @@ class StatusStore:
 
     async def all(self) -> AsyncIterator[SandboxStatus]:
         """Every stored status, in bucket order."""
-        async for _key, value in kv_entries(self._kv):
+        async for _key, value in kv_entries(self._js, STATUS_BUCKET):
             yield SandboxStatus.model_validate_json(value)

@@ -159,29 +159,43 @@ async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValu
         return await js.create_key_value(config)
 
 
-async def kv_entries(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str, bytes]]:
-    """Every live (key, value) of a bucket matching `keys`, read in one ordered pass."""
-    watcher = await kv.watch(keys, ignore_deletes=True)
-    try:
-        async for entry in watcher:
-            if entry is None:  # the watcher's marker: initial values all delivered
-                break
-            if entry.value is not None:
-                yield entry.key, entry.value
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+async def kv_entries(
+    js: JetStreamContext, bucket: str, keys: str = ">"
+) -> AsyncIterator[tuple[str, bytes]]:
+    """Every live (key, value) of a bucket matching `keys`, read in one pass.
+
+    Not `KeyValue.watch`/`keys()` of nats-py: their end-of-initial-values marker races
+    with the push consumer under load and can end the listing early (or empty)."""
+    prefix = f"$KV.{bucket}."
+    async for _, subject, data, headers in _read(
+        js, f"KV_{bucket}", f"{prefix}{keys}", last_per_subject=True
+    ):
+        if headers and headers.get("KV-Operation") in ("DEL", "PURGE"):
+            continue
+        yield subject[len(prefix) :], data
 
 
 async def read_subject(
     js: JetStreamContext, stream: str, subject: str
 ) -> AsyncIterator[tuple[int, str, bytes]]:
     """Every stored (sequence, subject, data) of `stream` matching `subject`, oldest
-    first, read with a short-lived consumer; returns at once when there is none."""
+    first, read with a short-lived pull consumer; returns at once when there is none."""
+    async for seq, subj, data, _ in _read(js, stream, subject):
+        yield seq, subj, data
+
+
+async def _read(
+    js: JetStreamContext, stream: str, subject: str, *, last_per_subject: bool = False
+) -> AsyncIterator[tuple[int, str, bytes, dict[str, str] | None]]:
+    # A pull consumer delivers nothing before it is asked, so the pending count read
+    # first is exact: no end-of-data guessing.
     sub = await js.pull_subscribe(
         subject,
         stream=stream,
         config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=(
+                DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
+            ),
             ack_policy=AckPolicy.NONE,  # a read, not a delivery to account for
             inactive_threshold=10.0,
         ),
@@ -191,7 +205,12 @@ async def read_subject(
         while remaining > 0:
             batch = await sub.fetch(min(256, remaining), timeout=5.0)
             for message in batch:
-                yield message.metadata.sequence.stream, message.subject, message.data
+                yield (
+                    message.metadata.sequence.stream,
+                    message.subject,
+                    message.data,
+                    (message.headers),
+                )
             remaining -= len(batch)
     finally:
         await sub.unsubscribe()

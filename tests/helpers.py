@@ -10,7 +10,7 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from sandboxer.client import Client
-from sandboxer.topology import read_subject
+from sandboxer.topology import kv_entries, read_subject
 from schemas import SandboxState, SandboxStatus
 
 
@@ -68,3 +68,8 @@ async def deliveries(js: JetStreamContext, durable: str) -> int:
     """How many times the consumer has delivered anything, redeliveries included."""
     info = await js.consumer_info("SANDBOX_REQUESTS", durable)
     return info.delivered.consumer_seq or 0
+
+
+async def stub_sandboxes(js: JetStreamContext) -> list[dict[str, Any]]:
+    """Every sandbox the stub cloud ever made (running or not), as stored."""
+    return [json.loads(value) async for _, value in kv_entries(js, "sandboxer-stub", "sbx.>")]

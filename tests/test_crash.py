@@ -13,7 +13,7 @@ from sandboxer.client import Client
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings
 from schemas import ProvisionRequest, SandboxState
-from tests.helpers import meter_events, wait_for_state
+from tests.helpers import meter_events, stub_sandboxes, wait_for_state
 
 Spawn = Callable[..., subprocess.Popen[bytes]]
 
@@ -53,8 +53,7 @@ async def test_sigkilled_worker_mid_provision_completes_after_restart(
         for sandbox_id in ids:
             await wait_for_state(client, sandbox_id, SandboxState.READY, timeout_s=30)
 
-    stub = await js.key_value("sandboxer-stub")
-    assert len([k for k in await stub.keys() if k.startswith("sbx.")]) == 20
+    assert len(await stub_sandboxes(js)) == 20
     started = [e for e in await meter_events(js) if e["kind"] == "started"]
     assert sorted(e["sandbox_id"] for e in started) == sorted(ids)
 

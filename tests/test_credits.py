@@ -13,7 +13,7 @@ from sandboxer.credits import Balance, InsufficientCredits, Ledger
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings
 from schemas import ErrorCode, ProvisionRequest, SandboxState
-from tests.helpers import wait_for_status
+from tests.helpers import stub_sandboxes, wait_for_status
 
 
 def sandbox(i: int) -> str:
@@ -121,8 +121,7 @@ async def test_200_concurrent_provisions_against_credits_for_20(
     refused = [s for s in statuses if s.state is SandboxState.FAILED]
     assert len(ready) == 20 and len(refused) == 180
     assert {s.error.code for s in refused if s.error} == {ErrorCode.INSUFFICIENT_CREDITS}
-    stub = await js.key_value("sandboxer-stub")
-    assert len([k for k in await stub.keys() if k.startswith("sbx.")]) == 20
+    assert len(await stub_sandboxes(js)) == 20
 
     # Replaying the journal entry by entry, the balance never went below zero.
     running = Balance()

@@ -15,7 +15,7 @@ from sandboxer.client import Client
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings, default_extensions_dir
 from schemas import DestroyRequest, ErrorCode, ProvisionRequest, SandboxState
-from tests.helpers import meter_events, wait_for_state, wait_until_drained
+from tests.helpers import meter_events, stub_sandboxes, wait_for_state, wait_until_drained
 
 
 def provision_request(request_id: str = "r1", **fields: object) -> ProvisionRequest:
@@ -60,9 +60,7 @@ async def test_replayed_provision_creates_one_sandbox(client: Client, js: JetStr
     await wait_for_state(client, sandbox_id, SandboxState.READY)
     await wait_until_drained(js, "provisioner-provision")
 
-    stub = await js.key_value("sandboxer-stub")
-    sandboxes = [k for k in await stub.keys() if k.startswith("sbx.")]
-    assert len(sandboxes) == 1
+    assert len(await stub_sandboxes(js)) == 1
     assert [e["kind"] for e in await meter_events(js, sandbox_id)] == ["started"]
 
 
@@ -162,7 +160,5 @@ async def test_sandbox_that_never_gets_ready_is_torn_down(
         )
     assert failed is not None and failed.error is not None
     assert failed.error.code is ErrorCode.PROVIDER_REJECTED
-    bucket = await js.key_value("sandboxer-stub")
-    records = [json.loads((await bucket.get(k)).value) for k in await bucket.keys()
-               if k.startswith("sbx.")]  # fmt: skip
+    records = await stub_sandboxes(js)
     assert len(records) == 1 and records[0]["terminated_at"] is not None

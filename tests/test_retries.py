@@ -13,7 +13,13 @@ from sandboxer.client import Client
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings
 from schemas import ErrorCode, ProvisionRequest, SandboxState
-from tests.helpers import deliveries, meter_events, wait_for_state, wait_until_drained
+from tests.helpers import (
+    deliveries,
+    meter_events,
+    stub_sandboxes,
+    wait_for_state,
+    wait_until_drained,
+)
 
 StubWorker = Callable[..., Awaitable[object]]
 
@@ -81,8 +87,7 @@ async def test_lost_create_response_is_retried_without_a_second_sandbox(
             await client.provision(request(f"lossy-{i}"))
         for i in range(10):
             await wait_for_state(client, sandbox_id_for("acme", f"lossy-{i}"), SandboxState.READY)
-    stub = await js.key_value("sandboxer-stub")
-    assert len([k for k in await stub.keys() if k.startswith("sbx.")]) == 10
+    assert len(await stub_sandboxes(js)) == 10
 
 
 async def test_slow_provider_calls_run_concurrently(
