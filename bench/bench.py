@@ -22,27 +22,33 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
+from consumers.app import _message_itself
+from sandboxer.credits import Ledger
 from sandboxer.embedded import EmbeddedNats
 from sandboxer.ids import sandbox_id_for
+from sandboxer.topology import BILLING_CONSUMER, METER_STREAM, ensure_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = "profile.burst-sandbox"
 
 
 @contextmanager
-def worker_process(url: str, log: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A `sandboxer worker` child process, stopped with SIGTERM afterwards."""
+def worker_process(
+    url: str, log: Path, command: str = "worker", **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A `sandboxer worker` (or `billing`) child process, stopped with SIGTERM afterwards."""
     environment = {**os.environ, "SANDBOXER_NATS_URL": url, "SANDBOXER_DEPLOYMENT": "bench", **env}
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sandboxer", "worker", "--log-level", "WARNING"],
+            [sys.executable, "-m", "sandboxer", command, "--log-level", "WARNING"],
             env=environment, stdout=out, stderr=out,
         )  # fmt: skip
     try:
@@ -149,8 +155,6 @@ async def bench_faststream(url: str, n: int) -> float:
     from faststream import AckPolicy as HandlerAckPolicy
     from faststream.nats import JStream, NatsBroker, PullSub
 
-    from consumers.app import _message_itself
-
     nc = await nats.connect(url)
     js = nc.jetstream()
     await preload_stream(js, "BENCH_FS", "bench.fs", n)
@@ -178,6 +182,93 @@ async def bench_faststream(url: str, n: int) -> float:
     await broker.stop()
     await nc.close()
     return n / elapsed
+
+
+BENCH_TENANTS = ("warmup", "pipe", "slow", "lat", "mem", "hot")
+
+
+async def fund(url: str) -> None:
+    """Credits for every tenant the benchmark provisions for."""
+    nc = await nats.connect(url)
+    js = nc.jetstream(timeout=30)
+    await ensure_topology(js)
+    ledger = Ledger(js)
+    for tenant in BENCH_TENANTS:
+        await ledger.grant(tenant, Decimal(1_000_000), "bench")
+    await nc.close()
+
+
+def stopped_event(tenant: str, n: int) -> bytes:
+    sandbox_id = f"sbx-{n:024x}"
+    return json.dumps(
+        {
+            "event_id": f"{sandbox_id}.stopped", "kind": "stopped",
+            "extension_id": "ext.saas-stub", "sandbox_id": sandbox_id, "tenant": tenant,
+            "profile": PROFILE, "provider_sandbox_id": f"stub-{n}",
+            "started_at": "2026-01-01T00:00:00Z", "stopped_at": "2026-01-01T00:01:00Z",
+            "duration_s": "60.000", "estimate_usd": "0.009000", "actual_usd": "0.000600",
+            "usd_per_second": "0.000010",
+        }
+    ).encode()  # fmt: skip
+
+
+async def bench_debits(url: str, log: Path, n: int, workers: int) -> tuple[float, bool]:
+    """(f) `stopped` events billed per second for one hot tenant by `workers` billing
+    processes sharing the durable consumer; and whether the balance is exact after."""
+    nc = await nats.connect(url)
+    js = nc.jetstream(timeout=30)
+    ledger = Ledger(js)
+    before = await ledger.balance("hot")
+    with ExitStack() as stack:
+        for _ in range(workers):
+            stack.enter_context(worker_process(url, log, "billing"))
+        # Warm-up: one event per process start-up, billed before the clock starts.
+        await js.publish("sandbox.meter.ext.saas-stub", stopped_event("hot", 10**12))
+        while not await _billing_drained(js):  # noqa: ASYNC110 - polling the server
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.0)  # the slower processes finish starting
+        began = time.perf_counter()
+        for start in range(0, n, 500):
+            await asyncio.gather(
+                *(js.publish("sandbox.meter.ext.saas-stub", stopped_event("hot", i))
+                  for i in range(start, min(n, start + 500)))
+            )  # fmt: skip
+        while not await _billing_drained(js):  # noqa: ASYNC110 - polling the server
+            await asyncio.sleep(0.02)
+        elapsed = time.perf_counter() - began
+    after = await ledger.balance("hot")
+    await nc.close()
+    billed = n + 1  # with the warm-up event
+    exact = before.balance - after.balance == Decimal("0.000600") * billed and not after.holds
+    return n / elapsed, exact
+
+
+async def _billing_drained(js: Any) -> bool:
+    try:
+        info = await js.consumer_info(METER_STREAM, BILLING_CONSUMER)
+    except Exception:  # not created yet by the first billing process
+        return False
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def bench_holds(url: str, n: int, concurrency: int) -> list[float]:
+    """(g) latency of placing `n` holds on one tenant, `concurrency` at a time."""
+    nc = await nats.connect(url)
+    js = nc.jetstream(timeout=30)
+    ledger = Ledger(js)
+    await ledger.balance("hot")  # warm the cache, as a running worker has it
+    latencies: list[float] = []
+    slots = asyncio.Semaphore(concurrency)
+
+    async def hold(i: int) -> None:
+        async with slots:
+            began = time.perf_counter()
+            await ledger.hold("hot", f"sbx-{10**9 + i:024x}", Decimal("0.009"))
+            latencies.append(time.perf_counter() - began)
+
+    await asyncio.gather(*(hold(i) for i in range(n)))
+    await nc.close()
+    return latencies
 
 
 async def run_provisions(
@@ -258,6 +349,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         log = Path(tmp) / "workers.log"
         with EmbeddedNats(Path(tmp) / "nats") as server:
             url = server.url
+            await fund(url)
             raw = await bench_raw(url, args.raw_messages)
             results["a_raw_pull_ack_msgs_per_s"] = round(raw)
             print(f"(a) raw pull consume+ack: {raw:,.0f} msg/s", flush=True)
@@ -294,8 +386,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             results["d_p50_ms"] = round(p50, 2)
             results["d_p99_ms"] = round(p99, 2)
             print(f"(d) latency at {rate:,.0f}/s: p50 {p50:.2f} ms, p99 {p99:.2f} ms", flush=True)
+            rate, exact = await bench_debits(url, log, args.debits, workers=8)
+            results["f_debits_per_s_one_tenant_8_workers"] = round(rate)
+            results["f_balance_exact"] = exact
+            print(f"(f) debits, one tenant, 8 billing processes: {rate:,.0f}/s, "
+                  f"balance exact: {exact}", flush=True)  # fmt: skip
+
+            holds = await bench_holds(url, 2000, concurrency=16)
+            results["g_hold_p50_ms"] = round(percentile(holds, 0.5) * 1000, 2)
+            results["g_hold_p99_ms"] = round(percentile(holds, 0.99) * 1000, 2)
+            print(f"(g) hold placement, one tenant, 16 at once: "
+                  f"p50 {results['g_hold_p50_ms']} ms, p99 {results['g_hold_p99_ms']} ms",
+                  flush=True)  # fmt: skip
         # (e) runs on a fresh server with a long latency: all sandboxes in flight at once.
         with EmbeddedNats(Path(tmp) / "nats-e") as server:
+            await fund(server.url)
             rss = await bench_rss(server.url, log, args.rss_sandboxes)
             results["e_peak_rss_mib"] = round(rss, 1)
             results["e_in_flight"] = args.rss_sandboxes
@@ -337,6 +442,8 @@ TARGETS = [
     ("c_concurrency_efficiency", ">=", 0.9, "(c) >= 0.9"),
     ("d_p99_ms", "<=", 5.0, "(d) p99 <= 5 ms"),
     ("e_peak_rss_mib", "<=", 150.0, "(e) <= 150 MiB"),
+    ("f_debits_per_s_one_tenant_8_workers", ">=", 1000, "(f) >= 1,000 debits/s"),
+    ("f_balance_exact", "==", True, "(f) no lost updates"),
 ]
 
 
@@ -344,7 +451,7 @@ def report(results: dict[str, Any]) -> None:
     print("\n| target | measured | met |\n|---|---|---|")
     for key, op, bound, label in TARGETS:
         value = results[key]
-        met = value >= bound if op == ">=" else value <= bound
+        met = {">=": value >= bound, "<=": value <= bound, "==": value == bound}[op]
         print(f"| {label} | {value} | {'yes' if met else 'NO'} |")
 
 
@@ -354,6 +461,7 @@ if __name__ == "__main__":
     parser.add_argument("--pipeline-messages", type=int, default=10_000)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--rss-sandboxes", type=int, default=10_000)
+    parser.add_argument("--debits", type=int, default=5_000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     arguments = parser.parse_args()
     figures = asyncio.run(main(arguments))

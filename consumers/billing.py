@@ -143,8 +143,9 @@ class Billing:
             stopped_at=event.stopped_at,
         )
         marker = f"usage.{record.record_id}"
-        if await _marked(self.markers, marker):
-            return  # published long ago: this is a replay
+        # Only a delivery that did not write the debit itself can be a replay.
+        if not debited and await _marked(self.markers, marker):
+            return  # published before: nothing to do
         await self.js.publish(
             USAGE_SUBJECT,
             record.model_dump_json().encode(),
