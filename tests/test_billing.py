@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +20,7 @@ from nats.js import JetStreamContext
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
 from sandboxer.settings import Settings
-from schemas import DestroyRequest, ProvisionRequest, SandboxState
+from schemas import DestroyRequest, ProvisionRequest, SandboxState, UsageRecord
 from tests.fake_finhub import FakeFinHub, Script
 from tests.helpers import stream_messages
 
@@ -205,3 +208,33 @@ async def test_money_adds_up_from_provision_to_fin_hub(
     assert before.balance - after.balance == debited
     statuses = [s for s in ready if s is not None and s.state is SandboxState.READY]
     assert len(statuses) == 20
+
+
+async def test_finhub_export_by_hand(tmp_path: Path, fin_hub: FakeFinHub) -> None:
+    record = UsageRecord(
+        record_id="usage-sbx-" + "a" * 24, sandbox_id="sbx-" + "a" * 24,
+        extension_id="ext.saas-stub", tenant="acme", duration_s=Decimal("60"),
+        actual_usd=Decimal("0.0006"), started_at=datetime(2026, 1, 1, tzinfo=UTC),
+        stopped_at=datetime(2026, 1, 1, 0, 1, tzinfo=UTC),
+    )  # fmt: skip
+    path = tmp_path / "record.json"
+    path.write_text(record.model_dump_json())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandboxer", "finhub", "export", "--record", str(path),
+        "--url", fin_hub.url,
+        env={**os.environ, "SANDBOXER_FIN_HUB_TOKEN": "s3cret-token"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    assert b"delivered" in out and b"s3cret" not in out + err
+    assert fin_hub.accepted[record.record_id]["actual_usd"] == "0.000600"
+    assert fin_hub.authorizations == ["Bearer s3cret-token"]
+
+    fin_hub.script.reject.add(record.record_id)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandboxer", "finhub", "export", "--record", str(path),
+        "--url", fin_hub.url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    assert proc.returncode == 1 and b"rejected" in err and b"422" in err
