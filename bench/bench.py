@@ -184,7 +184,19 @@ async def bench_faststream(url: str, n: int) -> float:
     return n / elapsed
 
 
-BENCH_TENANTS = ("warmup", "pipe", "slow", "lat", "mem", "hot")
+#: Provisions are spread over this many tenants, as on a platform: holds of one tenant
+#: are serialized (that is how no tenant can overspend), so (b1) measures one hot tenant.
+TENANT_SPREAD = 64
+SPREAD_PREFIXES = ("pipe", "slow", "lat", "mem")
+BENCH_TENANTS = (
+    "warmup", "hot", "pipehot",
+    *(f"{prefix}{i}" for prefix in SPREAD_PREFIXES for i in range(TENANT_SPREAD)),
+)  # fmt: skip
+
+
+def spread(prefix: str, i: int, tenants: int = TENANT_SPREAD) -> str:
+    """The tenant of request `i`: round-robin over `tenants` tenants."""
+    return prefix if tenants == 1 else f"{prefix}{i % tenants}"
 
 
 async def fund(url: str) -> None:
@@ -272,14 +284,14 @@ async def bench_holds(url: str, n: int, concurrency: int) -> list[float]:
 
 
 async def run_provisions(
-    url: str, log: Path, n: int, tenant: str, **env: str
+    url: str, log: Path, n: int, tenant: str, tenants: int = TENANT_SPREAD, **env: str
 ) -> tuple[float, ReadyCounter, float]:
     """Provision `n` sandboxes with one worker; (elapsed s, counter, worker peak RSS)."""
     nc = await nats.connect(url)
     js = nc.jetstream(timeout=30)
     counter = ReadyCounter()
     counter.target = n
-    payloads = [payload(tenant, f"{tenant}-{i}") for i in range(n)]
+    payloads = [payload(spread(tenant, i, tenants), f"{tenant}-{i}") for i in range(n)]
     with worker_process(url, log, **env) as proc:
         await wait_consumers(js)
         sub = await nc.subscribe("sandbox.status.*", cb=counter.on_status)
@@ -325,8 +337,9 @@ async def bench_latency(url: str, log: Path, rate: float, seconds: float) -> lis
             if delay > 0:
                 await asyncio.sleep(delay)
             request_id = f"lat-{i}"
-            sent[sandbox_id_for("lat", request_id)] = time.perf_counter()
-            task = asyncio.create_task(js.publish("sandbox.provision", payload("lat", request_id)))
+            tenant = spread("lat", i)
+            sent[sandbox_id_for(tenant, request_id)] = time.perf_counter()
+            task = asyncio.create_task(js.publish("sandbox.provision", payload(tenant, request_id)))
             pending.add(task)
             task.add_done_callback(pending.discard)
         await asyncio.wait_for(done.wait(), timeout=120)
@@ -365,8 +378,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             results["b_pipeline_provisions_per_s"] = round(pipeline)
             results["b_over_a"] = round(pipeline / raw, 3)
             results["b_over_a2"] = round(pipeline / ceiling, 3)
-            print(f"(b) provision pipeline: {pipeline:,.0f}/s = {pipeline / raw:.3f} x (a), "
-                  f"{pipeline / ceiling:.3f} x (a2)", flush=True)  # fmt: skip
+            print(f"(b) provision pipeline, {TENANT_SPREAD} tenants: {pipeline:,.0f}/s = "
+                  f"{pipeline / raw:.3f} x (a), {pipeline / ceiling:.3f} x (a2)",
+                  flush=True)  # fmt: skip
+            elapsed, _, _ = await run_provisions(
+                url, log, 3000, "pipehot", tenants=1, SANDBOXER_STUB_LATENCY_S="0"
+            )
+            results["b1_one_tenant_provisions_per_s"] = round(3000 / elapsed)
+            print(f"(b1) provision pipeline, one tenant: {3000 / elapsed:,.0f}/s", flush=True)
 
             limit = 256
             elapsed, _, _ = await run_provisions(
@@ -417,7 +436,7 @@ async def bench_rss(url: str, log: Path, n: int) -> float:
     all_in = asyncio.Event()
 
     async def on_status(message: Any) -> None:
-        if b'"state":"provisioning"' in message.data and b'"tenant":"mem"' in message.data:
+        if b'"state":"provisioning"' in message.data and b'"tenant":"mem' in message.data:
             provisioning.add(message.subject)
             if len(provisioning) >= n:
                 all_in.set()
@@ -428,7 +447,7 @@ async def bench_rss(url: str, log: Path, n: int) -> float:
     with worker_process(url, log, **env) as proc:
         await wait_consumers(js)
         await nc.subscribe("sandbox.status.*", cb=on_status)
-        await publish_all(js, [payload("mem", f"mem-{i}") for i in range(n)])
+        await publish_all(js, [payload(spread("mem", i), f"mem-{i}") for i in range(n)])
         await asyncio.wait_for(all_in.wait(), timeout=300)
         await asyncio.sleep(2)  # let every handler reach its provider call
         rss = peak_rss_mib(proc.pid)

@@ -19,14 +19,15 @@ incrementally; the server's checks make a stale cache harmless.
 from __future__ import annotations
 
 import asyncio
+import json
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError
 
 from sandboxer.errors import SandboxerError
 from sandboxer.topology import LEDGER_STREAM, ledger_subject, read_subject
@@ -205,26 +206,41 @@ class Ledger:
 
     async def _catch_up(self, tenant: str) -> tuple[Balance, int]:
         """The cached balance brought up to date with the journal (under the lock)."""
-        cached = self._cache.get(tenant)
-        if cached is None:
-            # First look at this tenant: fold the whole journal in one streamed read.
-            cached = Balance(), 0
-            async for seq, _, data in read_subject(self._js, LEDGER_STREAM, ledger_subject(tenant)):
-                cached[0].apply(LedgerEntry.model_validate_json(data))
-                cached = cached[0], seq
-        balance, last = cached
-        filter_subject = ledger_subject(tenant)
-        while True:  # then one direct read per entry written since
-            try:
-                message = await self._js.get_msg(
-                    LEDGER_STREAM, seq=last + 1, subject=filter_subject, next=True, direct=True
-                )
-            except NotFoundError:
-                break
-            balance.apply(LedgerEntry.model_validate_json(message.data or b""))
-            last = message.seq or last
+        balance, last = self._cache.get(tenant) or (Balance(), 0)
+        async for seq, data in self._entries_after(tenant, last):
+            balance.apply(LedgerEntry.model_validate_json(data))
+            last = seq
         self._remember(tenant, balance, last)
         return balance, last
+
+    async def _entries_after(self, tenant: str, last: int) -> AsyncIterator[tuple[int, bytes]]:
+        """(sequence, data) of the tenant's entries after `last`, read with batched
+        direct gets: one round trip per 256 entries, none of the cost of a consumer."""
+        nc = self._js._nc  # direct get batches answer with many messages on one inbox
+        inbox = nc.new_inbox()
+        answers = await nc.subscribe(inbox)
+        try:
+            while True:
+                request = {"seq": last + 1, "next_by_subj": ledger_subject(tenant), "batch": 256}
+                await nc.publish(
+                    f"$JS.API.DIRECT.GET.{LEDGER_STREAM}", json.dumps(request).encode(), inbox
+                )
+                while True:
+                    message = await answers.next_msg(timeout=10.0)
+                    headers = message.headers or {}
+                    status = headers.get("Status")
+                    if status == "404":
+                        return  # nothing (more) to read
+                    if status == "204":  # end of this batch
+                        if headers.get("Nats-Num-Pending", "0") == "0":
+                            return
+                        break
+                    if status is not None:
+                        raise RuntimeError(f"ledger read failed: {status} {headers}")
+                    last = int(headers["Nats-Sequence"])
+                    yield last, message.data
+        finally:
+            await answers.unsubscribe()
 
     def _remember(self, tenant: str, balance: Balance, last: int) -> None:
         self._cache[tenant] = (balance, last)

@@ -129,3 +129,11 @@ async def test_200_concurrent_provisions_against_credits_for_20(
         running.apply(entry)
         assert running.available >= 0
     assert running.available == 0
+
+
+async def test_a_long_journal_is_folded_exactly_by_a_fresh_process(js: JetStreamContext) -> None:
+    writer = Ledger(js)
+    await asyncio.gather(*(writer.grant("busy", Decimal("0.000001"), f"g{i}") for i in range(600)))
+    await writer.grant("other", Decimal("5"), "g0")  # interleaved tenant, not folded in
+    fresh = await Ledger(js).balance("busy")  # reads 600 entries in batches of 256
+    assert fresh.balance == Decimal("0.000600")
