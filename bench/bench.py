@@ -327,6 +327,9 @@ async def bench_latency(url: str, log: Path, rate: float, seconds: float) -> lis
 
     with worker_process(url, log, SANDBOXER_STUB_LATENCY_S="0"):
         await wait_consumers(js)
+        # Steady state: the worker has seen every tenant once (read its credits).
+        await publish_all(js, [payload(spread("lat", i), f"lat-warm-{i}") for i in range(64)])
+        await asyncio.sleep(1.0)
         await nc.subscribe("sandbox.status.*", cb=on_status)
         interval = 1.0 / rate
         start = time.perf_counter()

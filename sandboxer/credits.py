@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from nats.js import JetStreamContext
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NotFoundError
 
 from sandboxer.errors import SandboxerError
 from sandboxer.topology import LEDGER_STREAM, ledger_subject, read_subject
@@ -205,13 +205,32 @@ class Ledger:
         raise RuntimeError(f"ledger of {tenant}: too many concurrent writers")
 
     async def _catch_up(self, tenant: str) -> tuple[Balance, int]:
-        """The cached balance brought up to date with the journal (under the lock)."""
-        balance, last = self._cache.get(tenant) or (Balance(), 0)
-        async for seq, data in self._entries_after(tenant, last):
+        """The cached balance brought up to date with the journal (under the lock).
+
+        A known tenant is usually a few entries behind (another process appended):
+        single direct gets are cheapest. An unknown one may have a long journal: it is
+        read in batches."""
+        cached = self._cache.get(tenant)
+        balance, last = cached or (Balance(), 0)
+        entries = self._entries_after(tenant, last) if cached is None else self._next(tenant, last)
+        async for seq, data in entries:
             balance.apply(LedgerEntry.model_validate_json(data))
             last = seq
         self._remember(tenant, balance, last)
         return balance, last
+
+    async def _next(self, tenant: str, last: int) -> AsyncIterator[tuple[int, bytes]]:
+        """(sequence, data) of the tenant's entries after `last`, one direct get each."""
+        while True:
+            try:
+                message = await self._js.get_msg(
+                    LEDGER_STREAM, seq=last + 1, subject=ledger_subject(tenant),
+                    next=True, direct=True,
+                )  # fmt: skip
+            except NotFoundError:
+                return
+            last = message.seq or last + 1
+            yield last, message.data or b""
 
     async def _entries_after(self, tenant: str, last: int) -> AsyncIterator[tuple[int, bytes]]:
         """(sequence, data) of the tenant's entries after `last`, read with batched
