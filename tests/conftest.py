@@ -105,37 +105,34 @@ class WorkerHandle:
             await asyncio.wait_for(self._task, 30)
 
 
+async def _starter(settings: Settings, run: Service) -> AsyncIterator[Callable[..., object]]:
+    """Start in-process services; keyword arguments change their settings. All are
+    stopped when the test ends."""
+    handles: list[WorkerHandle] = []
+
+    async def start(**changes: object) -> WorkerHandle:
+        handle = WorkerHandle(replace(settings, **changes), run)  # type: ignore[arg-type]
+        await handle.start()
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        await handle.stop()
+
+
 @pytest.fixture
 async def start_worker(
     settings: Settings, funded: tuple[str, ...]
 ) -> AsyncIterator[Callable[..., object]]:
-    handles: list[WorkerHandle] = []
-
-    async def start(**changes: object) -> WorkerHandle:
-        handle = WorkerHandle(replace(settings, **changes))  # type: ignore[arg-type]
-        await handle.start()
-        handles.append(handle)
-        return handle
-
-    yield start
-    for handle in handles:
-        await handle.stop()
+    async for start in _starter(settings, run_worker):
+        yield start
 
 
 @pytest.fixture
 async def start_billing(settings: Settings) -> AsyncIterator[Callable[..., object]]:
-    """Start the billing app in-process; keyword arguments change its settings."""
-    handles: list[WorkerHandle] = []
-
-    async def start(**changes: object) -> WorkerHandle:
-        handle = WorkerHandle(replace(settings, **changes), run_billing)  # type: ignore[arg-type]
-        await handle.start()
-        handles.append(handle)
-        return handle
-
-    yield start
-    for handle in handles:
-        await handle.stop()
+    async for start in _starter(settings, run_billing):
+        yield start
 
 
 @pytest.fixture
