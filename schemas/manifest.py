@@ -21,6 +21,20 @@ class Pricing(BaseModel):
     rates: dict[str, Usd] = Field(min_length=1)
 
 
+class SecretRef(BaseModel):
+    """Where an extension's platform key lives in OpenBao (KV v2):
+    `<mount>/data/<path>`, fields `keys`. Example: `{mount: secret,
+    path: sandboxer/platform/e2b, keys: [api_key]}`. A tenant's own key (BYOK) for the
+    same extension lives at `<mount>/data/sandboxer/tenants/<tenant>/<extension_id>`
+    with the same field names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mount: str = Field(default="secret", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    path: str = Field(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
+    keys: list[str] = Field(min_length=1, max_length=8)
+
+
 class ExtensionManifest(BaseModel):
     """One provider adapter: which class implements it and what it costs."""
 
@@ -37,6 +51,9 @@ class ExtensionManifest(BaseModel):
     pricing: Pricing
     config: dict[str, Any] = Field(
         default_factory=dict, description="Adapter settings, validated by the adapter."
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None, description="The platform key in OpenBao; None: needs no credentials."
     )
 
 

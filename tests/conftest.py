@@ -24,7 +24,7 @@ from consumers.billing import run_billing
 from consumers.worker import run_worker
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
-from sandboxer.embedded import EmbeddedNats
+from sandboxer.embedded import EmbeddedNats, EmbeddedOpenBao
 from sandboxer.settings import Settings
 from sandboxer.topology import ensure_topology
 
@@ -191,3 +191,14 @@ def spawn_billing(
         return spawn_worker("billing", **env)
 
     return spawn
+
+
+OPENBAO_ROOT_TOKEN = "test-root-token"  # noqa: S105 - a dev-server placeholder
+
+
+@pytest.fixture(scope="session")
+def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedOpenBao]:
+    """One `bao server -dev` for the session, on a free loopback port, stopped by PID.
+    Tests keep apart by using their own tenants and paths."""
+    with EmbeddedOpenBao(tmp_path_factory.mktemp("openbao"), root_token=OPENBAO_ROOT_TOKEN) as bao:
+        yield bao
