@@ -23,7 +23,7 @@ from typing import Any
 from nats.js import JetStreamContext
 from pydantic import ValidationError
 
-from adapters.base import NO_CREDENTIALS, Credentials, SandboxSpec, Usage
+from adapters.base import SandboxSpec, Usage
 from consumers.delivery import Delivery, KeepAlive, Retry, settle
 from sandboxer.credits import Ledger
 from sandboxer.errors import InvalidRequest, SandboxerError
@@ -134,7 +134,7 @@ class Provisioner:
         assert status.extension_id is not None and status.expires_at is not None
         adapter = self.router.adapter(status.extension_id)
         profile = self.registry.profile(status.profile)
-        credentials = NO_CREDENTIALS
+        credentials = await self.router.credentials(status)
         spec = SandboxSpec(
             sandbox_id=sandbox_id,
             tenant=request.tenant,
@@ -214,6 +214,8 @@ class Provisioner:
             expires_at=now + timedelta(seconds=ttl_s),
             estimate_usd=route.adapter.estimate_cost(profile, ttl_s),
             credential_source=route.credentials.source,
+            credential_path=route.key.path if route.key else None,
+            credential_version=route.key.version if route.key else None,
             request_digest=request.digest(),
         )
 
@@ -352,7 +354,7 @@ class Provisioner:
 
         assert status.extension_id is not None and status.provider_sandbox_id is not None
         adapter = self.router.adapter(status.extension_id)
-        credentials: Credentials = NO_CREDENTIALS
+        credentials = await self.router.credentials(status)
         async with self.keepalive.hold(delivery):
             await adapter.teardown(status.provider_sandbox_id, credentials)
             usage = await adapter.meter_actual(status.provider_sandbox_id, credentials)

@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack
 import nats
 
 from adapters.base import AdapterContext, SandboxAdapter
+from adapters.openbao import BaoSettings, CredentialResolver
 from consumers.app import Subscription, serve
 from consumers.delivery import KeepAlive
 from consumers.provisioner import Provisioner
@@ -67,18 +68,23 @@ async def run_worker(
             stack.push_async_callback(adapter.aclose)
         keepalive = KeepAlive(every_s=max(0.5, settings.ack_wait_s / 3))
         stack.push_async_callback(keepalive.aclose)
+        bao = BaoSettings.from_env()
+        resolver = CredentialResolver(bao) if bao else None
+        if resolver is not None:
+            stack.callback(resolver.close)
         provisioner = Provisioner(
             js=js,
             registry=registry,
-            router=Router(adapters),
+            router=Router(adapters, registry.extensions, resolver),
             statuses=await StatusStore.open(js),
             settings=settings,
             keepalive=keepalive,
             ledger=Ledger(js),
         )
         log.info(
-            "worker: nats=%s deployment=%s extensions=%s in-flight<=%d",
+            "worker: nats=%s deployment=%s extensions=%s in-flight<=%d openbao=%s",
             settings.nats_url, settings.deployment, ",".join(adapters), settings.max_in_flight,
+            bao.addr if bao else "off",
         )  # fmt: skip
         await serve(
             "worker", js, subscriptions(provisioner, settings), settings,

@@ -1,5 +1,6 @@
 """Where a provision is routed: the first extension of the profile's route list whose
-adapter is loaded and whose credentials resolve for the tenant."""
+adapter is loaded and whose credentials resolve for the tenant (its own key first,
+then the platform's). Extensions without a `secret_ref` need no credentials."""
 
 from __future__ import annotations
 
@@ -7,27 +8,40 @@ import logging
 from dataclasses import dataclass, field
 
 from adapters.base import NO_CREDENTIALS, Credentials, SandboxAdapter
-from sandboxer.errors import NoRoute, UnknownExtension
-from schemas import Profile
+from adapters.openbao import CredentialResolver, ResolvedKey
+from sandboxer.errors import NoRoute, ProviderUnavailable, UnknownExtension
+from schemas import ExtensionManifest, Profile, SandboxStatus
 
 log = logging.getLogger("sandboxer.routing")
 
 
 @dataclass(frozen=True)
 class Route:
-    """The chosen extension, with the credentials to call it and why others were skipped."""
+    """The chosen extension, the key to call it with (None: it needs none) and why the
+    routes before it were skipped. Printing a Route never shows a key."""
 
     extension_id: str
     adapter: SandboxAdapter
-    credentials: Credentials = NO_CREDENTIALS
+    key: ResolvedKey | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def credentials(self) -> Credentials:
+        return self.key.credentials if self.key else NO_CREDENTIALS
 
 
 class Router:
     """Walks a profile's routes in order."""
 
-    def __init__(self, adapters: dict[str, SandboxAdapter]) -> None:
+    def __init__(
+        self,
+        adapters: dict[str, SandboxAdapter],
+        manifests: dict[str, ExtensionManifest] | None = None,
+        resolver: CredentialResolver | None = None,
+    ) -> None:
         self._adapters = adapters
+        self._manifests = manifests or {}
+        self._resolver = resolver
 
     def adapter(self, extension_id: str) -> SandboxAdapter:
         """The loaded adapter of `extension_id` (for destroy, which must not re-route)."""
@@ -37,17 +51,52 @@ class Router:
             raise UnknownExtension(f"extension {extension_id} is not loaded") from None
 
     async def choose(self, profile: Profile, tenant: str) -> Route:
-        """The first eligible route, or `NoRoute` listing why each was skipped."""
+        """The first eligible route, or `NoRoute` listing why each was skipped.
+
+        OpenBao being unreachable is `ProviderUnavailable` (retried), not a reason to
+        skip: where a sandbox is made must not depend on an outage."""
         skipped: list[tuple[str, str]] = []
         for extension_id in profile.routes:
             adapter = self._adapters.get(extension_id)
             if adapter is None:
                 skipped.append((extension_id, "extension not installed"))
                 continue
-            log.debug(
-                "route %s for tenant %s: %s (skipped: %s)",
-                profile.id, tenant, extension_id, skipped or "none",
-            )  # fmt: skip
-            return Route(extension_id, adapter, NO_CREDENTIALS, skipped)
+            manifest = self._manifests.get(extension_id)
+            ref = manifest.secret_ref if manifest else None
+            if ref is None:
+                route = Route(extension_id, adapter, None, skipped)
+            elif self._resolver is None:
+                skipped.append((extension_id, "needs a key and OpenBao is not configured"))
+                continue
+            else:
+                key = await self._resolver.resolve(tenant, extension_id, ref)
+                if key is None:
+                    skipped.append(
+                        (extension_id, "no key: neither the tenant's nor the platform's")
+                    )
+                    continue
+                route = Route(extension_id, adapter, key, skipped)
+            log.debug("route %s for tenant %s: %s (%s key; skipped: %s)", profile.id, tenant,
+                      extension_id, route.credentials.source, skipped or "none")  # fmt: skip
+            return route
         reasons = ", ".join(f"{ext}: {why}" for ext, why in skipped)
         raise NoRoute(f"no eligible route in {profile.id} ({reasons})")
+
+    async def credentials(self, status: SandboxStatus) -> Credentials:
+        """The key a sandbox was created with: the same path, at the recorded version (or
+        the current one if a rotation removed it). For destroy and metering."""
+        if status.credential_path is None or status.credential_source == "none":
+            return NO_CREDENTIALS
+        if self._resolver is None:
+            raise ProviderUnavailable("the sandbox needs a key and OpenBao is not configured")
+        manifest = self._manifests.get(status.extension_id or "")
+        if manifest is None or manifest.secret_ref is None:
+            raise UnknownExtension(f"extension {status.extension_id} has no secret_ref")
+        mount, _, path = status.credential_path.partition("/")
+        key = await self._resolver.read(
+            mount, path, manifest.secret_ref.keys, status.credential_source,
+            version=status.credential_version,
+        )  # fmt: skip
+        if key is None:
+            raise ProviderUnavailable(f"the key at {status.credential_path} was deleted")
+        return key.credentials

@@ -80,6 +80,10 @@ class SandboxStatus(BaseModel):
     estimate_usd: Usd | None = None
     actual_usd: Usd | None = None
     credential_source: CredentialSource = "none"
+    credential_path: str | None = Field(
+        default=None, max_length=300, description="OpenBao path of the key used (no value)."
+    )
+    credential_version: int | None = Field(default=None, ge=1)
     error: ErrorInfo | None = None
     request_digest: str | None = Field(
         default=None,

@@ -1,0 +1,166 @@
+"""Credential-aware routing over a real OpenBao and a real NATS: the tenant's own key
+wins, the platform key comes next, the stub needs none; keys never leak."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hvac
+import pytest
+from nats.js import JetStreamContext
+
+from adapters.openbao import byok_path
+from sandboxer.client import Client
+from sandboxer.embedded import EmbeddedOpenBao
+from sandboxer.settings import Settings, default_extensions_dir
+from sandboxer.topology import read_subject
+from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
+from tests.conftest import OPENBAO_ROOT_TOKEN
+from tests.fake_adapters import fingerprint
+from tests.helpers import meter_events
+
+
+@pytest.fixture
+def platform_path() -> str:
+    return f"sandboxer/platform/e2b-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def admin(openbao: EmbeddedOpenBao) -> hvac.Client:
+    return hvac.Client(url=openbao.url, token=OPENBAO_ROOT_TOKEN)
+
+
+@pytest.fixture
+async def keyed_worker(
+    tmp_path: Path, platform_path: str, openbao: EmbeddedOpenBao,
+    start_worker: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+) -> Any:  # fmt: skip
+    """A worker whose profile.burst-sandbox starts with a keyed `ext.e2b` stand-in."""
+    extensions = tmp_path / "extensions"
+    shutil.copytree(default_extensions_dir(), extensions)
+    (extensions / "ext.e2b.yaml").write_text(
+        f"""kind: extension
+id: ext.e2b
+name: E2B stand-in for routing tests
+adapter: tests.fake_adapters:KeyedStubAdapter
+pricing: {{pricing_model: metered, rates: {{usd_per_second: "0.000020"}}}}
+secret_ref: {{mount: secret, path: {platform_path}, keys: [api_key]}}
+"""
+    )
+    monkeypatch.setenv("BAO_ADDR", openbao.url)
+    monkeypatch.setenv("BAO_TOKEN", OPENBAO_ROOT_TOKEN)
+    monkeypatch.setenv("SANDBOXER_BAO_CACHE_TTL_S", "0")
+    return await start_worker(extensions_dir=extensions)
+
+
+def put(admin: hvac.Client, path: str, api_key: str) -> None:
+    admin.secrets.kv.v2.create_or_update_secret(
+        path=path, secret={"api_key": api_key}, mount_point="secret"
+    )
+
+
+async def provision(settings: Settings, tenant: str) -> SandboxStatus:
+    async with Client(settings.nats_url) as client:
+        status = await client.provision(
+            ProvisionRequest(request_id=uuid.uuid4().hex, tenant=tenant,
+                             profile="profile.burst-sandbox"), wait_s=20,
+        )  # fmt: skip
+    assert status is not None and status.state is SandboxState.READY, status
+    return status
+
+
+async def destroy(settings: Settings, status: SandboxStatus) -> SandboxStatus:
+    async with Client(settings.nats_url) as client:
+        done = await client.destroy(
+            DestroyRequest(request_id=uuid.uuid4().hex, tenant=status.tenant,
+                           sandbox_id=status.sandbox_id), wait_s=20,
+        )  # fmt: skip
+    assert done is not None and done.state is SandboxState.DESTROYED, done
+    return done
+
+
+async def used_key(js: JetStreamContext, status: SandboxStatus, op: str) -> str:
+    stub = await js.key_value("sandboxer-stub")
+    entry = await stub.get(f"fingerprint.{status.provider_sandbox_id}.{op}")
+    return (entry.value or b"").decode()
+
+
+async def test_platform_key_routes_to_the_first_extension(
+    keyed_worker: Any, settings: Settings, js: JetStreamContext, admin: hvac.Client,
+    platform_path: str,
+) -> None:  # fmt: skip
+    put(admin, platform_path, "platform-key-placeholder")
+    status = await provision(settings, "acme")
+    assert status.extension_id == "ext.e2b" and status.credential_source == "platform"
+    assert status.credential_path == f"secret/{platform_path}"
+    assert status.credential_version == 1
+    assert await used_key(js, status, "create") == fingerprint("platform-key-placeholder")
+    await destroy(settings, status)
+    events = await meter_events(js, status.sandbox_id)
+    assert {(e["extension_id"], e["credential_source"]) for e in events} == {
+        ("ext.e2b", "platform")
+    }
+
+
+async def test_tenant_key_wins_and_is_recorded_as_byok(
+    keyed_worker: Any, settings: Settings, js: JetStreamContext, admin: hvac.Client,
+    platform_path: str,
+) -> None:  # fmt: skip
+    put(admin, platform_path, "platform-key-placeholder")
+    put(admin, byok_path("t1", "ext.e2b"), "t1-own-key-placeholder")
+    status = await provision(settings, "t1")
+    assert status.credential_source == "byok"
+    assert status.credential_path == "secret/sandboxer/tenants/t1/ext.e2b"
+    assert await used_key(js, status, "create") == fingerprint("t1-own-key-placeholder")
+    other = await provision(settings, "acme")  # acme has no key of its own
+    assert await used_key(js, other, "create") == fingerprint("platform-key-placeholder")
+
+
+async def test_no_key_anywhere_falls_back_to_the_stub(
+    keyed_worker: Any, settings: Settings
+) -> None:
+    status = await provision(settings, "acme")
+    assert status.extension_id == "ext.saas-stub" and status.credential_source == "none"
+    assert status.credential_path is None
+
+
+async def test_key_rotated_between_create_and_destroy(
+    keyed_worker: Any, settings: Settings, js: JetStreamContext, admin: hvac.Client,
+    platform_path: str,
+) -> None:  # fmt: skip
+    put(admin, platform_path, "key-v1-placeholder")
+    first = await provision(settings, "acme")
+    second = await provision(settings, "acme")
+    put(admin, platform_path, "key-v2-placeholder")  # rotation
+    await destroy(settings, first)  # the version recorded at create still exists
+    assert await used_key(js, first, "destroy") == fingerprint("key-v1-placeholder")
+    admin.secrets.kv.v2.destroy_secret_versions(path=platform_path, versions=[1],
+                                                mount_point="secret")  # fmt: skip
+    await destroy(settings, second)  # v1 is gone: the current key is used
+    assert await used_key(js, second, "destroy") == fingerprint("key-v2-placeholder")
+
+
+async def test_no_secret_value_anywhere_in_nats_or_logs(
+    keyed_worker: Any, settings: Settings, js: JetStreamContext, admin: hvac.Client,
+    platform_path: str, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    secrets = ["leak-canary-platform-7f3a", "leak-canary-byok-91c2"]
+    put(admin, platform_path, secrets[0])
+    put(admin, byok_path("t1", "ext.e2b"), secrets[1])
+    caplog.set_level("DEBUG")
+    for tenant in ("acme", "t1"):
+        await destroy(settings, await provision(settings, tenant))
+    scanned = 0
+    for stream in await js.streams_info():
+        async for _, subject, data in read_subject(js, stream.config.name, ">"):
+            scanned += 1
+            for secret in secrets:
+                assert secret.encode() not in data, f"{secret} found on {subject}"
+    assert scanned > 10
+    assert not any(secret in caplog.text for secret in secrets)
+    assert json.dumps(caplog.text)  # logs were captured at all
