@@ -25,7 +25,7 @@ from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from sandboxer.client import Client
 from sandboxer.credits import Balance, Ledger
 from sandboxer.embedded import EmbeddedNats
-from sandboxer.errors import ManifestError
+from sandboxer.errors import ManifestError, SandboxerError
 from sandboxer.registry import Registry
 from sandboxer.settings import Settings
 from sandboxer.topology import ensure_topology
@@ -52,6 +52,8 @@ credits_app = typer.Typer(help="Prepaid credits of tenants.", no_args_is_help=Tr
 app.add_typer(credits_app, name="credits")
 finhub_app = typer.Typer(help="The fin-hub export.", no_args_is_help=True)
 app.add_typer(finhub_app, name="finhub")
+route_app = typer.Typer(help="How requests are routed.", no_args_is_help=True)
+app.add_typer(route_app, name="route")
 
 T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
@@ -451,6 +453,49 @@ def credits_ledger(
             sign = {"grant": "+", "debit": "-"}.get(entry.kind, " ")
             typer.echo(f"{entry.at.isoformat()}  {entry.kind:<7}  {sign}{entry.amount_usd:.6f}"
                        f"  {entry.entry_id}  {entry.note}".rstrip())  # fmt: skip
+
+
+@route_app.command("explain")
+def route_explain(
+    tenant: Annotated[str, typer.Option(help="Tenant to route for.")],
+    profile: Annotated[str, typer.Option(help="Profile id, e.g. profile.burst-sandbox.")],
+) -> None:
+    """Which extension a provision would use now, and why the others would be skipped.
+    Reads OpenBao ($BAO_ADDR) like a worker; prints key paths and versions, never keys."""
+    from adapters.base import AdapterContext
+    from adapters.openbao import BaoSettings, CredentialResolver
+    from sandboxer.routing import Router
+
+    registry = _registry()
+    try:
+        chosen_profile = registry.profile(profile)
+    except SandboxerError as exc:
+        _die(f"{exc.code}: {exc}")
+    bao = BaoSettings.from_env()
+
+    async def go() -> list[tuple[str, str]]:
+        async with Client(Settings.from_env().nats_url) as client:
+            settings = Settings.from_env()
+            adapters = registry.build_adapters({
+                ext: AdapterContext(manifest, client.js, settings.deployment, settings.replicas)
+                for ext, manifest in registry.extensions.items()
+            })  # fmt: skip
+            resolver = CredentialResolver(bao) if bao else None
+            try:
+                return await Router(adapters, registry.extensions, resolver).explain(
+                    chosen_profile, tenant
+                )
+            finally:
+                if resolver is not None:
+                    resolver.close()
+
+    try:
+        rows = _run(go())
+    except SandboxerError as exc:
+        _die(f"{exc.code}: {exc}")
+    typer.echo(f"{profile} for tenant {tenant} (OpenBao: {bao.addr if bao else 'not configured'})")
+    for position, (extension, verdict) in enumerate(rows, 1):
+        typer.echo(f"  {position}. {extension:<16} {verdict}")
 
 
 @finhub_app.command("export")

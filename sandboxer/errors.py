@@ -34,6 +34,11 @@ class UnknownExtension(SandboxerError):
 class NoRoute(SandboxerError):
     code = ErrorCode.NO_ROUTE
 
+    def __init__(self, message: str, *, skipped: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        #: (extension_id, why it was skipped), in route order.
+        self.skipped = skipped or []
+
 
 class ProviderRejected(SandboxerError):
     """The provider refused the request and provably created nothing."""

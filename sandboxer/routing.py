@@ -50,6 +50,22 @@ class Router:
         except KeyError:
             raise UnknownExtension(f"extension {extension_id} is not loaded") from None
 
+    async def explain(self, profile: Profile, tenant: str) -> list[tuple[str, str]]:
+        """Every route of `profile` for `tenant`, with what routing makes of it: the
+        chosen one, why others are skipped, what comes after. No key values."""
+        try:
+            route = await self.choose(profile, tenant)
+        except NoRoute as exc:
+            return [*exc.skipped, ("-", "no_route: nothing eligible")]
+        chosen_at = profile.routes.index(route.extension_id)
+        key = (f"{route.key.source} key {route.key.path} v{route.key.version}"
+               if route.key else "needs no key")  # fmt: skip
+        return [
+            *route.skipped,
+            (route.extension_id, f"CHOSEN ({key})"),
+            *((ext, "not tried") for ext in profile.routes[chosen_at + 1 :]),
+        ]
+
     async def choose(self, profile: Profile, tenant: str) -> Route:
         """The first eligible route, or `NoRoute` listing why each was skipped.
 
@@ -80,7 +96,7 @@ class Router:
                       extension_id, route.credentials.source, skipped or "none")  # fmt: skip
             return route
         reasons = ", ".join(f"{ext}: {why}" for ext, why in skipped)
-        raise NoRoute(f"no eligible route in {profile.id} ({reasons})")
+        raise NoRoute(f"no eligible route in {profile.id} ({reasons})", skipped=skipped)
 
     async def credentials(self, status: SandboxStatus) -> Credentials:
         """The key a sandbox was created with: the same path, at the recorded version (or

@@ -3,8 +3,11 @@ wins, the platform key comes next, the stub needs none; keys never leak."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -164,3 +167,33 @@ async def test_no_secret_value_anywhere_in_nats_or_logs(
     assert scanned > 10
     assert not any(secret in caplog.text for secret in secrets)
     assert json.dumps(caplog.text)  # logs were captured at all
+
+
+async def test_route_explain_shows_the_decision_and_no_key(
+    keyed_worker: Any, settings: Settings, admin: hvac.Client, platform_path: str,
+    openbao: EmbeddedOpenBao,
+) -> None:  # fmt: skip
+    async def explain(tenant: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sandboxer", "route", "explain",
+            "--tenant", tenant, "--profile", "profile.burst-sandbox",
+            env={**os.environ, "SANDBOXER_NATS_URL": settings.nats_url,
+                 "SANDBOXER_EXTENSIONS_DIR": str(keyed_worker.settings.extensions_dir)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        return out.decode()
+
+    nothing = await explain("acme")
+    assert "ext.e2b          no key: neither the tenant's nor the platform's" in nothing
+    assert "ext.modal        extension not installed" in nothing
+    assert "ext.saas-stub    CHOSEN (needs no key)" in nothing
+    tenant = f"explain-{uuid.uuid4().hex[:8]}"  # OpenBao is shared by the session
+    put(admin, byok_path(tenant, "ext.e2b"), "explain-canary-byok")
+    byok = await explain(tenant)
+    assert (
+        f"ext.e2b          CHOSEN (byok key secret/sandboxer/tenants/{tenant}/ext.e2b v1)" in byok
+    )
+    assert "ext.saas-stub    not tried" in byok
+    assert "explain-canary" not in byok
