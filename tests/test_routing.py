@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import sys
 import uuid
 from collections.abc import Callable
@@ -20,12 +21,13 @@ from nats.js import JetStreamContext
 from adapters.openbao import byok_path
 from sandboxer.client import Client
 from sandboxer.embedded import EmbeddedOpenBao
+from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings, default_extensions_dir
 from sandboxer.topology import read_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
 from tests.conftest import OPENBAO_ROOT_TOKEN
 from tests.fake_adapters import fingerprint
-from tests.helpers import meter_events
+from tests.helpers import meter_events, wait_for_status
 
 
 @pytest.fixture
@@ -197,3 +199,35 @@ async def test_route_explain_shows_the_decision_and_no_key(
     )
     assert "ext.saas-stub    not tried" in byok
     assert "explain-canary" not in byok
+
+
+async def test_openbao_outage_delays_requests_and_loses_none(
+    tmp_path: Path, platform_path: str, openbao: EmbeddedOpenBao, admin: hvac.Client,
+    start_worker: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, settings: Settings,
+    caplog: pytest.LogCaptureFixture, keyed_worker: Any,
+) -> None:  # fmt: skip
+    put(admin, platform_path, "outage-canary-key")
+    await keyed_worker.stop()
+    monkeypatch.setenv("SANDBOXER_BAO_TIMEOUT_S", "0.3")
+    await start_worker(extensions_dir=keyed_worker.settings.extensions_dir, max_deliver=30)
+    assert openbao.process is not None
+    openbao.process.send_signal(signal.SIGSTOP)
+    try:
+        async with Client(settings.nats_url) as client:
+            requests = [
+                ProvisionRequest(request_id=f"o{i}", tenant="acme", profile="profile.burst-sandbox")
+                for i in range(5)
+            ]
+            for request in requests:
+                await client.provision(request)
+            await asyncio.sleep(2.0)  # every request is tried and retried meanwhile
+            assert "OpenBao at" in caplog.text and "unreachable" in caplog.text
+    finally:
+        openbao.process.send_signal(signal.SIGCONT)
+    async with Client(settings.nats_url) as client:
+        for request in requests:
+            status = await wait_for_status(
+                client, sandbox_id_for("acme", request.request_id), timeout_s=30
+            )
+            assert status.state is SandboxState.READY and status.extension_id == "ext.e2b"
+    assert "outage-canary-key" not in caplog.text
