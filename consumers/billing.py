@@ -25,6 +25,7 @@ import signal
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from decimal import Decimal
 
 import nats
 from nats.js import JetStreamContext
@@ -128,7 +129,12 @@ class Billing:
         tenant, sandbox_id = event.tenant, event.sandbox_id
         assert event.actual_usd is not None and event.stopped_at is not None
         assert event.duration_s is not None
-        debited = await self.ledger.settle(tenant, sandbox_id, event.actual_usd)
+        if event.credential_source == "byok":
+            # The tenant pays the provider directly; sandboxer held and charges nothing.
+            billed, debited = Decimal(0), False
+        else:
+            billed = event.actual_usd
+            debited = await self.ledger.settle(tenant, sandbox_id, billed)
         if debited and self.fault == FAULT_KILL_AFTER_DEBIT:
             os.kill(os.getpid(), signal.SIGKILL)
         record = UsageRecord(
@@ -138,7 +144,8 @@ class Billing:
             tenant=tenant,
             credential_source=event.credential_source,
             duration_s=event.duration_s,
-            actual_usd=event.actual_usd,
+            actual_usd=billed,
+            provider_cost_usd=event.actual_usd,
             started_at=event.started_at,
             stopped_at=event.stopped_at,
         )

@@ -146,9 +146,11 @@ class Provisioner:
             metadata=request.metadata,
         )
         # Credits are held before the provider is called: a tenant that cannot pay for
-        # the whole TTL gets `insufficient_credits` and no sandbox.
+        # the whole TTL gets `insufficient_credits` and no sandbox. With its own key
+        # (BYOK) the tenant pays the provider directly, and nothing is held.
         assert status.estimate_usd is not None
-        await self.ledger.hold(request.tenant, sandbox_id, status.estimate_usd)
+        if status.credential_source != "byok":
+            await self.ledger.hold(request.tenant, sandbox_id, status.estimate_usd)
         # Scheduled before the provider is called, so even a sandbox whose worker dies
         # mid-create is destroyed at expiry.
         await self._schedule_ttl_destroy(status)

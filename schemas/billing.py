@@ -44,7 +44,10 @@ class UsageRecord(BaseModel):
     tenant: TenantId
     credential_source: CredentialSource = "none"
     duration_s: Seconds
-    actual_usd: Usd
+    actual_usd: Usd = Field(description="What the tenant's credits were debited: 0 for BYOK.")
+    provider_cost_usd: Usd = Field(
+        description="The provider's price of the usage; for BYOK the tenant pays it directly."
+    )
     currency: Literal["USD"] = "USD"
     started_at: Timestamp
     stopped_at: Timestamp

@@ -214,7 +214,8 @@ async def test_finhub_export_by_hand(tmp_path: Path, fin_hub: FakeFinHub) -> Non
     record = UsageRecord(
         record_id="usage-sbx-" + "a" * 24, sandbox_id="sbx-" + "a" * 24,
         extension_id="ext.saas-stub", tenant="acme", duration_s=Decimal("60"),
-        actual_usd=Decimal("0.0006"), started_at=datetime(2026, 1, 1, tzinfo=UTC),
+        actual_usd=Decimal("0.0006"), provider_cost_usd=Decimal("0.0006"),
+        started_at=datetime(2026, 1, 1, tzinfo=UTC),
         stopped_at=datetime(2026, 1, 1, 0, 1, tzinfo=UTC),
     )  # fmt: skip
     path = tmp_path / "record.json"

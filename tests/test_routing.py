@@ -11,6 +11,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from nats.js import JetStreamContext
 
 from adapters.openbao import byok_path
 from sandboxer.client import Client
+from sandboxer.credits import Ledger
 from sandboxer.embedded import EmbeddedOpenBao
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings, default_extensions_dir
@@ -27,7 +29,7 @@ from sandboxer.topology import read_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
 from tests.conftest import OPENBAO_ROOT_TOKEN
 from tests.fake_adapters import fingerprint
-from tests.helpers import meter_events, wait_for_status
+from tests.helpers import meter_events, stream_messages, wait_for_status
 
 
 @pytest.fixture
@@ -231,3 +233,32 @@ async def test_openbao_outage_delays_requests_and_loses_none(
             )
             assert status.state is SandboxState.READY and status.extension_id == "ext.e2b"
     assert "outage-canary-key" not in caplog.text
+
+
+async def test_byok_sandbox_holds_and_debits_no_credits(
+    keyed_worker: Any, start_billing: Callable[..., Any], settings: Settings,
+    js: JetStreamContext, admin: hvac.Client,
+) -> None:  # fmt: skip
+    tenant = "t1"  # funded, so a hold would have been possible
+    put(admin, byok_path(tenant, "ext.e2b"), "byok-billing-placeholder")
+    await start_billing(fin_hub_url=None)
+    status = await provision(settings, tenant)
+    assert status.credential_source == "byok"
+    await asyncio.sleep(1.0)  # so the sandbox costs something at provider prices
+    await destroy(settings, status)
+
+    async def recorded() -> list[dict[str, Any]]:
+        return [
+            body for _, body in await stream_messages(js, "BILLING", "billing.usage")
+            if body["sandbox_id"] == status.sandbox_id
+        ]  # fmt: skip
+
+    for _ in range(200):
+        if await recorded():
+            break
+        await asyncio.sleep(0.05)
+    (record,) = await recorded()
+    assert record["credential_source"] == "byok" and record["actual_usd"] == "0.000000"
+    assert Decimal(record["provider_cost_usd"]) > 0
+    entries = [e.entry_id for e in await Ledger(js).entries(tenant)]
+    assert not [e for e in entries if status.sandbox_id in e]  # no hold, debit or release
