@@ -57,13 +57,15 @@ class Router:
             route = await self.choose(profile, tenant)
         except NoRoute as exc:
             return [*exc.skipped, ("-", "no_route: nothing eligible")]
-        chosen_at = profile.routes.index(route.extension_id)
+        routes = profile.routes_for(tenant)
+        chosen_at = routes.index(route.extension_id)
         key = (f"{route.key.source} key {route.key.path} v{route.key.version}"
                if route.key else "needs no key")  # fmt: skip
+        pinned = " pinned for this tenant" if tenant in profile.pins else ""
         return [
             *route.skipped,
-            (route.extension_id, f"CHOSEN ({key})"),
-            *((ext, "not tried") for ext in profile.routes[chosen_at + 1 :]),
+            (route.extension_id, f"CHOSEN{pinned} ({key})"),
+            *((ext, "not tried") for ext in routes[chosen_at + 1 :]),
         ]
 
     async def choose(self, profile: Profile, tenant: str) -> Route:
@@ -72,7 +74,7 @@ class Router:
         OpenBao being unreachable is `ProviderUnavailable` (retried), not a reason to
         skip: where a sandbox is made must not depend on an outage."""
         skipped: list[tuple[str, str]] = []
-        for extension_id in profile.routes:
+        for extension_id in profile.routes_for(tenant):
             adapter = self._adapters.get(extension_id)
             if adapter is None:
                 skipped.append((extension_id, "extension not installed"))

@@ -7,7 +7,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas._types import ExtensionId, ProfileId, Usd
+from schemas._types import ExtensionId, ProfileId, TenantId, Usd
 
 
 class Pricing(BaseModel):
@@ -102,12 +102,24 @@ class Profile(BaseModel):
     ttl: TtlLimits
     resources: Resources = Field(default_factory=Resources)
     template: str | None = Field(default=None, max_length=128)
+    pins: dict[TenantId, ExtensionId] = Field(
+        default_factory=dict,
+        description="Tenants held to one extension of `routes`: no other is tried.",
+    )
 
     @model_validator(mode="after")
     def _unique_routes(self) -> Self:
         if len(set(self.routes)) != len(self.routes):
             raise ValueError("routes must not repeat an extension")
+        strays = sorted(set(self.pins.values()) - set(self.routes))
+        if strays:
+            raise ValueError(f"pins name extensions not in routes: {', '.join(strays)}")
         return self
+
+    def routes_for(self, tenant: str) -> list[str]:
+        """The routes to walk for `tenant`: its pinned extension alone, or all."""
+        pinned = self.pins.get(tenant)
+        return [pinned] if pinned else self.routes
 
     def resolve_ttl(self, ttl_s: int | None) -> int:
         """The TTL to use for a request: its own if within limits, else the default."""

@@ -11,6 +11,7 @@ from sandboxer.errors import ManifestError, NoRoute, UnknownProfile
 from sandboxer.registry import Registry
 from sandboxer.routing import Router
 from sandboxer.settings import default_extensions_dir
+from schemas import Profile, TtlLimits
 
 
 @pytest.fixture
@@ -87,3 +88,25 @@ async def test_router_without_any_adapter_is_no_route() -> None:
     registry = Registry.load(default_extensions_dir())
     with pytest.raises(NoRoute, match=r"ext\.saas-stub: extension not installed"):
         await Router({}).choose(registry.profile("profile.burst-sandbox"), "acme")
+
+
+async def test_a_pinned_tenant_gets_its_extension_or_no_route() -> None:
+    profile = Profile(
+        kind="profile", id="profile.pinned", pricing_model="metered",
+        routes=["ext.a", "ext.b"], ttl=TtlLimits(default_s=60, max_s=600),
+        pins={"vip": "ext.b", "stuck": "ext.a"},
+    )  # fmt: skip
+    a, b = object(), object()
+    router = Router({"ext.a": a, "ext.b": b})  # type: ignore[dict-item]
+    assert (await router.choose(profile, "anyone")).adapter is a
+    assert (await router.choose(profile, "vip")).adapter is b
+    with pytest.raises(NoRoute, match=r"ext\.a: extension not installed"):
+        await Router({"ext.b": b}).choose(profile, "stuck")  # type: ignore[dict-item]
+
+
+def test_pins_must_name_a_route() -> None:
+    with pytest.raises(ValueError, match=r"pins name extensions not in routes: ext\.c"):
+        Profile(
+            kind="profile", id="profile.pinned", pricing_model="metered",
+            routes=["ext.a"], ttl=TtlLimits(default_s=60, max_s=600), pins={"vip": "ext.c"},
+        )  # fmt: skip
