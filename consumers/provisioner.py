@@ -18,7 +18,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from nats.js import JetStreamContext
 from pydantic import ValidationError
@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from adapters.base import SandboxSpec, Usage
 from consumers.delivery import Delivery, KeepAlive, Retry, settle
 from sandboxer.credits import Ledger
-from sandboxer.errors import InvalidRequest, SandboxerError
+from sandboxer.errors import InvalidRequest, NoRoute, ProviderRejected, SandboxerError
 from sandboxer.ids import sandbox_id_for, ttl_destroy_request_id
 from sandboxer.registry import Registry
 from sandboxer.routing import Router
@@ -43,6 +43,7 @@ from schemas import (
     ErrorCode,
     ErrorInfo,
     MeterKind,
+    Profile,
     ProvisionRequest,
     SandboxState,
     SandboxStatus,
@@ -64,6 +65,12 @@ def _schedule_at(moment: datetime) -> str:
     if utc.microsecond:
         utc = utc.replace(microsecond=0) + timedelta(seconds=1)
     return f"@at {utc.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+
+
+def _route_number(profile: Profile, status: SandboxStatus) -> int:
+    """1 for a sandbox on the first route it could take, 2 after one fallback, ..."""
+    routes = profile.routes_for(status.tenant)
+    return routes.index(status.extension_id) + 1 if status.extension_id in routes else 1
 
 
 def _attributable(data: bytes) -> tuple[str, str] | None:
@@ -150,12 +157,16 @@ class Provisioner:
         # (BYOK) the tenant pays the provider directly, and nothing is held.
         assert status.estimate_usd is not None
         if status.credential_source != "byok":
-            await self.ledger.hold(request.tenant, sandbox_id, status.estimate_usd)
+            await self.ledger.hold(request.tenant, sandbox_id, status.estimate_usd,
+                                   route=_route_number(profile, status))  # fmt: skip
         # Scheduled before the provider is called, so even a sandbox whose worker dies
         # mid-create is destroyed at expiry.
         await self._schedule_ttl_destroy(status)
         async with self.keepalive.hold(delivery):
-            sandbox = await adapter.provision(spec, credentials)
+            try:
+                sandbox = await adapter.provision(spec, credentials)
+            except ProviderRejected as rejected:
+                await self._fall_back(request, status, revision, profile, rejected)
             try:
                 sandbox = await adapter.wait_ready(sandbox, credentials)
             except SandboxerError as exc:
@@ -174,6 +185,47 @@ class Provisioner:
             await self.statuses.update(ready, revision)
         except StaleStatus:
             log.info("provision %s: settled concurrently by another delivery", sandbox_id)
+
+    async def _fall_back(
+        self,
+        request: ProvisionRequest,
+        status: SandboxStatus,
+        revision: int,
+        profile: Profile,
+        rejected: ProviderRejected,
+    ) -> NoReturn:
+        """The provider refused before creating anything: move the claim to the next
+        eligible route, with a hold for that route's estimate, and deliver the request
+        again to try there. Never called for ambiguous errors (timeouts, lost
+        connections): a sandbox might exist, and a second one elsewhere would be billed
+        twice."""
+        try:
+            route = await self.router.choose(profile, request.tenant, after=status.extension_id)
+        except NoRoute:
+            raise rejected from None
+        ttl_s = profile.resolve_ttl(request.ttl_s)
+        moved = status.with_changes(
+            extension_id=route.extension_id,
+            estimate_usd=route.adapter.estimate_cost(profile, ttl_s),
+            credential_source=route.credentials.source,
+            credential_path=route.key.path if route.key else None,
+            credential_version=route.key.version if route.key else None,
+        )
+        log.warning(
+            "provision %s: %s refused before creating (%s); falling back to %s",
+            status.sandbox_id, status.extension_id, rejected, route.extension_id,
+        )  # fmt: skip
+        assert moved.estimate_usd is not None
+        if moved.credential_source == "byok":
+            await self.ledger.release(request.tenant, status.sandbox_id)
+        else:
+            await self.ledger.hold(request.tenant, status.sandbox_id, moved.estimate_usd,
+                                   route=_route_number(profile, moved))  # fmt: skip
+        try:
+            await self.statuses.update(moved, revision)
+        except StaleStatus:
+            raise Retry(0.0, "status changed concurrently") from None
+        raise Retry(0.0, f"falling back to {route.extension_id}")
 
     async def _claim(self, request: ProvisionRequest, sandbox_id: str) -> tuple[SandboxStatus, int]:
         """Create the request's `provisioning` status (the idempotency claim), or load the

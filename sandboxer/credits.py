@@ -53,6 +53,8 @@ class Balance:
 
     balance: Decimal = Decimal("0")
     holds: dict[str, Decimal] = field(default_factory=dict)
+    #: The entry behind each open hold (a fallback to another route re-holds).
+    hold_ids: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def held(self) -> Decimal:
@@ -67,9 +69,11 @@ class Balance:
         if entry.kind == "grant":
             self.balance += entry.amount_usd
         elif entry.kind == "hold" and entry.sandbox_id is not None:
-            self.holds[entry.sandbox_id] = entry.amount_usd
+            self.holds[entry.sandbox_id] = entry.amount_usd  # a later hold replaces
+            self.hold_ids[entry.sandbox_id] = entry.entry_id
         elif entry.kind == "release" and entry.sandbox_id is not None:
             self.holds.pop(entry.sandbox_id, None)
+            self.hold_ids.pop(entry.sandbox_id, None)
         elif entry.kind == "debit":
             self.balance -= entry.amount_usd
 
@@ -113,19 +117,24 @@ class Ledger:
         entry = _entry("grant", tenant, amount, f"grant-{grant_id}", note=note)
         return await self._append(tenant, lambda balance: entry)
 
-    async def hold(self, tenant: str, sandbox_id: str, amount: Decimal) -> bool:
-        """Reserve `amount` for a sandbox, or raise `InsufficientCredits`. Idempotent:
-        False if the sandbox already has (or had) its hold."""
+    async def hold(self, tenant: str, sandbox_id: str, amount: Decimal, route: int = 1) -> bool:
+        """Reserve `amount` for a sandbox on its `route`-th route, or raise
+        `InsufficientCredits`. A hold for a later route (after a fallback) replaces the
+        sandbox's earlier hold. Idempotent: False if this hold exists (or existed)."""
+        entry_id = f"hold-{sandbox_id}" if route == 1 else f"hold-{sandbox_id}-r{route}"
 
         def decide(balance: Balance) -> LedgerEntry | None:
-            if sandbox_id in balance.holds:
+            if balance.hold_ids.get(sandbox_id) == entry_id:
                 return None
-            if balance.available < amount:
+            if route == 1 and sandbox_id in balance.holds:
+                return None
+            available = balance.available + balance.holds.get(sandbox_id, Decimal(0))
+            if available < amount:
                 raise InsufficientCredits(
-                    f"tenant {tenant} has {balance.available:.6f} USD available, "
+                    f"tenant {tenant} has {available:.6f} USD available, "
                     f"the sandbox needs a hold of {amount:.6f} USD"
                 )
-            return _entry("hold", tenant, amount, f"hold-{sandbox_id}", sandbox_id)
+            return _entry("hold", tenant, amount, entry_id, sandbox_id)
 
         return await self._append(tenant, decide)
 
@@ -160,7 +169,7 @@ class Ledger:
         """The tenant's balance, read up to the latest entry."""
         async with self._lock(tenant):
             balance, _ = await self._catch_up(tenant)
-            return Balance(balance.balance, dict(balance.holds))
+            return Balance(balance.balance, dict(balance.holds), dict(balance.hold_ids))
 
     async def entries(self, tenant: str) -> list[LedgerEntry]:
         """The tenant's journal, oldest first."""

@@ -68,13 +68,17 @@ class Router:
             *((ext, "not tried") for ext in routes[chosen_at + 1 :]),
         ]
 
-    async def choose(self, profile: Profile, tenant: str) -> Route:
-        """The first eligible route, or `NoRoute` listing why each was skipped.
+    async def choose(self, profile: Profile, tenant: str, after: str | None = None) -> Route:
+        """The first eligible route (after the extension `after`, when falling back), or
+        `NoRoute` listing why each was skipped.
 
         OpenBao being unreachable is `ProviderUnavailable` (retried), not a reason to
         skip: where a sandbox is made must not depend on an outage."""
         skipped: list[tuple[str, str]] = []
-        for extension_id in profile.routes_for(tenant):
+        routes = profile.routes_for(tenant)
+        if after is not None:
+            routes = routes[routes.index(after) + 1 :] if after in routes else []
+        for extension_id in routes:
             adapter = self._adapters.get(extension_id)
             if adapter is None:
                 skipped.append((extension_id, "extension not installed"))

@@ -29,7 +29,7 @@ from sandboxer.topology import read_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
 from tests.conftest import OPENBAO_ROOT_TOKEN
 from tests.fake_adapters import fingerprint
-from tests.helpers import meter_events, stream_messages, wait_for_status
+from tests.helpers import meter_events, stream_messages, stub_sandboxes, wait_for_status
 
 
 @pytest.fixture
@@ -262,3 +262,29 @@ async def test_byok_sandbox_holds_and_debits_no_credits(
     assert Decimal(record["provider_cost_usd"]) > 0
     entries = [e.entry_id for e in await Ledger(js).entries(tenant)]
     assert not [e for e in entries if status.sandbox_id in e]  # no hold, debit or release
+
+
+async def test_a_refusal_before_creation_falls_back_to_the_next_route(
+    keyed_worker: Any, start_worker: Callable[..., Any], settings: Settings,
+    js: JetStreamContext, admin: hvac.Client, platform_path: str,
+) -> None:  # fmt: skip
+    put(admin, platform_path, "fallback-placeholder")
+    await keyed_worker.stop()
+    manifest = keyed_worker.settings.extensions_dir / "ext.e2b.yaml"
+    manifest.write_text(manifest.read_text() + "config: {reject_rate: 1}\n")  # refuses all
+    await start_worker(extensions_dir=keyed_worker.settings.extensions_dir)
+
+    status = await provision(settings, "acme")
+    assert status.extension_id == "ext.saas-stub" and status.credential_source == "none"
+    assert status.estimate_usd == Decimal("0.009000")  # the stub's price, not E2B's
+    stub_records = [r for r in await stub_sandboxes(js)
+                    if r["tags"]["sandboxer_sandbox_id"] == status.sandbox_id]  # fmt: skip
+    assert len(stub_records) == 1  # one sandbox, made by the route that accepted
+    ledger = Ledger(js)
+    holds = [(e.entry_id, e.amount_usd) for e in await ledger.entries("acme")
+             if e.sandbox_id == status.sandbox_id]  # fmt: skip
+    assert holds == [
+        (f"hold-{status.sandbox_id}", Decimal("0.018000")),  # ext.e2b, route 1
+        (f"hold-{status.sandbox_id}-r3", Decimal("0.009000")),  # ext.saas-stub, route 3
+    ]
+    assert (await ledger.balance("acme")).holds[status.sandbox_id] == Decimal("0.009000")
