@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from hvac import exceptions as bao_errors
 
 from adapters.base import Credentials
 from sandboxer.errors import ProviderRejected, ProviderUnavailable
+from sandboxer.settings import BaoSettings
 from schemas import CredentialSource, SecretRef
 
 log = logging.getLogger("sandboxer.openbao")
@@ -39,39 +39,6 @@ log = logging.getLogger("sandboxer.openbao")
 def byok_path(tenant: str, extension_id: str) -> str:
     """Where a tenant keeps its own key for an extension (under the secret's mount)."""
     return f"sandboxer/tenants/{tenant}/{extension_id}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class BaoSettings:
-    """How to reach and log in to OpenBao. `token`, or `role_id` + `secret_id`
-    (AppRole). Never printed: `repr` leaves the secrets out."""
-
-    addr: str
-    token: str | None = None
-    role_id: str | None = None
-    secret_id: str | None = None
-    timeout_s: float = 5.0
-    cache_ttl_s: float = 30.0
-
-    def __repr__(self) -> str:
-        auth = "token" if self.token else "approle" if self.role_id else "none"
-        return f"BaoSettings(addr={self.addr!r}, auth={auth})"
-
-    @classmethod
-    def from_env(cls) -> BaoSettings | None:
-        """From `BAO_ADDR`/`VAULT_ADDR`, `BAO_TOKEN`/`VAULT_TOKEN` or
-        `BAO_ROLE_ID` + `BAO_SECRET_ID`; None when no address is set."""
-        addr = os.environ.get("BAO_ADDR") or os.environ.get("VAULT_ADDR")
-        if not addr:
-            return None
-        return cls(
-            addr=addr,
-            token=os.environ.get("BAO_TOKEN") or os.environ.get("VAULT_TOKEN") or None,
-            role_id=os.environ.get("BAO_ROLE_ID") or None,
-            secret_id=os.environ.get("BAO_SECRET_ID") or None,
-            timeout_s=float(os.environ.get("SANDBOXER_BAO_TIMEOUT_S") or 5.0),
-            cache_ttl_s=float(os.environ.get("SANDBOXER_BAO_CACHE_TTL_S") or 30.0),
-        )
 
 
 @dataclass(frozen=True)

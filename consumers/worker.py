@@ -10,14 +10,13 @@ from contextlib import AsyncExitStack
 import nats
 
 from adapters.base import AdapterContext, SandboxAdapter
-from adapters.openbao import BaoSettings, CredentialResolver
 from consumers.app import Subscription, serve
 from consumers.delivery import KeepAlive
 from consumers.provisioner import Provisioner
 from sandboxer.credits import Ledger
 from sandboxer.registry import Registry
 from sandboxer.routing import Router
-from sandboxer.settings import Settings
+from sandboxer.settings import BaoSettings, Settings
 from sandboxer.state import StatusStore
 from sandboxer.topology import (
     DESTROY_CONSUMER,
@@ -69,8 +68,11 @@ async def run_worker(
         keepalive = KeepAlive(every_s=max(0.5, settings.ack_wait_s / 3))
         stack.push_async_callback(keepalive.aclose)
         bao = BaoSettings.from_env()
-        resolver = CredentialResolver(bao) if bao else None
-        if resolver is not None:
+        resolver = None
+        if bao is not None:
+            from adapters.openbao import CredentialResolver  # hvac only when needed
+
+            resolver = CredentialResolver(bao)
             stack.callback(resolver.close)
         provisioner = Provisioner(
             js=js,

@@ -463,8 +463,9 @@ def route_explain(
     """Which extension a provision would use now, and why the others would be skipped.
     Reads OpenBao ($BAO_ADDR) like a worker; prints key paths and versions, never keys."""
     from adapters.base import AdapterContext
-    from adapters.openbao import BaoSettings, CredentialResolver
+    from adapters.openbao import CredentialResolver
     from sandboxer.routing import Router
+    from sandboxer.settings import BaoSettings
 
     registry = _registry()
     try:

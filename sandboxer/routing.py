@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from adapters.base import NO_CREDENTIALS, Credentials, SandboxAdapter
-from adapters.openbao import CredentialResolver, ResolvedKey
 from sandboxer.errors import NoRoute, ProviderUnavailable, UnknownExtension
 from schemas import ExtensionManifest, Profile, SandboxStatus
+
+if TYPE_CHECKING:  # hvac is imported only where OpenBao is configured
+    from adapters.openbao import CredentialResolver, ResolvedKey
 
 log = logging.getLogger("sandboxer.routing")
 

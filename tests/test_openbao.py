@@ -12,9 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.openbao import BaoSettings, CredentialResolver, byok_path
+from adapters.openbao import CredentialResolver, byok_path
 from sandboxer.embedded import EmbeddedOpenBao
 from sandboxer.errors import ProviderUnavailable
+from sandboxer.settings import BaoSettings
 from schemas import SecretRef
 from tests.conftest import OPENBAO_ROOT_TOKEN
 
