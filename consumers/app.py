@@ -10,9 +10,11 @@ import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
+import nats
 from faststream import AckPolicy
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.message import NatsMessage
@@ -22,6 +24,7 @@ from nats.js.api import DeliverPolicy
 
 from consumers.delivery import Delivery, InFlight
 from sandboxer.settings import Settings
+from sandboxer.topology import ensure_topology
 
 log = logging.getLogger("sandboxer.app")
 
@@ -63,6 +66,16 @@ class _FastStreamDelivery:
 
     async def in_progress(self) -> None:
         await self._message.in_progress()
+
+
+async def connect(settings: Settings, name: str, stack: AsyncExitStack) -> JetStreamContext:
+    """A JetStream context on a connection that reconnects forever and is drained when
+    `stack` closes, with every stream and bucket in place."""
+    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, name=name)
+    stack.push_async_callback(nc.drain)
+    js = nc.jetstream(timeout=10.0)
+    await ensure_topology(js, replicas=settings.replicas)
+    return js
 
 
 def consumer_config(subscription: Subscription, settings: Settings) -> ConsumerConfig:

@@ -27,14 +27,13 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from decimal import Decimal
 
-import nats
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from adapters.finhub import FinHubClient, Verdict
-from consumers.app import Subscription, serve
+from consumers.app import Subscription, connect, serve
 from consumers.delivery import Delivery, Retry, backoff_s, settle
 from sandboxer.credits import Ledger
 from sandboxer.settings import Settings
@@ -47,7 +46,6 @@ from sandboxer.topology import (
     METER_STREAM,
     METER_SUBJECT_PREFIX,
     USAGE_SUBJECT,
-    ensure_topology,
 )
 from schemas import MeterEvent, UsageRecord, meter_event_adapter, usage_record_id, utcnow
 
@@ -222,12 +220,7 @@ async def run_billing(
 ) -> None:
     """Run the billing consumer, and the fin-hub exporter if a URL is configured."""
     async with AsyncExitStack() as stack:
-        nc = await nats.connect(
-            settings.nats_url, max_reconnect_attempts=-1, name="sandboxer-billing"
-        )
-        stack.push_async_callback(nc.drain)
-        js = nc.jetstream(timeout=10.0)
-        await ensure_topology(js, replicas=settings.replicas)
+        js = await connect(settings, "sandboxer-billing", stack)
         markers = await js.key_value(BILLING_BUCKET)
         billing = Billing(js, Ledger(js), markers, settings,
                           fault=os.environ.get("SANDBOXER_FAULT_INJECT", ""))  # fmt: skip

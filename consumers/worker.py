@@ -7,10 +7,8 @@ import asyncio
 import logging
 from contextlib import AsyncExitStack
 
-import nats
-
 from adapters.base import AdapterContext, SandboxAdapter
-from consumers.app import Subscription, serve
+from consumers.app import Subscription, connect, serve
 from consumers.delivery import KeepAlive
 from consumers.provisioner import Provisioner
 from sandboxer.credits import Ledger
@@ -24,7 +22,6 @@ from sandboxer.topology import (
     PROVISION_CONSUMER,
     PROVISION_SUBJECT,
     REQUESTS_STREAM,
-    ensure_topology,
 )
 
 log = logging.getLogger("sandboxer.worker")
@@ -51,12 +48,7 @@ async def run_worker(
     `ready` is set once both consumers are pulling."""
     registry = Registry.load(settings.extensions_dir)
     async with AsyncExitStack() as stack:
-        nc = await nats.connect(
-            settings.nats_url, max_reconnect_attempts=-1, name="sandboxer-worker"
-        )
-        stack.push_async_callback(nc.drain)
-        js = nc.jetstream(timeout=10.0)
-        await ensure_topology(js, replicas=settings.replicas)
+        js = await connect(settings, "sandboxer-worker", stack)
         adapters: dict[str, SandboxAdapter] = registry.build_adapters(
             {
                 ext_id: AdapterContext(manifest, js, settings.deployment, settings.replicas)
