@@ -9,7 +9,15 @@ from dataclasses import dataclass
 
 import httpx
 
+from sandboxer.errors import SandboxerError
 from schemas import UsageRecord
+
+
+class FinHubUnavailable(SandboxerError):
+    """fin-hub did not take the record this time (5xx, 408, 429, timeout, no
+    connection); worth trying again later."""
+
+    retryable = True
 
 
 class Verdict(enum.Enum):

@@ -210,15 +210,6 @@ class SaasStubAdapter:
                 found.append(self._sandbox(record))
         return found
 
-    async def count(self) -> tuple[int, int]:
-        """(sandboxes ever created, still running): what tests and benchmarks check."""
-        await self._kv()
-        created = running = 0
-        async for _key, value in kv_entries(self._js, STUB_BUCKET, "sbx.>"):
-            created += 1
-            running += _Record.model_validate_json(value).terminated_at is None
-        return created, running
-
     async def aclose(self) -> None:
         self._bucket = None
 

@@ -32,9 +32,9 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from adapters.finhub import FinHubClient, Verdict
+from adapters.finhub import FinHubClient, FinHubUnavailable, Verdict
 from consumers.app import Subscription, connect, serve
-from consumers.delivery import Delivery, Retry, backoff_s, settle
+from consumers.delivery import Delivery, settle
 from sandboxer.credits import Ledger
 from sandboxer.settings import Settings
 from sandboxer.topology import (
@@ -76,15 +76,18 @@ async def dead_letter(
 
 
 async def dead_letter_invalid(
-    js: JetStreamContext, consumer: str, data: bytes, error: ValidationError
+    js: JetStreamContext, consumer: str, data: bytes, error: ValidationError, delivery: Delivery
 ) -> None:
-    """Dead-letter a message that does not validate, keyed by its content."""
+    """Dead-letter a message that does not validate (keyed by its content), and end
+    its delivery: retrying cannot fix it."""
+    log.error("%s: invalid message moved to the dead-letter subject: %s", consumer, error)
     key = hashlib.sha256(data).hexdigest()[:24]
     body = {
         "reason": f"invalid: {error.error_count()} errors",
         "data": data.decode(errors="replace"),
     }
     await dead_letter(js, consumer, key, body)
+    await delivery.term()
 
 
 @dataclass
@@ -101,9 +104,7 @@ class Billing:
         try:
             event = meter_event_adapter.validate_json(data)
         except ValidationError as exc:
-            log.error("meter event moved to the dead-letter subject: %s", exc)
-            await dead_letter_invalid(self.js, "billing", data, exc)
-            await delivery.term()
+            await dead_letter_invalid(self.js, "billing", data, exc, delivery)
             return
         if event.kind != "stopped":
             await delivery.ack()
@@ -172,9 +173,7 @@ class Exporter:
         try:
             record = UsageRecord.model_validate_json(data)
         except ValidationError as exc:
-            log.error("usage record moved to the dead-letter subject: %s", exc)
-            await dead_letter_invalid(self.js, "finhub", data, exc)
-            await delivery.term()
+            await dead_letter_invalid(self.js, "finhub", data, exc, delivery)
             return
 
         async def give_up(exc: Exception) -> None:
@@ -182,14 +181,14 @@ class Exporter:
 
         await settle(
             f"export {record.record_id}",
-            self._export(record, delivery),
+            self._export(record),
             delivery,
             self.settings,
             give_up=give_up,
             retry_transient_forever=True,
         )
 
-    async def _export(self, record: UsageRecord, delivery: Delivery) -> None:
+    async def _export(self, record: UsageRecord) -> None:
         if await _marked(self.markers, f"exported.{record.record_id}"):
             return
         outcome = await self.fin_hub.post(record)
@@ -197,13 +196,9 @@ class Exporter:
             await self.markers.put(f"exported.{record.record_id}", str(outcome.status).encode())
             return
         if outcome.verdict is Verdict.RETRY:
-            # Unbounded in time: an outage of hours only delays the record.
-            delay = backoff_s(
-                delivery.attempt,
-                base_s=self.settings.retry_backoff_s,
-                cap_s=self.settings.retry_cap_s,
-            )
-            raise Retry(delay, f"fin-hub: {outcome.detail}")
+            # Retried by `settle` with backoff and without limit: an outage of hours
+            # only delays the record.
+            raise FinHubUnavailable(f"fin-hub: {outcome.detail}")
         log.error("fin-hub refused %s for good: %s", record.record_id, outcome.detail)
         await dead_letter(
             self.js, "finhub", record.record_id,

@@ -129,8 +129,9 @@ class Provisioner:
     async def _provision(
         self, request: ProvisionRequest, sandbox_id: str, delivery: Delivery
     ) -> None:
-        status, revision = await self._claim(request, sandbox_id)
-        if status.request_digest != request.digest():
+        digest = request.digest()
+        status, revision = await self._claim(request, sandbox_id, digest)
+        if status.request_digest != digest:
             await self._announce_conflict(request, status)
             return
         if status.state is not SandboxState.PROVISIONING:
@@ -227,12 +228,14 @@ class Provisioner:
             raise Retry(0.0, "status changed concurrently") from None
         raise Retry(0.0, f"falling back to {route.extension_id}")
 
-    async def _claim(self, request: ProvisionRequest, sandbox_id: str) -> tuple[SandboxStatus, int]:
+    async def _claim(
+        self, request: ProvisionRequest, sandbox_id: str, digest: str
+    ) -> tuple[SandboxStatus, int]:
         """Create the request's `provisioning` status (the idempotency claim), or load the
         status an earlier delivery created. Creating first saves a read on the common
         path: the first delivery."""
         try:
-            status = await self._first_status(request, sandbox_id)
+            status = await self._first_status(request, sandbox_id, digest)
         except SandboxerError:
             # The request cannot be routed now; if it was claimed before, carry on with
             # the route chosen then.
@@ -248,7 +251,9 @@ class Provisioner:
             raise Retry(DESTROY_WAIT_S, f"claim of {sandbox_id} vanished")
         return found
 
-    async def _first_status(self, request: ProvisionRequest, sandbox_id: str) -> SandboxStatus:
+    async def _first_status(
+        self, request: ProvisionRequest, sandbox_id: str, digest: str
+    ) -> SandboxStatus:
         """Validate and route the request; its status before the provider is called."""
         profile = self.registry.profile(request.profile)
         try:
@@ -270,7 +275,7 @@ class Provisioner:
             credential_source=route.credentials.source,
             credential_path=route.key.path if route.key else None,
             credential_version=route.key.version if route.key else None,
-            request_digest=request.digest(),
+            request_digest=digest,
         )
 
     async def _schedule_ttl_destroy(self, status: SandboxStatus) -> None:

@@ -17,10 +17,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
+
+from tests.loopback_http import LoopbackHTTP
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _iso(moment: datetime) -> str:
 
 
 @dataclass
-class FakeE2B:
+class FakeE2B(LoopbackHTTP):
     api_keys: set[str] = field(default_factory=lambda: {"e2b_test_key"})
     sandboxes: dict[str, FakeSandbox] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
@@ -93,13 +94,11 @@ class FakeE2B:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        LoopbackHTTP.__init__(self, Handler)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self.base_url
 
     def alive(self) -> list[FakeSandbox]:
         now = datetime.now(UTC)
@@ -210,16 +209,3 @@ class FakeE2B:
         items = [{k: v for k, v in s.detail().items() if k not in ("domain", "envdAccessToken")}
                  for s in page]  # fmt: skip
         return 200, items, headers
-
-    def __enter__(self) -> FakeE2B:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._server.shutdown()
-        self._server.server_close()

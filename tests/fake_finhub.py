@@ -9,9 +9,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.loopback_http import LoopbackHTTP
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Script:
     reject: set[str] = field(default_factory=set)
 
 
-class FakeFinHub:
+class FakeFinHub(LoopbackHTTP):
     def __init__(self, script: Script | None = None) -> None:
         self.script = script or Script()
         self.posts = 0
@@ -66,28 +67,12 @@ class FakeFinHub:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}/usage"
+        return f"{self.base_url}/usage"
 
     def total_usd(self) -> Decimal:
         with self._lock:
             return sum((Decimal(r["actual_usd"]) for r in self.accepted.values()), Decimal(0))
-
-    def __enter__(self) -> FakeFinHub:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
