@@ -78,6 +78,12 @@ class Usage:
     meter_fields: Mapping[str, Any] = field(default_factory=dict)
 
 
+def seconds_between(started_at: datetime, stopped_at: datetime) -> Decimal:
+    """Running seconds from start to stop, to the millisecond; never negative."""
+    duration = Decimal(str((stopped_at - started_at).total_seconds()))
+    return max(duration, Decimal(0)).quantize(Decimal("0.001"))
+
+
 @dataclass(frozen=True, slots=True)
 class AdapterContext:
     """What an adapter is built from: its manifest and the deployment's connections."""
@@ -123,8 +129,11 @@ class SandboxAdapter(Protocol):
         """The most a sandbox of `profile` can cost if it lives its whole TTL."""
         ...
 
-    async def meter_actual(self, provider_sandbox_id: str, credentials: Credentials) -> Usage:
-        """What a torn-down sandbox cost. Deterministic: asking twice gives one answer."""
+    def meter_actual(self, sandbox: ProviderSandbox, stopped_at: datetime) -> Usage:
+        """What `sandbox` cost from its `started_at` to `stopped_at`, by the provider's own
+        formula and the `meter_fields` it reported at start. Pure: no I/O, so the same
+        recorded times always give the same price (the provider may have forgotten the
+        sandbox once it is torn down)."""
         ...
 
     async def find(

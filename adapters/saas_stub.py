@@ -22,10 +22,17 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.base import AdapterContext, Credentials, ProviderSandbox, SandboxSpec, Usage
+from adapters.base import (
+    AdapterContext,
+    Credentials,
+    ProviderSandbox,
+    SandboxSpec,
+    Usage,
+    seconds_between,
+)
 from sandboxer.errors import ProviderRejected, ProviderUnavailable
 from sandboxer.topology import ensure_bucket, kv_entries
-from schemas import Profile, Usd, quantize_usd, utcnow
+from schemas import Profile, UsdRate, quantize_usd, utcnow
 
 STUB_BUCKET = "sandboxer-stub"
 
@@ -35,7 +42,7 @@ class StubRates(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    usd_per_second: Usd
+    usd_per_second: UsdRate
 
     def cost(self, seconds: Decimal) -> Decimal:
         """The price of `seconds` of one running sandbox, exact to the micro-dollar."""
@@ -185,18 +192,18 @@ class SaasStubAdapter:
     def estimate_cost(self, profile: Profile, ttl_s: int) -> Decimal:
         return self.rates.cost(Decimal(ttl_s))
 
-    async def meter_actual(self, provider_sandbox_id: str, credentials: Credentials) -> Usage:
-        record = await self._record(provider_sandbox_id)
-        if record is None or record.terminated_at is None:
-            raise ProviderUnavailable(f"stub: {provider_sandbox_id} has not been torn down")
-        duration = Decimal((record.terminated_at - record.created_at).total_seconds())
-        duration = max(duration, Decimal(0)).quantize(Decimal("0.001"))
+    def meter_actual(self, sandbox: ProviderSandbox, stopped_at: datetime) -> Usage:
+        # The rate the sandbox started under, not today's: a price change never reprices
+        # a running sandbox.
+        fields = dict(sandbox.meter_fields) or self._meter_fields()
+        rate = StubRates(usd_per_second=fields.get("usd_per_second", self.rates.usd_per_second))
+        duration = seconds_between(sandbox.started_at, stopped_at)
         return Usage(
-            started_at=record.created_at,
-            stopped_at=record.terminated_at,
+            started_at=sandbox.started_at,
+            stopped_at=stopped_at,
             duration_s=duration,
-            actual_usd=self.rates.cost(duration),
-            meter_fields=self._meter_fields(),
+            actual_usd=rate.cost(duration),
+            meter_fields=fields,
         )
 
     async def find(
@@ -212,13 +219,6 @@ class SaasStubAdapter:
 
     async def aclose(self) -> None:
         self._bucket = None
-
-    async def _record(self, provider_sandbox_id: str) -> _Record | None:
-        try:
-            entry = await (await self._kv()).get(f"sbx.{provider_sandbox_id}")
-        except KeyNotFoundError:
-            return None
-        return _Record.model_validate_json(entry.value or b"")
 
     def _sandbox(self, record: _Record) -> ProviderSandbox:
         return ProviderSandbox(

@@ -18,12 +18,13 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from nats.js import JetStreamContext
 from pydantic import ValidationError
+from pydantic_core import to_jsonable_python
 
-from adapters.base import SandboxSpec, Usage
+from adapters.base import ProviderSandbox, SandboxSpec, Usage
 from consumers.delivery import Delivery, KeepAlive, Retry, settle
 from sandboxer.credits import Ledger
 from sandboxer.errors import InvalidRequest, NoRoute, ProviderRejected, SandboxerError
@@ -71,6 +72,20 @@ def _route_number(profile: Profile, status: SandboxStatus) -> int:
     """1 for a sandbox on the first route it could take, 2 after one fallback, ..."""
     routes = profile.routes_for(status.tenant)
     return routes.index(status.extension_id) + 1 if status.extension_id in routes else 1
+
+
+def _provider_sandbox(status: SandboxStatus) -> ProviderSandbox:
+    """The provider sandbox a status records, as the adapter reported it at start.
+    (Statuses written before `started_at` was recorded fall back to `ready_at`.)"""
+    assert status.provider_sandbox_id is not None
+    started_at = status.started_at or status.ready_at or status.created_at
+    return ProviderSandbox(
+        provider_sandbox_id=status.provider_sandbox_id,
+        tags={},
+        running=status.state is SandboxState.READY,
+        started_at=started_at,
+        meter_fields=status.meter_fields or {},
+    )
 
 
 def _attributable(data: bytes) -> tuple[str, str] | None:
@@ -175,17 +190,27 @@ class Provisioner:
                     await adapter.teardown(sandbox.provider_sandbox_id, credentials)
                 raise
 
+        await self.mark_ready(status, revision, sandbox)
+
+    async def mark_ready(
+        self, status: SandboxStatus, revision: int, sandbox: ProviderSandbox
+    ) -> bool:
+        """Record a ready provider sandbox on its claim: the `started` meter event first,
+        then the status. False if another delivery (or reconciliation) got there first."""
         ready = status.with_changes(
             state=SandboxState.READY,
             provider_sandbox_id=sandbox.provider_sandbox_id,
             ready_at=utcnow(),
+            started_at=sandbox.started_at,
+            meter_fields=to_jsonable_python(sandbox.meter_fields),
         )
-        await self._publish_meter(ready, "started", started_at=sandbox.started_at,
-                                  fields=sandbox.meter_fields)  # fmt: skip
+        await self._publish_meter(ready, "started")
         try:
             await self.statuses.update(ready, revision)
         except StaleStatus:
-            log.info("provision %s: settled concurrently by another delivery", sandbox_id)
+            log.info("provision %s: settled concurrently by another delivery", status.sandbox_id)
+            return False
+        return True
 
     async def _fall_back(
         self,
@@ -413,17 +438,22 @@ class Provisioner:
 
         assert status.extension_id is not None and status.provider_sandbox_id is not None
         adapter = self.router.adapter(status.extension_id)
-        credentials = await self.router.credentials(status)
-        async with self.keepalive.hold(delivery):
-            await adapter.teardown(status.provider_sandbox_id, credentials)
-            usage = await adapter.meter_actual(status.provider_sandbox_id, credentials)
-        destroyed = status.with_changes(
-            state=SandboxState.DESTROYED,
-            destroyed_at=usage.stopped_at,
-            actual_usd=usage.actual_usd,
-        )
-        await self._publish_meter(destroyed, "stopped", started_at=usage.started_at,
-                                  usage=usage, fields=usage.meter_fields)  # fmt: skip
+        if status.destroyed_at is None:
+            credentials = await self.router.credentials(status)
+            async with self.keepalive.hold(delivery):
+                await adapter.teardown(status.provider_sandbox_id, credentials)
+            # Record when it stopped before pricing it, so a retried destroy prices the
+            # same seconds. A sandbox past its TTL was stopped by the provider at expiry.
+            assert status.expires_at is not None
+            status = status.with_changes(destroyed_at=min(utcnow(), status.expires_at))
+            try:
+                revision = await self.statuses.update(status, revision)
+            except StaleStatus:
+                raise Retry(0.1, "status changed concurrently") from None
+        assert status.destroyed_at is not None
+        usage = adapter.meter_actual(_provider_sandbox(status), status.destroyed_at)
+        destroyed = status.with_changes(state=SandboxState.DESTROYED, actual_usd=usage.actual_usd)
+        await self._publish_meter(destroyed, "stopped", usage)
         try:
             await self.statuses.update(destroyed, revision)
         except StaleStatus:
@@ -452,18 +482,12 @@ class Provisioner:
     # -- shared ----------------------------------------------------------------------
 
     async def _publish_meter(
-        self,
-        status: SandboxStatus,
-        kind: MeterKind,
-        *,
-        started_at: datetime,
-        fields: Any,
-        usage: Usage | None = None,
+        self, status: SandboxStatus, kind: MeterKind, usage: Usage | None = None
     ) -> None:
         assert status.extension_id is not None
         event = meter_event_adapter.validate_python(
             {
-                **dict(fields),
+                **(usage.meter_fields if usage else status.meter_fields or {}),
                 "event_id": meter_event_id(status.sandbox_id, kind),
                 "kind": kind,
                 "extension_id": status.extension_id,
@@ -472,7 +496,7 @@ class Provisioner:
                 "profile": status.profile,
                 "provider_sandbox_id": status.provider_sandbox_id,
                 "credential_source": status.credential_source,
-                "started_at": started_at,
+                "started_at": usage.started_at if usage else status.started_at,
                 "stopped_at": usage.stopped_at if usage else None,
                 "duration_s": usage.duration_s if usage else None,
                 "estimate_usd": status.estimate_usd,

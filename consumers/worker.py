@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from contextlib import AsyncExitStack
+
+from nats.js import JetStreamContext
 
 from adapters.base import AdapterContext, SandboxAdapter
 from consumers.app import Subscription, connect, serve
 from consumers.delivery import KeepAlive
 from consumers.provisioner import Provisioner
+from consumers.reconcile import Reconciler
 from sandboxer.credits import Ledger
 from sandboxer.registry import Registry
 from sandboxer.routing import Router
@@ -39,6 +43,61 @@ def subscriptions(provisioner: Provisioner, settings: Settings) -> list[Subscrip
     ]  # fmt: skip
 
 
+async def build_provisioner(
+    settings: Settings, js: JetStreamContext, stack: AsyncExitStack
+) -> Provisioner:
+    """The provisioner with its adapters, router and OpenBao resolver (when `BAO_ADDR`
+    is set), whose connections `stack` closes."""
+    registry = Registry.load(settings.extensions_dir)
+    adapters: dict[str, SandboxAdapter] = registry.build_adapters(
+        {
+            ext_id: AdapterContext(manifest, js, settings.deployment, settings.replicas)
+            for ext_id, manifest in registry.extensions.items()
+        }
+    )
+    for adapter in adapters.values():
+        stack.push_async_callback(adapter.aclose)
+    keepalive = KeepAlive(every_s=max(0.5, settings.ack_wait_s / 3))
+    stack.push_async_callback(keepalive.aclose)
+    bao = BaoSettings.from_env()
+    resolver = None
+    if bao is not None:
+        from adapters.openbao import CredentialResolver  # hvac only when needed
+
+        resolver = CredentialResolver(bao)
+        stack.callback(resolver.close)
+    log.info(
+        "worker: nats=%s deployment=%s extensions=%s in-flight<=%d openbao=%s",
+        settings.nats_url, settings.deployment, ",".join(adapters), settings.max_in_flight,
+        bao.addr if bao else "off",
+    )  # fmt: skip
+    return Provisioner(
+        js=js,
+        registry=registry,
+        router=Router(adapters, registry.extensions, resolver),
+        statuses=await StatusStore.open(js),
+        settings=settings,
+        keepalive=keepalive,
+        ledger=Ledger(js),
+    )
+
+
+async def reconcile_forever(provisioner: Provisioner, settings: Settings) -> None:
+    """Reconcile every `reconcile_every_s`, first after a random share of it (so that
+    workers started together do not all list the providers at once)."""
+    reconciler = Reconciler(provisioner, grace_s=settings.reconcile_grace_s)
+    await asyncio.sleep(random.uniform(0.1, 1.0) * settings.reconcile_every_s)
+    while True:
+        try:
+            findings = await reconciler.run()
+        except Exception:  # a provider or OpenBao outage: try again next time
+            log.exception("reconcile pass failed")
+        else:
+            acted = [f for f in findings if f.action not in ("keep", "wait")]
+            log.info("reconcile: %d sandboxes, %d acted on", len(findings), len(acted))
+        await asyncio.sleep(settings.reconcile_every_s)
+
+
 async def run_worker(
     settings: Settings,
     stop: asyncio.Event | None = None,
@@ -46,40 +105,12 @@ async def run_worker(
 ) -> None:
     """Run the provisioner until `stop` is set (or SIGTERM/SIGINT), then drain.
     `ready` is set once both consumers are pulling."""
-    registry = Registry.load(settings.extensions_dir)
     async with AsyncExitStack() as stack:
         js = await connect(settings, "sandboxer-worker", stack)
-        adapters: dict[str, SandboxAdapter] = registry.build_adapters(
-            {
-                ext_id: AdapterContext(manifest, js, settings.deployment, settings.replicas)
-                for ext_id, manifest in registry.extensions.items()
-            }
-        )
-        for adapter in adapters.values():
-            stack.push_async_callback(adapter.aclose)
-        keepalive = KeepAlive(every_s=max(0.5, settings.ack_wait_s / 3))
-        stack.push_async_callback(keepalive.aclose)
-        bao = BaoSettings.from_env()
-        resolver = None
-        if bao is not None:
-            from adapters.openbao import CredentialResolver  # hvac only when needed
-
-            resolver = CredentialResolver(bao)
-            stack.callback(resolver.close)
-        provisioner = Provisioner(
-            js=js,
-            registry=registry,
-            router=Router(adapters, registry.extensions, resolver),
-            statuses=await StatusStore.open(js),
-            settings=settings,
-            keepalive=keepalive,
-            ledger=Ledger(js),
-        )
-        log.info(
-            "worker: nats=%s deployment=%s extensions=%s in-flight<=%d openbao=%s",
-            settings.nats_url, settings.deployment, ",".join(adapters), settings.max_in_flight,
-            bao.addr if bao else "off",
-        )  # fmt: skip
+        provisioner = await build_provisioner(settings, js, stack)
+        if settings.reconcile_every_s > 0:
+            task = asyncio.create_task(reconcile_forever(provisioner, settings))
+            stack.callback(task.cancel)
         await serve(
             "worker", js, subscriptions(provisioner, settings), settings,
             stop or asyncio.Event(), ready,

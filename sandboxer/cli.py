@@ -12,6 +12,7 @@ import logging
 import sys
 import uuid
 from collections.abc import Coroutine
+from contextlib import ExitStack
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -165,23 +166,39 @@ def dev(
         ".sandboxer"
     ),
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    fake_e2b: Annotated[
+        bool,
+        typer.Option(
+            "--fake-e2b",
+            help="Also start a fake E2B API and a dev OpenBao holding its platform key, "
+            "so that profile.e2b-burst works offline.",
+        ),
+    ] = False,
 ) -> None:
     """Start an embedded nats-server with JetStream and a worker, for local use."""
     from dataclasses import replace
 
     _setup_logging(log_level)
+    stack = ExitStack()
     server = EmbeddedNats(state_dir / "nats", port=port)
     try:
-        server.start()
+        stack.enter_context(server)
     except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
         _die(f"cannot start nats-server: {exc} (try --port)")
     settings = replace(Settings.from_env(), nats_url=server.url)
     env = "" if port == 4222 else f"SANDBOXER_NATS_URL={server.url} "
+    profile = "profile.burst-sandbox"
+    if fake_e2b:
+        try:
+            typer.echo(f"sandboxer dev: {_start_fake_e2b(stack, settings, state_dir)}", err=True)
+        except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+            stack.close()
+            _die(f"cannot start the fake E2B stack: {exc}")
+        profile = "profile.e2b-burst"
     typer.echo(
         f"sandboxer dev: NATS with JetStream on {server.url}, state in {state_dir}/\n"
         f"In another shell:\n"
-        f"  {env}.venv/bin/sandboxer provision --tenant demo --profile profile.burst-sandbox"
-        f" --wait\n"
+        f"  {env}.venv/bin/sandboxer provision --tenant demo --profile {profile} --wait\n"
         f"  {env}.venv/bin/sandboxer destroy <sandbox_id> --wait\n"
         f"  {env}.venv/bin/sandboxer ls\n"
         f"  {env}.venv/bin/sandboxer credits balance demo\n"
@@ -194,7 +211,32 @@ def dev(
     except ManifestError as exc:
         _die(str(exc))
     finally:
-        server.stop()
+        stack.close()
+
+
+def _start_fake_e2b(stack: ExitStack, settings: Settings, state_dir: Path) -> str:
+    """A fake E2B control plane and a dev OpenBao (in memory) holding the platform key
+    that ext.e2b's `secret_ref` names; the worker is pointed at both."""
+    import os
+    import secrets
+
+    import hvac
+
+    from sandboxer.embedded import EmbeddedOpenBao
+    from sandboxer.fakes.e2b import FakeE2B
+
+    ref = Registry.load(settings.extensions_dir).extensions["ext.e2b"].secret_ref
+    assert ref is not None
+    api_key = "e2b_" + secrets.token_hex(20)
+    fake = stack.enter_context(FakeE2B(api_keys={api_key}))
+    token = secrets.token_hex(16)
+    bao = stack.enter_context(EmbeddedOpenBao(state_dir / "openbao", root_token=token))
+    hvac.Client(url=bao.url, token=token).secrets.kv.v2.create_or_update_secret(
+        path=ref.path, secret={ref.keys[0]: api_key}, mount_point=ref.mount
+    )
+    os.environ.update(SANDBOXER_E2B_API_URL=fake.url, BAO_ADDR=bao.url, BAO_TOKEN=token)
+    return (f"fake E2B API on {fake.url}; dev OpenBao on {bao.url} holds its key at "
+            f"{ref.mount}/{ref.path}")  # fmt: skip
 
 
 #: What `sandboxer dev` grants the `demo` tenant, once per state folder.
@@ -455,6 +497,49 @@ def credits_ledger(
                        f"  {entry.entry_id}  {entry.note}".rstrip())  # fmt: skip
 
 
+@app.command()
+def reconcile(
+    extension: Annotated[
+        str | None, typer.Option(help="Only this extension, e.g. ext.e2b.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Show what would be done; change nothing.")] = False,
+    grace: Annotated[
+        float, typer.Option(help="Seconds a claim or an expiry is given before acting.")
+    ] = 120.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find this deployment's provider sandboxes ($SANDBOXER_DEPLOYMENT) and adopt,
+    expire or destroy those whose claims disagree (see docs/cloud-adapters.md)."""
+    from contextlib import AsyncExitStack
+
+    from consumers.reconcile import Finding, Reconciler
+    from consumers.worker import build_provisioner
+
+    settings = Settings.from_env()
+
+    async def go() -> list[Finding]:
+        async with AsyncExitStack() as stack:
+            client = await stack.enter_async_context(Client(settings.nats_url))
+            await ensure_topology(client.js, replicas=settings.replicas)
+            provisioner = await build_provisioner(settings, client.js, stack)
+            return await Reconciler(provisioner, grace_s=grace).run(extension, dry_run=dry_run)
+
+    try:
+        findings = _run(go())
+    except SandboxerError as exc:
+        _die(f"{exc.code}: {exc}")
+    if as_json:
+        typer.echo(json.dumps([f.__dict__ for f in findings]))
+        return
+    verb = "would " if dry_run else ""
+    for f in findings:
+        typer.echo(f"{f.extension_id:<14} {f.provider_sandbox_id:<28} {f.sandbox_id or '-':<28} "
+                   f"{verb}{f.action:<8} {f.reason}")  # fmt: skip
+    acted = sum(f.action not in ("keep", "wait") for f in findings)
+    typer.echo(f"{len(findings)} sandbox(es) of deployment {settings.deployment}; "
+               f"{acted} {'to act on' if dry_run else 'acted on'}", err=True)  # fmt: skip
+
+
 @route_app.command("explain")
 def route_explain(
     tenant: Annotated[str, typer.Option(help="Tenant to route for.")],
@@ -487,6 +572,8 @@ def route_explain(
                     chosen_profile, tenant
                 )
             finally:
+                for adapter in adapters.values():
+                    await adapter.aclose()
                 if resolver is not None:
                     resolver.close()
 

@@ -53,6 +53,14 @@ class ProviderUnavailable(SandboxerError):
     retryable = True
 
 
+class ProviderFailed(SandboxerError):
+    """The provider failed and said not to retry, after the request may have taken
+    effect: not safe to fall back to another provider (a sandbox might exist, and
+    reconciliation finds it by its tags)."""
+
+    code = ErrorCode.PROVIDER_UNAVAILABLE
+
+
 class IdempotencyConflict(SandboxerError):
     code = ErrorCode.IDEMPOTENCY_CONFLICT
 

@@ -53,6 +53,23 @@ class Router:
         except KeyError:
             raise UnknownExtension(f"extension {extension_id} is not loaded") from None
 
+    @property
+    def extension_ids(self) -> list[str]:
+        """The extensions whose adapters are loaded."""
+        return list(self._adapters)
+
+    async def platform_credentials(self, extension_id: str) -> Credentials | None:
+        """The platform's key for `extension_id`: NO_CREDENTIALS if it needs none, None
+        if it needs one and there is none (or OpenBao is not configured)."""
+        manifest = self._manifests.get(extension_id)
+        ref = manifest.secret_ref if manifest else None
+        if ref is None:
+            return NO_CREDENTIALS
+        if self._resolver is None:
+            return None
+        key = await self._resolver.read(ref.mount, ref.path, ref.keys, "platform")
+        return key.credentials if key else None
+
     async def explain(self, profile: Profile, tenant: str) -> list[tuple[str, str]]:
         """Every route of `profile` for `tenant`, with what routing makes of it: the
         chosen one, why others are skipped, what comes after. No key values."""

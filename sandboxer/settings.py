@@ -51,6 +51,10 @@ class Settings:
     fin_hub_timeout_s: float = 10.0
     #: JetStream replicas of every stream and bucket (3 on a cluster).
     replicas: int = 1
+    #: Seconds between a worker's orphan reconciliation passes (0: never).
+    reconcile_every_s: float = 300.0
+    #: Seconds a claim or an expiry is given before reconciliation acts on it.
+    reconcile_grace_s: float = 120.0
 
     @staticmethod
     def fin_hub_token() -> str | None:
@@ -76,6 +80,8 @@ class Settings:
             fin_hub_url=os.environ.get("SANDBOXER_FIN_HUB_URL") or None,
             fin_hub_timeout_s=_env_float("SANDBOXER_FIN_HUB_TIMEOUT_S", cls.fin_hub_timeout_s),
             replicas=_env_int("SANDBOXER_REPLICAS", cls.replicas),
+            reconcile_every_s=_env_float("SANDBOXER_RECONCILE_EVERY_S", cls.reconcile_every_s),
+            reconcile_grace_s=_env_float("SANDBOXER_RECONCILE_GRACE_S", cls.reconcile_grace_s),
         )
 
 

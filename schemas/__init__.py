@@ -15,6 +15,7 @@ from schemas._types import (
     TenantId,
     Timestamp,
     Usd,
+    UsdRate,
     quantize_usd,
     utcnow,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "TtlOutOfRange",
     "UsageRecord",
     "Usd",
+    "UsdRate",
     "meter_event_adapter",
     "meter_event_id",
     "quantize_usd",

@@ -57,6 +57,28 @@ Usd = Annotated[
 ]
 """USD as an exact Decimal, a decimal string in JSON, at most six decimals."""
 
+#: Finest step of a price per unit (E2B charges 0.0000045 USD per GiB-second).
+RATE_QUANTUM = Decimal("1e-12")
+
+
+def _exact_rate(value: Decimal) -> Decimal:
+    if not value.is_finite() or value < 0:
+        raise ValueError("rate must be a finite, non-negative amount")
+    if value != value.quantize(RATE_QUANTUM):
+        raise ValueError("rate is finer than 1e-12 USD")
+    return value
+
+
+UsdRate = Annotated[
+    Decimal,
+    BeforeValidator(_reject_float),
+    AfterValidator(_exact_rate),
+    PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d{1,12})?$"}),
+]
+"""A price per unit (per second, per vCPU-second...): exact, up to twelve decimals.
+Amounts computed from rates are rounded to the micro-dollar (`quantize_usd`)."""
+
 Seconds = Annotated[
     Decimal,
     BeforeValidator(_reject_float),

@@ -7,7 +7,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas._types import ExtensionId, ProfileId, TenantId, Usd
+from schemas._types import ExtensionId, ProfileId, TenantId, UsdRate
 
 
 class Pricing(BaseModel):
@@ -18,7 +18,7 @@ class Pricing(BaseModel):
 
     pricing_model: Literal["metered"]
     currency: Literal["USD"] = "USD"
-    rates: dict[str, Usd] = Field(min_length=1)
+    rates: dict[str, UsdRate] = Field(min_length=1)
 
 
 class SecretRef(BaseModel):

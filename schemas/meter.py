@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from schemas._types import ProfileId, SandboxId, Seconds, TenantId, Timestamp, Usd
+from schemas._types import ProfileId, SandboxId, Seconds, TenantId, Timestamp, Usd, UsdRate
 from schemas.status import CredentialSource
 
 MeterKind = Literal["started", "stopped"]
@@ -43,7 +43,7 @@ class StubMeterEvent(_MeterEventBase):
     """`ext.saas-stub`: a flat rate per running second."""
 
     extension_id: Literal["ext.saas-stub"] = "ext.saas-stub"
-    usd_per_second: Usd
+    usd_per_second: UsdRate
 
 
 class E2BMeterEvent(_MeterEventBase):

@@ -76,7 +76,19 @@ class SandboxStatus(BaseModel):
     created_at: Timestamp
     ready_at: Timestamp | None = None
     expires_at: Timestamp | None = None
-    destroyed_at: Timestamp | None = None
+    destroyed_at: Timestamp | None = Field(
+        default=None,
+        description="When the sandbox stopped running (billing stops here); recorded once "
+        "teardown is confirmed, so it may already be set while `destroying`.",
+    )
+    started_at: Timestamp | None = Field(
+        default=None, description="When the provider started the sandbox (billing starts here)."
+    )
+    meter_fields: dict[str, str | int | None] | None = Field(
+        default=None,
+        description="What the price depends on, as the provider reported at start (E2B: "
+        "cpu_count, memory_mb); copied into the sandbox's meter events.",
+    )
     estimate_usd: Usd | None = None
     actual_usd: Usd | None = None
     credential_source: CredentialSource = "none"

@@ -12,7 +12,7 @@ from decimal import Decimal
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from tests.loopback_http import LoopbackHTTP
+from sandboxer.fakes.http import LoopbackHTTP
 
 
 @dataclass

@@ -81,10 +81,12 @@ def test_invalid_provision_input_is_rejected_before_publishing() -> None:
 
 def test_profiles_and_extensions_list_the_shipped_files() -> None:
     profiles = runner.invoke(app, ["profiles"])
-    assert profiles.exit_code == 0 and "profile.burst-sandbox" in profiles.output
+    assert profiles.exit_code == 0
+    assert "profile.burst-sandbox" in profiles.output and "profile.e2b-burst" in profiles.output
     extensions = runner.invoke(app, ["extensions", "--json"])
     assert extensions.exit_code == 0
-    assert json.loads(extensions.output.splitlines()[0])["id"] == "ext.saas-stub"
+    ids = [json.loads(line)["id"] for line in extensions.output.splitlines()]
+    assert ids == ["ext.e2b", "ext.saas-stub"]
 
 
 def test_schemas_export_writes_files(tmp_path: Path) -> None:

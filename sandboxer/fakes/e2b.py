@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
-from tests.loopback_http import LoopbackHTTP
+from sandboxer.fakes.http import LoopbackHTTP
 
 
 @dataclass
@@ -34,6 +34,11 @@ class Fault:
     delay_s: float = 0.0
     drop_after_acting: bool = False  # act, then close the connection unanswered
     method: str = "POST"
+    path: str | None = None  # only requests whose path starts with this
+    error_code: str | None = None  # E2B's `error_code` in the error body
+
+    def matches(self, method: str, path: str) -> bool:
+        return self.method == method and (self.path is None or path.startswith(self.path))
 
 
 @dataclass
@@ -74,6 +79,8 @@ class FakeE2B(LoopbackHTTP):
     requests: Counter[str] = field(default_factory=Counter)
     idempotency: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (body, id)
     max_timeout_s: int = 3600
+    #: Templates and the (vCPUs, MiB) their sandboxes get; others are unknown (404).
+    templates: dict[str, tuple[int, int]] = field(default_factory=lambda: {"base": (2, 512)})
 
     def __post_init__(self) -> None:
         self._lock = threading.RLock()
@@ -114,7 +121,7 @@ class FakeE2B(LoopbackHTTP):
         route = f"{method} {parts.path}"
         with self._lock:
             self.requests[route.split("/")[0] + " " + "/".join(parts.path.split("/")[:3])] += 1
-            fault = next((f for f in self.faults if f.method == method), None)
+            fault = next((f for f in self.faults if f.matches(method, parts.path)), None)
             if fault is not None:
                 self.faults.remove(fault)
         if fault is not None and fault.delay_s:
@@ -122,8 +129,9 @@ class FakeE2B(LoopbackHTTP):
         if fault is not None and fault.status is not None:
             headers = {k: v for k, v in (("Retry-After", fault.retry_after),
                                          ("Should-Retry", fault.should_retry)) if v}  # fmt: skip
-            return self._send(http, fault.status, {"code": fault.status, "message": "injected"},
-                              headers)  # fmt: skip
+            error = {"code": fault.status, "message": "injected",
+                     **({"error_code": fault.error_code} if fault.error_code else {})}  # fmt: skip
+            return self._send(http, fault.status, error, headers)
         if http.headers.get("X-API-KEY") not in self.api_keys:
             return self._send(http, 401, {"code": 401, "message": "Invalid API key"})
         status, payload, headers = self._act(method, parts.path, parts.query, body, http.headers)
@@ -180,6 +188,13 @@ class FakeE2B(LoopbackHTTP):
             return 201, self.sandboxes[sandbox_id].summary(), {}
         if "templateID" not in request:
             return 400, {"code": 400, "message": "templateID is required"}, {}
+        if request["templateID"] not in self.templates:
+            return (
+                404,
+                {"code": 404, "message": f"template '{request['templateID']}' not found"},
+                {},
+            )
+        cpu_count, memory_mb = self.templates[request["templateID"]]
         timeout = min(int(request.get("timeout", 300)), self.max_timeout_s)
         sandbox_id = "".join(random.choices(string.ascii_lowercase + string.digits, k=20))
         sandbox = FakeSandbox(
@@ -187,6 +202,7 @@ class FakeE2B(LoopbackHTTP):
             metadata=dict(request.get("metadata") or {}),
             env_vars=dict(request.get("envVars") or {}),
             started_at=now, end_at=now + timedelta(seconds=timeout),
+            cpu_count=cpu_count, memory_mb=memory_mb,
         )  # fmt: skip
         self.sandboxes[sandbox_id] = sandbox
         if key is not None:

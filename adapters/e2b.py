@@ -1,0 +1,347 @@
+"""`ext.e2b`: sandboxes on E2B, through its control-plane REST API.
+
+One `httpx.AsyncClient` serves the whole worker (pooled connections); the API key goes
+per request in `X-API-KEY`, because with BYOK it differs per tenant. Paths, fields and
+status codes are the ones the official `e2b` SDK uses (docs/research/e2b-sdk.md).
+
+Every call is safe to repeat: reads and deletes by nature, creates because they carry
+an `Idempotency-Key` derived from the sandbox id. So lost connections are retried like
+429s and 502/503/504, with capped jittered backoff (honouring `Retry-After`), unless
+E2B answers `Should-Retry: false`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import random
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, ClassVar
+from urllib.parse import quote, urlencode
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters.base import (
+    AdapterContext,
+    Credentials,
+    ProviderSandbox,
+    SandboxSpec,
+    Usage,
+    seconds_between,
+)
+from sandboxer.errors import (
+    ProviderFailed,
+    ProviderRejected,
+    ProviderUnavailable,
+    SandboxerError,
+)
+from schemas import Profile, UsdRate, quantize_usd, utcnow
+
+log = logging.getLogger("sandboxer.e2b")
+
+#: E2B answers these with `Should-Retry` absent when a retry may succeed (as the SDK).
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+#: `error_code`s after which a create may or may not have happened.
+AMBIGUOUS_ERROR_CODES = frozenset({"idempotency_outcome_unknown", "idempotency_request_mismatch"})
+#: `error_code`s that only mean "not yet".
+TRANSIENT_ERROR_CODES = frozenset({"idempotency_in_progress", "sandbox_capacity_unavailable"})
+MIB_PER_GIB = Decimal(1024)
+
+
+class E2BRates(BaseModel):
+    """`pricing.rates` of ext.e2b: allocated vCPU and memory, per running second."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    usd_per_vcpu_second: UsdRate
+    usd_per_gib_second: UsdRate
+
+    def per_second(self, cpu_count: int, memory_mb: int) -> Decimal:
+        """USD per second of a sandbox with `cpu_count` vCPUs and `memory_mb` MiB."""
+        gib = Decimal(memory_mb) / MIB_PER_GIB
+        return cpu_count * self.usd_per_vcpu_second + gib * self.usd_per_gib_second
+
+    def cost(self, cpu_count: int, memory_mb: int, seconds: Decimal) -> Decimal:
+        """The price of `seconds` of such a sandbox, exact to the micro-dollar."""
+        return quantize_usd(self.per_second(cpu_count, memory_mb) * seconds)
+
+
+class E2BConfig(BaseModel):
+    """`config` of ext.e2b."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The control plane; `SANDBOXER_E2B_API_URL` overrides it.
+    api_url: str = "https://api.e2b.app"
+    #: Template used when neither the request nor the profile names one.
+    template: str = "base"
+    #: The plan's longest sandbox life (Hobby 1 h, Pro 24 h); longer TTLs are capped.
+    max_timeout_s: int = Field(default=3600, ge=1, le=24 * 3600)
+    #: Environment variables set in every sandbox (never secrets: they are not redacted).
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    #: Tries per call before the failure goes back to JetStream for a later delivery.
+    max_attempts: int = Field(default=4, ge=1, le=10)
+    backoff_s: float = Field(default=0.2, ge=0)
+    backoff_cap_s: float = Field(default=10.0, ge=0)
+    #: A `Retry-After` longer than this is not slept on inside a handler.
+    max_retry_after_s: float = Field(default=30.0, ge=0)
+    max_connections: int = Field(default=100, ge=1)
+
+    def with_env_overrides(self) -> E2BConfig:
+        url = os.environ.get("SANDBOXER_E2B_API_URL")
+        return self.model_copy(update={"api_url": url}) if url else self
+
+
+def _parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    """`Retry-After` in seconds (a number or an HTTP date), if the response has one."""
+    raw = response.headers.get("Retry-After")
+    if raw is None:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+
+
+def _should_retry(response: httpx.Response) -> bool:
+    """E2B's own verdict (`Should-Retry`), else the SDK's rule for the status."""
+    header = response.headers.get("Should-Retry")
+    if header is not None:
+        return bool(header.strip().lower() == "true")
+    return response.status_code in RETRYABLE_STATUSES
+
+
+class E2BAdapter:
+    """E2B sandboxes over httpx."""
+
+    extension_id: ClassVar[str] = "ext.e2b"
+    Rates: ClassVar[type[BaseModel]] = E2BRates
+    Config: ClassVar[type[BaseModel]] = E2BConfig
+
+    def __init__(self, context: AdapterContext) -> None:
+        self.rates = E2BRates.model_validate(context.manifest.pricing.rates)
+        self.config = E2BConfig.model_validate(context.manifest.config).with_env_overrides()
+        self._deployment = context.deployment
+        self._http = httpx.AsyncClient(
+            base_url=self.config.api_url,
+            timeout=self.config.request_timeout_s,
+            limits=httpx.Limits(
+                max_connections=self.config.max_connections,
+                max_keepalive_connections=self.config.max_connections,
+            ),
+            headers={"User-Agent": "sandboxer"},
+        )
+
+    # -- the seam ---------------------------------------------------------------------
+
+    async def provision(self, spec: SandboxSpec, credentials: Credentials) -> ProviderSandbox:
+        body: dict[str, Any] = {
+            "templateID": spec.template or self.config.template,
+            "timeout": self._timeout_s(spec.ttl_s),
+            "metadata": {**spec.metadata, **spec.tags},  # our tags win
+        }
+        if self.config.env_vars:
+            body["envVars"] = self.config.env_vars
+        response = await self._call(
+            "POST", "/v2/sandboxes", credentials, json=body, creating=True,
+            headers={"Idempotency-Key": self.idempotency_key(spec.sandbox_id)},
+        )  # fmt: skip
+        return ProviderSandbox(
+            provider_sandbox_id=str(response.json()["sandboxID"]),
+            tags=spec.tags,
+            running=True,
+            started_at=utcnow(),
+        )
+
+    async def wait_ready(
+        self, sandbox: ProviderSandbox, credentials: Credentials
+    ) -> ProviderSandbox:
+        # A 201 means E2B already started it; the detail confirms it is running and says
+        # what it is billed on (vCPUs, memory) and since when.
+        path = f"/sandboxes/{sandbox.provider_sandbox_id}"
+        response = await self._call("GET", path, credentials, missing_ok=True)
+        if response.status_code == 404:
+            raise ProviderFailed(f"ext.e2b: sandbox {sandbox.provider_sandbox_id} is gone")
+        found = self._sandbox(response.json())
+        if not found.running:
+            raise ProviderFailed(f"ext.e2b: sandbox {sandbox.provider_sandbox_id} is paused")
+        return found
+
+    async def teardown(self, provider_sandbox_id: str, credentials: Credentials) -> None:
+        # 404: already killed, or stopped at its timeout. Gone either way.
+        path = f"/sandboxes/{provider_sandbox_id}"
+        await self._call("DELETE", path, credentials, missing_ok=True)
+
+    def estimate_cost(self, profile: Profile, ttl_s: int) -> Decimal:
+        seconds = Decimal(self._timeout_s(ttl_s))
+        return self.rates.cost(profile.resources.cpu, profile.resources.memory_mb, seconds)
+
+    def meter_actual(self, sandbox: ProviderSandbox, stopped_at: datetime) -> Usage:
+        fields = sandbox.meter_fields
+        cpu_count, memory_mb = int(fields["cpu_count"]), int(fields["memory_mb"])
+        # E2B kills a sandbox at its timeout, so nothing is billed beyond the plan's cap.
+        longest = sandbox.started_at + timedelta(seconds=self.config.max_timeout_s)
+        stopped_at = min(stopped_at, longest)
+        duration = seconds_between(sandbox.started_at, stopped_at)
+        return Usage(
+            started_at=sandbox.started_at,
+            stopped_at=stopped_at,
+            duration_s=duration,
+            actual_usd=self.rates.cost(cpu_count, memory_mb, duration),
+            meter_fields={"cpu_count": cpu_count, "memory_mb": memory_mb},
+        )
+
+    async def find(
+        self, tags: Mapping[str, str], credentials: Credentials
+    ) -> list[ProviderSandbox]:
+        # The metadata filter is encoded as the SDK does: quoted pairs, url-encoded again.
+        query = urlencode({quote(k): quote(v) for k, v in tags.items()})
+        params = {"metadata": query, "state": "running,paused", "limit": "100"}
+        found: list[ProviderSandbox] = []
+        seen_tokens: set[str] = set()
+        while True:
+            response = await self._call("GET", "/v2/sandboxes", credentials, params=params)
+            for item in response.json():
+                sandbox = self._sandbox(item)
+                # Never trust a filter with another deployment's sandboxes.
+                if tags.items() <= sandbox.tags.items():
+                    found.append(sandbox)
+            token = response.headers.get("X-Next-Token")
+            if not token or token in seen_tokens:
+                return found
+            seen_tokens.add(token)
+            params = {**params, "nextToken": token}
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def idempotency_key(self, sandbox_id: str) -> str:
+        """The create's `Idempotency-Key`: one per sandbox and deployment, so that two
+        deployments sharing a key never collide."""
+        return f"sandboxer-{self._deployment}-{sandbox_id}"
+
+    def _timeout_s(self, ttl_s: int) -> int:
+        return min(ttl_s, self.config.max_timeout_s)
+
+    @staticmethod
+    def _sandbox(item: Mapping[str, Any]) -> ProviderSandbox:
+        """A ProviderSandbox from E2B's `SandboxDetail` or `ListedSandbox`."""
+        metadata = item.get("metadata")
+        return ProviderSandbox(
+            provider_sandbox_id=str(item["sandboxID"]),
+            tags=dict(metadata) if isinstance(metadata, dict) else {},
+            running=item.get("state") == "running",
+            started_at=_parse_time(item["startedAt"]),
+            meter_fields={"cpu_count": int(item["cpuCount"]), "memory_mb": int(item["memoryMB"])},
+        )
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        credentials: Credentials,
+        *,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        creating: bool = False,
+        missing_ok: bool = False,
+    ) -> httpx.Response:
+        """One API call, retried as E2B asks; raises a SandboxerError that never contains
+        the key. `missing_ok` returns a 404 instead of failing on it."""
+        key = self._key(credentials)
+        what = f"{method} {path}"
+        request_headers = {"X-API-KEY": key, **(headers or {})}
+        for attempt in range(1, self.config.max_attempts + 1):
+            try:
+                response = await self._http.request(
+                    method, path, json=json, params=params, headers=request_headers
+                )
+            except httpx.TransportError as exc:
+                # The request may have been acted on; repeating it is safe (see above).
+                error: SandboxerError = ProviderUnavailable(
+                    f"ext.e2b: {what}: {type(exc).__name__}: {exc}".replace(key, "***")
+                )
+                delay = self._backoff_s(attempt)
+            else:
+                if response.status_code < 300 or (missing_ok and response.status_code == 404):
+                    return response
+                if not _should_retry(response):
+                    raise self._failure(response, what, key, creating=creating)
+                error = ProviderUnavailable(self._describe(response, what, key))
+                retry_after = _retry_after_s(response)
+                delay = self._backoff_s(attempt) if retry_after is None else retry_after
+                if delay > self.config.max_retry_after_s:
+                    raise error  # JetStream redelivers later; a handler does not sleep that long
+            if attempt == self.config.max_attempts:
+                raise error
+            log.info("%s: retry %d in %.2fs: %s", what, attempt, delay, error)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _backoff_s(self, attempt: int) -> float:
+        ceiling = min(self.config.backoff_cap_s, self.config.backoff_s * 2 ** (attempt - 1))
+        return float(ceiling * random.uniform(0.5, 1.0))
+
+    @staticmethod
+    def _key(credentials: Credentials) -> str:
+        key = credentials.values.get("api_key")
+        if not key:
+            raise ProviderRejected("ext.e2b: no api_key in the resolved credentials")
+        return key
+
+    @staticmethod
+    def _describe(response: httpx.Response, what: str, key: str) -> str:
+        """`ext.e2b: POST /v2/sandboxes: 429 <E2B's message> (error_code=...)`, with the
+        key blanked out should E2B ever echo it."""
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        message = str(body.get("message") or response.reason_phrase)[:300]
+        code = body.get("error_code")
+        suffix = f" (error_code={code})" if code else ""
+        text = f"ext.e2b: {what}: {response.status_code} {message}{suffix}"
+        return text.replace(key, "***")
+
+    def _failure(
+        self, response: httpx.Response, what: str, key: str, *, creating: bool
+    ) -> SandboxerError:
+        """The error for an answer that must not be retried here."""
+        status = response.status_code
+        message = self._describe(response, what, key)
+        try:
+            error_code = response.json().get("error_code")
+        except (ValueError, AttributeError):
+            error_code = None
+        if error_code in TRANSIENT_ERROR_CODES:
+            return ProviderUnavailable(message)
+        if status in (401, 403):
+            return ProviderRejected(f"{message}; the API key was refused")
+        if creating and 400 <= status < 500 and error_code not in AMBIGUOUS_ERROR_CODES:
+            # E2B refused the create: nothing was made, another provider may be tried.
+            return ProviderRejected(message)
+        if status >= 500 and response.headers.get("Should-Retry") is None:
+            # An internal error with no advice: a later delivery may succeed, and the
+            # idempotency key makes a repeated create safe.
+            return ProviderUnavailable(message)
+        return ProviderFailed(message)

@@ -1,0 +1,169 @@
+"""Orphan reconciliation (SPEC guarantee 5): the provider sandboxes tagged with this
+deployment, compared with their claims in the status bucket.
+
+| claim of the sandbox (by its `sandboxer_sandbox_id` tag)   | action                   |
+|------------------------------------------------------------|--------------------------|
+| none, `failed`, or naming another provider sandbox         | destroy: an orphan       |
+| `provisioning`, on this extension, older than the grace    | adopt: `ready` + started |
+| `provisioning`, younger than the grace                     | wait: a worker is on it  |
+| `ready` / `destroying`, same sandbox, within its TTL       | keep                     |
+| `ready` / `destroying`, past its TTL by more than the grace| expire: destroy request  |
+| `destroyed`                                                | destroy again            |
+
+Adopted and expired sandboxes go through the normal destroy path, so they are metered
+and billed once; an orphan is torn down and logged, and bills nobody (its tenant was
+told the request failed, or never asked). Sandboxes of another deployment, or without
+our tags, are never listed, let alone touched.
+
+Every action is idempotent (CAS on the status, idempotent teardown, deterministic
+destroy request ids), so two reconcilers or a reconciler racing a worker do no harm.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from adapters.base import TAG_DEPLOYMENT, TAG_SANDBOX_ID, Credentials, ProviderSandbox
+from consumers.provisioner import Provisioner
+from sandboxer.ids import ttl_destroy_request_id
+from sandboxer.topology import DESTROY_SUBJECT
+from schemas import DestroyRequest, SandboxState, SandboxStatus, utcnow
+
+log = logging.getLogger("sandboxer.reconcile")
+
+Action = Literal["adopt", "destroy", "expire", "keep", "wait"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One provider sandbox and what reconciliation does (or, dry, would do) with it."""
+
+    extension_id: str
+    provider_sandbox_id: str
+    sandbox_id: str | None
+    tenant: str | None
+    action: Action
+    reason: str
+
+
+class Reconciler:
+    """Runs one reconciliation pass over every (or one) loaded extension."""
+
+    def __init__(self, provisioner: Provisioner, *, grace_s: float = 120.0) -> None:
+        self._p = provisioner
+        self._grace = timedelta(seconds=grace_s)
+
+    async def run(self, extension_id: str | None = None, *, dry_run: bool = False) -> list[Finding]:
+        """Reconcile and return what was found; with `dry_run`, change nothing."""
+        router = self._p.router
+        extensions = [extension_id] if extension_id else router.extension_ids
+        byok = await self._byok_accounts()
+        findings: list[Finding] = []
+        for ext in extensions:
+            adapter = router.adapter(ext)
+            seen: set[str] = set()
+            for credentials in await self._accounts(ext, byok.get(ext, [])):
+                tags = {TAG_DEPLOYMENT: self._p.settings.deployment}
+                for sandbox in await adapter.find(tags, credentials):
+                    if sandbox.provider_sandbox_id in seen:
+                        continue
+                    seen.add(sandbox.provider_sandbox_id)
+                    finding = await self._one(ext, sandbox, credentials, dry_run)
+                    if finding.action != "keep":
+                        log.warning("reconcile %s %s (%s): %s%s: %s", ext,
+                                    sandbox.provider_sandbox_id, finding.sandbox_id or "-",
+                                    "would " if dry_run else "", finding.action,
+                                    finding.reason)  # fmt: skip
+                    findings.append(finding)
+        return findings
+
+    async def _byok_accounts(self) -> dict[str, list[SandboxStatus]]:
+        """One status per tenant key in use, by extension: BYOK sandboxes live in the
+        tenants' own provider accounts, which the platform key cannot list."""
+        by_path: dict[str, SandboxStatus] = {}
+        async for status in self._p.statuses.all():
+            if (status.credential_source == "byok" and status.credential_path
+                    and status.state is not SandboxState.DESTROYED):  # fmt: skip
+                by_path.setdefault(status.credential_path, status)
+        accounts: dict[str, list[SandboxStatus]] = {}
+        for status in by_path.values():
+            accounts.setdefault(status.extension_id or "", []).append(status)
+        return accounts
+
+    async def _accounts(self, ext: str, byok: Iterable[SandboxStatus]) -> list[Credentials]:
+        found = []
+        platform = await self._p.router.platform_credentials(ext)
+        if platform is not None:
+            found.append(platform)
+        for status in byok:
+            found.append(await self._p.router.credentials(status))
+        return found
+
+    async def _one(
+        self, ext: str, sandbox: ProviderSandbox, credentials: Credentials, dry_run: bool
+    ) -> Finding:
+        sandbox_id = sandbox.tags.get(TAG_SANDBOX_ID)
+        found = await self._p.statuses.get(sandbox_id) if sandbox_id else None
+        status = found[0] if found else None
+        action, reason = self._judge(ext, sandbox, status, utcnow())
+        finding = Finding(ext, sandbox.provider_sandbox_id, sandbox_id,
+                          status.tenant if status else sandbox.tags.get("sandboxer_tenant"),
+                          action, reason)  # fmt: skip
+        if dry_run or action in ("keep", "wait"):
+            return finding
+        if action == "destroy":
+            await self._p.router.adapter(ext).teardown(sandbox.provider_sandbox_id, credentials)
+        elif action == "adopt":
+            assert found is not None
+            await self._adopt(ext, sandbox, *found)
+        elif action == "expire":
+            assert status is not None
+            await self._request_destroy(status)
+        return finding
+
+    def _judge(
+        self, ext: str, sandbox: ProviderSandbox, status: SandboxStatus | None, now: datetime
+    ) -> tuple[Action, str]:
+        if status is None:
+            return "destroy", "no claim for this sandbox"
+        if status.state is SandboxState.FAILED:
+            return "destroy", f"its request failed ({status.error.code if status.error else '-'})"
+        if status.state is SandboxState.PROVISIONING:
+            if status.extension_id != ext:
+                return "destroy", f"the claim moved to {status.extension_id}"
+            if now - status.created_at < self._grace:
+                return "wait", "claimed recently; a worker may still be creating it"
+            return "adopt", "claimed, created, never recorded as ready (a worker died?)"
+        if status.provider_sandbox_id != sandbox.provider_sandbox_id or status.extension_id != ext:
+            return (
+                "destroy",
+                f"the claim names {status.provider_sandbox_id} on {status.extension_id}",
+            )
+        if status.state is SandboxState.DESTROYED:
+            return "destroy", "destroyed and metered, yet still running"
+        if status.expires_at is not None and now - status.expires_at > self._grace:
+            return "expire", f"past its TTL ({status.expires_at.isoformat()})"
+        return "keep", status.state.value
+
+    async def _adopt(
+        self, ext: str, sandbox: ProviderSandbox, status: SandboxStatus, revision: int
+    ) -> None:
+        credentials = await self._p.router.credentials(status)
+        ready = await self._p.router.adapter(ext).wait_ready(sandbox, credentials)
+        await self._p.mark_ready(status, revision, ready)
+        if status.expires_at is not None and status.expires_at <= utcnow():
+            await self._request_destroy(status)
+
+    async def _request_destroy(self, status: SandboxStatus) -> None:
+        """The TTL destroy again: same request id, so it is the same request."""
+        request = DestroyRequest(
+            request_id=ttl_destroy_request_id(status.sandbox_id),
+            tenant=status.tenant,
+            sandbox_id=status.sandbox_id,
+            reason="ttl",
+        )
+        await self._p.js.publish(DESTROY_SUBJECT, request.model_dump_json().encode())
