@@ -47,6 +47,7 @@ def settings(nats_server: EmbeddedNats) -> Settings:
         max_deliver=3,
         retry_backoff_s=0.1,
         retry_cap_s=0.5,
+        reconcile_every_s=0,  # tests reconcile when they mean to
     )
 
 
@@ -162,6 +163,7 @@ def spawn_worker(
             "SANDBOXER_MAX_DELIVER": str(settings.max_deliver),
             "SANDBOXER_RETRY_BACKOFF_S": str(settings.retry_backoff_s),
             "SANDBOXER_RETRY_CAP_S": str(settings.retry_cap_s),
+            "SANDBOXER_RECONCILE_EVERY_S": str(settings.reconcile_every_s),
             **env,
         }
         log = open(tmp_path / f"worker-{len(procs)}.log", "wb")  # noqa: SIM115

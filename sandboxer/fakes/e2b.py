@@ -67,6 +67,14 @@ class FakeSandbox:
                 "state": "running", "metadata": self.metadata}  # fmt: skip
 
 
+def _route(method: str, path: str) -> str:
+    """`GET /sandboxes/{id}` for a request on any sandbox: what `requests` counts."""
+    segments = path.strip("/").split("/")
+    if len(segments) >= 2 and segments[0] == "sandboxes":
+        segments[1] = "{id}"
+    return f"{method} /{'/'.join(segments)}"
+
+
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
@@ -76,7 +84,9 @@ class FakeE2B(LoopbackHTTP):
     api_keys: set[str] = field(default_factory=lambda: {"e2b_test_key"})
     sandboxes: dict[str, FakeSandbox] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
-    requests: Counter[str] = field(default_factory=Counter)
+    requests: Counter[str] = field(
+        default_factory=Counter
+    )  # by route, e.g. `DELETE /sandboxes/{id}`
     idempotency: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (body, id)
     max_timeout_s: int = 3600
     #: Templates and the (vCPUs, MiB) their sandboxes get; others are unknown (404).
@@ -118,9 +128,8 @@ class FakeE2B(LoopbackHTTP):
         length = int(http.headers.get("Content-Length") or 0)
         body = http.rfile.read(length) if length else b""
         parts = urlsplit(http.path)
-        route = f"{method} {parts.path}"
         with self._lock:
-            self.requests[route.split("/")[0] + " " + "/".join(parts.path.split("/")[:3])] += 1
+            self.requests[_route(method, parts.path)] += 1
             fault = next((f for f in self.faults if f.matches(method, parts.path)), None)
             if fault is not None:
                 self.faults.remove(fault)
