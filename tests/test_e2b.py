@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import hvac
@@ -344,3 +345,15 @@ async def test_provision_command_against_the_fake(
     async with Client(settings.nats_url) as c:
         done = await wait_for_status(c, status.sandbox_id)
         assert done.provider_sandbox_id in e2b.fake.sandboxes
+
+
+def test_operator_smoke_script_runs_against_the_fake(e2b: E2B) -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "smoke_e2b.py"
+    skipped = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             env={**os.environ, "E2B_API_KEY": ""}, check=True)  # fmt: skip
+    assert skipped.stdout.strip() == "skipped: E2B_API_KEY is not set"
+    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env={**os.environ, "E2B_API_KEY": e2b.api_key}, check=True)  # fmt: skip
+    assert "idempotent" in ran.stdout and "destroyed after" in ran.stdout
+    assert e2b.api_key not in ran.stdout + ran.stderr
+    assert len(e2b.fake.sandboxes) == 1 and e2b.fake.alive() == []
