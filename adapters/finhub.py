@@ -20,6 +20,11 @@ class FinHubUnavailable(SandboxerError):
     retryable = True
 
 
+class FinHubRejected(SandboxerError):
+    """fin-hub refused the record for good (a 4xx other than 408/429): retrying the
+    same record cannot help; it is kept as a dead letter with fin-hub's answer."""
+
+
 class Verdict(enum.Enum):
     DELIVERED = "delivered"  # 2xx, or 409: fin-hub has it
     RETRY = "retry"  # 5xx, 408, 429, timeout, connection trouble: try again later

@@ -9,7 +9,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import DeliverPolicy
 
+from consumers.deadletter import Origin, dead_letter
 from consumers.delivery import Delivery, InFlight
 from sandboxer.settings import Settings
 from sandboxer.topology import ensure_topology
@@ -46,14 +47,19 @@ class Subscription:
 class _FastStreamDelivery:
     """A FastStream NatsMessage seen as a `Delivery`."""
 
-    __slots__ = ("_message",)
+    __slots__ = ("_js", "_message")
 
-    def __init__(self, message: NatsMessage) -> None:
+    def __init__(self, message: NatsMessage, js: JetStreamContext) -> None:
         self._message = message
+        self._js = js
 
     @property
     def attempt(self) -> int:
         return int(self._message.raw_message.metadata.num_delivered or 1)
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._message.raw_message.headers or {}
 
     async def ack(self) -> None:
         await self._message.ack()
@@ -63,6 +69,14 @@ class _FastStreamDelivery:
 
     async def term(self) -> None:
         await self._message.reject()
+
+    async def dead_letter(self, reason: str) -> None:
+        raw = self._message.raw_message
+        meta = raw.metadata
+        origin = Origin(meta.stream, meta.sequence.stream, raw.subject, meta.consumer,
+                        int(meta.num_delivered or 1))  # fmt: skip
+        await dead_letter(self._js, origin, raw.data, raw.headers, reason)
+        await self.term()
 
     async def in_progress(self) -> None:
         await self._message.in_progress()
@@ -103,10 +117,10 @@ async def ensure_consumers(
 
 
 def _start_in_background(
-    handler: Handler, in_flight: InFlight
+    handler: Handler, in_flight: InFlight, js: JetStreamContext
 ) -> Callable[[NatsMessage], Awaitable[None]]:
     async def handle(message: NatsMessage) -> None:
-        await in_flight.start(lambda: handler(message.body, _FastStreamDelivery(message)))
+        await in_flight.start(lambda: handler(message.body, _FastStreamDelivery(message, js)))
 
     return handle
 
@@ -119,7 +133,10 @@ async def _message_itself(message: NatsMessage) -> NatsMessage:
 
 
 def build_broker(
-    settings: Settings, subscriptions: Sequence[Subscription], in_flight: InFlight
+    settings: Settings,
+    subscriptions: Sequence[Subscription],
+    in_flight: InFlight,
+    js: JetStreamContext,
 ) -> NatsBroker:
     """A FastStream broker whose subscribers start their handlers in `in_flight`."""
     # Per-message logging off: the handlers log what matters, at a fraction of the cost.
@@ -142,7 +159,7 @@ def build_broker(
             max_workers=min(settings.max_in_flight, 64),
             ack_policy=AckPolicy.MANUAL,
             decoder=_message_itself,
-        )(_start_in_background(subscription.handler, in_flight))
+        )(_start_in_background(subscription.handler, in_flight, js))
     return broker
 
 
@@ -159,7 +176,7 @@ async def serve(
     off is redelivered after the ack wait, so nothing is lost either way."""
     await ensure_consumers(js, subscriptions, settings)
     in_flight = InFlight(settings.max_in_flight)
-    broker = build_broker(settings, subscriptions, in_flight)
+    broker = build_broker(settings, subscriptions, in_flight, js)
     await broker.start()
     try:
         # Everything built so far lives as long as the process: keep it out of the

@@ -17,12 +17,9 @@ already happened (see docs/payments.md):
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import os
 import signal
-from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from decimal import Decimal
@@ -32,7 +29,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from adapters.finhub import FinHubClient, FinHubUnavailable, Verdict
+from adapters.finhub import FinHubClient, FinHubRejected, FinHubUnavailable, Verdict
 from consumers.app import Subscription, connect, serve
 from consumers.delivery import Delivery, settle
 from sandboxer.credits import Ledger
@@ -41,13 +38,12 @@ from sandboxer.topology import (
     BILLING_BUCKET,
     BILLING_CONSUMER,
     BILLING_STREAM,
-    DLQ_SUBJECT_PREFIX,
     EXPORT_CONSUMER,
     METER_STREAM,
     METER_SUBJECT_PREFIX,
     USAGE_SUBJECT,
 )
-from schemas import MeterEvent, UsageRecord, meter_event_adapter, usage_record_id, utcnow
+from schemas import MeterEvent, UsageRecord, meter_event_adapter, usage_record_id
 
 log = logging.getLogger("sandboxer.billing")
 
@@ -64,30 +60,10 @@ async def _marked(markers: KeyValue, key: str) -> bool:
     return True
 
 
-async def dead_letter(
-    js: JetStreamContext, consumer: str, key: str, body: Mapping[str, object]
-) -> None:
-    """Keep a message that cannot be processed on `billing.dlq.<consumer>`, with why."""
-    await js.publish(
-        f"{DLQ_SUBJECT_PREFIX}.{consumer}",
-        json.dumps({**body, "at": utcnow().isoformat()}, default=str).encode(),
-        headers={"Nats-Msg-Id": f"dlq-{consumer}-{key}"},
-    )
-
-
-async def dead_letter_invalid(
-    js: JetStreamContext, consumer: str, data: bytes, error: ValidationError, delivery: Delivery
-) -> None:
-    """Dead-letter a message that does not validate (keyed by its content), and end
-    its delivery: retrying cannot fix it."""
-    log.error("%s: invalid message moved to the dead-letter subject: %s", consumer, error)
-    key = hashlib.sha256(data).hexdigest()[:24]
-    body = {
-        "reason": f"invalid: {error.error_count()} errors",
-        "data": data.decode(errors="replace"),
-    }
-    await dead_letter(js, consumer, key, body)
-    await delivery.term()
+async def dead_letter_invalid(data: bytes, error: ValidationError, delivery: Delivery) -> None:
+    """A message that does not validate: retrying cannot fix it, so keep it as a dead
+    letter with why."""
+    await delivery.dead_letter(f"invalid: {error.error_count()} errors: {error}")
 
 
 @dataclass
@@ -104,7 +80,7 @@ class Billing:
         try:
             event = meter_event_adapter.validate_json(data)
         except ValidationError as exc:
-            await dead_letter_invalid(self.js, "billing", data, exc, delivery)
+            await dead_letter_invalid(data, exc, delivery)
             return
         if event.kind != "stopped":
             await delivery.ack()
@@ -112,8 +88,6 @@ class Billing:
 
         async def give_up(exc: Exception) -> None:
             log.error("billing of %s failed for good: %s", event.sandbox_id, exc)
-            body = {"reason": str(exc), "event": event.model_dump(mode="json")}
-            await dead_letter(self.js, "billing", event.sandbox_id, body)
 
         await settle(
             f"billing {event.sandbox_id}",
@@ -173,7 +147,7 @@ class Exporter:
         try:
             record = UsageRecord.model_validate_json(data)
         except ValidationError as exc:
-            await dead_letter_invalid(self.js, "finhub", data, exc, delivery)
+            await dead_letter_invalid(data, exc, delivery)
             return
 
         async def give_up(exc: Exception) -> None:
@@ -199,13 +173,8 @@ class Exporter:
             # Retried by `settle` with backoff and without limit: an outage of hours
             # only delays the record.
             raise FinHubUnavailable(f"fin-hub: {outcome.detail}")
-        log.error("fin-hub refused %s for good: %s", record.record_id, outcome.detail)
-        await dead_letter(
-            self.js, "finhub", record.record_id,
-            {"reason": "rejected by fin-hub", "status": outcome.status,
-             "response": outcome.detail, "record": record.model_dump(mode="json")},
-        )  # fmt: skip
         await self.markers.put(f"dead.{record.record_id}", str(outcome.status).encode())
+        raise FinHubRejected(f"fin-hub refused {record.record_id} for good: {outcome.detail}")
 
 
 async def run_billing(

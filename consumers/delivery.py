@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 from sandboxer.errors import SandboxerError
@@ -28,11 +28,20 @@ class Delivery(Protocol):
         """1 on first delivery, then 2, 3, ..."""
         ...
 
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The message's headers (empty if it has none)."""
+        ...
+
     async def ack(self) -> None: ...
 
     async def nack(self, delay_s: float) -> None: ...
 
     async def term(self) -> None: ...
+
+    async def dead_letter(self, reason: str) -> None:
+        """Keep the message on its consumer's dead-letter subject, then `term` it."""
+        ...
 
     async def in_progress(self) -> None: ...
 
@@ -59,13 +68,16 @@ async def settle(
     *,
     give_up: Callable[[Exception], Awaitable[None]],
     retry_transient_forever: bool = False,
+    rejections_answered: bool = False,
 ) -> None:
-    """Run `work` and end the delivery with exactly one ack, nak or term.
+    """Run `work` and end the delivery with exactly one ack, nak or dead letter.
 
     `Retry` and retryable errors are nak'ed with backoff while attempts remain (up to
     `max_deliver`, or without limit for known transient errors if
-    `retry_transient_forever`); anything else is handed to `give_up` and terminated.
-    Unexpected errors count as retryable, within `max_deliver`.
+    `retry_transient_forever`); anything else is handed to `give_up`, then kept as a
+    dead letter. Unexpected errors count as retryable, within `max_deliver`. With
+    `rejections_answered`, a non-retryable SandboxerError (`no_route`, a refusal...) is
+    the request's answer, recorded by `give_up`: the message is acked, not kept.
     """
     try:
         await work
@@ -86,7 +98,11 @@ async def settle(
             await delivery.nack(delay)
             return
         await give_up(exc)
-        await delivery.term()
+        if known and not retryable and rejections_answered:
+            await delivery.ack()
+            return
+        tries = f" after {delivery.attempt} deliveries" if retryable else ""
+        await delivery.dead_letter(f"{what}: {type(exc).__name__}{tries}: {exc}")
         return
     await delivery.ack()
 

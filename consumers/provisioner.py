@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 
 from adapters.base import ProviderSandbox, SandboxSpec, Usage
+from consumers.deadletter import H_RETRY
 from consumers.delivery import Delivery, KeepAlive, Retry, settle
 from sandboxer.credits import Ledger
 from sandboxer.errors import InvalidRequest, NoRoute, ProviderRejected, SandboxerError
@@ -125,8 +126,8 @@ class Provisioner:
         try:
             request = ProvisionRequest.model_validate_json(data)
         except ValidationError as exc:
-            await self._reject_invalid(data, exc)
-            await delivery.term()
+            reason = await self._reject_invalid(data, exc)
+            await delivery.dead_letter(f"invalid ProvisionRequest: {reason}")
             return
         sandbox_id = sandbox_id_for(request.tenant, request.request_id)
 
@@ -139,13 +140,15 @@ class Provisioner:
             delivery,
             self.settings,
             give_up=give_up,
+            rejections_answered=True,
         )
 
     async def _provision(
         self, request: ProvisionRequest, sandbox_id: str, delivery: Delivery
     ) -> None:
         digest = request.digest()
-        status, revision = await self._claim(request, sandbox_id, digest)
+        reopen = H_RETRY in delivery.headers  # an operator's `sandboxer dlq retry`
+        status, revision = await self._claim(request, sandbox_id, digest, reopen=reopen)
         if status.request_digest != digest:
             await self._announce_conflict(request, status)
             return
@@ -254,11 +257,16 @@ class Provisioner:
         raise Retry(0.0, f"falling back to {route.extension_id}")
 
     async def _claim(
-        self, request: ProvisionRequest, sandbox_id: str, digest: str
+        self, request: ProvisionRequest, sandbox_id: str, digest: str, *, reopen: bool = False
     ) -> tuple[SandboxStatus, int]:
         """Create the request's `provisioning` status (the idempotency claim), or load the
         status an earlier delivery created. Creating first saves a read on the common
-        path: the first delivery."""
+        path: the first delivery.
+
+        With `reopen` (a dead letter retried by an operator), a `failed` status that never
+        got past validation and routing (no extension: nothing was held or created) is
+        replaced by the new claim, so a fixed request can go through. Any other stored
+        answer stands: idempotency wins."""
         try:
             status = await self._first_status(request, sandbox_id, digest)
         except SandboxerError:
@@ -274,6 +282,14 @@ class Provisioner:
         found = await self.statuses.get(sandbox_id)
         if found is None:  # only if an operator deleted the key in between
             raise Retry(DESTROY_WAIT_S, f"claim of {sandbox_id} vanished")
+        stored, stored_revision = found
+        if reopen and stored.state is SandboxState.FAILED and stored.extension_id is None:
+            log.warning("provision %s: failed claim (%s) reopened by a dead-letter retry",
+                        sandbox_id, stored.error.code if stored.error else "-")  # fmt: skip
+            try:
+                return status, await self.statuses.update(status, stored_revision)
+            except StaleStatus:
+                raise Retry(0.0, "status changed concurrently") from None
         return found
 
     async def _first_status(
@@ -335,12 +351,14 @@ class Provisioner:
             )
         )
 
-    async def _reject_invalid(self, data: bytes, exc: ValidationError) -> None:
+    async def _reject_invalid(self, data: bytes, exc: ValidationError) -> str:
+        """Answer an invalid request with a `failed` status if it can be attributed;
+        returns why it is invalid."""
         reason = _validation_summary(exc)
         who = _attributable(data)
         if who is None:
-            log.warning("provision: unattributable message dropped: %s", reason)
-            return
+            log.warning("provision: unattributable message: %s", reason)
+            return reason
         tenant, request_id = who
         log.warning("provision %s/%s: invalid request: %s", tenant, request_id, reason)
         failed = SandboxStatus(
@@ -354,6 +372,7 @@ class Provisioner:
         )
         if await self.statuses.create(failed) is None:
             await self.statuses.announce(failed)
+        return reason
 
     async def _fail(self, request: ProvisionRequest, sandbox_id: str, exc: Exception) -> None:
         """Record the final failure of a provision as a `failed` status."""
@@ -398,15 +417,16 @@ class Provisioner:
         try:
             request = DestroyRequest.model_validate_json(data)
         except ValidationError as exc:
-            log.warning("destroy: invalid request dropped: %s", _validation_summary(exc))
-            await delivery.term()
+            reason = _validation_summary(exc)
+            log.warning("destroy: invalid request: %s", reason)
+            await delivery.dead_letter(f"invalid DestroyRequest: {reason}")
             return
 
         async def give_up(exc: Exception) -> None:
             # A running sandbox costs money, so provider outages are retried without
             # limit; only errors that retrying cannot fix (or unexpected ones, after
-            # max_deliver) get here. The sandbox stays `destroying` for an operator or
-            # reconciliation.
+            # max_deliver) get here. The sandbox stays `destroying`; the request is kept
+            # as a dead letter for an operator to retry (`sandboxer dlq retry`).
             log.error("destroy %s failed for good: %s", request.sandbox_id, exc)
 
         await settle(

@@ -12,7 +12,8 @@ from nats.js import JetStreamContext
 
 from adapters.base import AdapterContext, SandboxAdapter
 from consumers.app import Subscription, connect, serve
-from consumers.delivery import KeepAlive
+from consumers.deadletter import on_max_deliveries
+from consumers.delivery import Delivery, KeepAlive, settle
 from consumers.provisioner import Provisioner
 from consumers.reconcile import Reconciler
 from sandboxer.credits import Ledger
@@ -21,8 +22,13 @@ from sandboxer.routing import Router
 from sandboxer.settings import BaoSettings, Settings
 from sandboxer.state import StatusStore
 from sandboxer.topology import (
+    ADVISORY_CONSUMER,
+    ADVISORY_STREAM,
+    BILLING_STREAM,
     DESTROY_CONSUMER,
     DESTROY_SUBJECT,
+    MAX_DELIVERIES_ADVISORIES,
+    METER_STREAM,
     PROVISION_CONSUMER,
     PROVISION_SUBJECT,
     REQUESTS_STREAM,
@@ -40,7 +46,24 @@ def subscriptions(provisioner: Provisioner, settings: Settings) -> list[Subscrip
                      provisioner.on_provision, settings.max_deliver + 2),
         Subscription(REQUESTS_STREAM, DESTROY_CONSUMER, DESTROY_SUBJECT,
                      provisioner.on_destroy),
+        advisory_subscription(provisioner.js, settings),
     ]  # fmt: skip
+
+
+def advisory_subscription(js: JetStreamContext, settings: Settings) -> Subscription:
+    """The durable consumer that turns `MAX_DELIVERIES` advisories of sandboxer's
+    streams into dead letters (run by every worker; a message is kept once)."""
+    watched = {REQUESTS_STREAM, METER_STREAM, BILLING_STREAM}
+
+    async def on_advisory(data: bytes, delivery: Delivery) -> None:
+        async def give_up(exc: Exception) -> None:
+            log.error("max-deliveries advisory not turned into a dead letter: %s", exc)
+
+        await settle("max-deliveries advisory", on_max_deliveries(js, data, watched),
+                     delivery, settings, give_up=give_up)  # fmt: skip
+
+    return Subscription(ADVISORY_STREAM, ADVISORY_CONSUMER,
+                        f"{MAX_DELIVERIES_ADVISORIES}.>", on_advisory)  # fmt: skip
 
 
 async def build_provisioner(

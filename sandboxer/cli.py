@@ -55,6 +55,11 @@ finhub_app = typer.Typer(help="The fin-hub export.", no_args_is_help=True)
 app.add_typer(finhub_app, name="finhub")
 route_app = typer.Typer(help="How requests are routed.", no_args_is_help=True)
 app.add_typer(route_app, name="route")
+dlq_app = typer.Typer(
+    help="Dead letters: messages a consumer gave up on (sandbox.dlq.<consumer>).",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app, name="dlq")
 
 T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
@@ -538,6 +543,103 @@ def reconcile(
     acted = sum(f.action not in ("keep", "wait") for f in findings)
     typer.echo(f"{len(findings)} sandbox(es) of deployment {settings.deployment}; "
                f"{acted} {'to act on' if dry_run else 'acted on'}", err=True)  # fmt: skip
+
+
+def _dead_letter(letter_id: int) -> Any:
+    from consumers.deadletter import get_dead_letter
+
+    async def go() -> Any:
+        async with Client(Settings.from_env().nats_url) as client:
+            return await get_dead_letter(client.js, letter_id)
+
+    letter = _run(go())
+    if letter is None:
+        _die(f"no dead letter {letter_id} (see `sandboxer dlq ls`)")
+    return letter
+
+
+@dlq_app.command("ls")
+def dlq_ls(
+    consumer: Annotated[
+        str | None, typer.Option(help="Only this consumer, e.g. provisioner-provision.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The kept messages, oldest first: id, consumer, origin, deliveries, why."""
+    from consumers.deadletter import list_dead_letters
+
+    async def go() -> list[Any]:
+        async with Client(Settings.from_env().nats_url) as client:
+            await ensure_topology(client.js)
+            return await list_dead_letters(client.js, consumer)
+
+    for letter in _run(go()):
+        if as_json:
+            typer.echo(json.dumps(letter.summary()))
+            continue
+        o = letter.origin
+        typer.echo(f"{letter.id:>6}  {o.consumer:<22} {o.stream} seq {o.seq} ({o.subject}), "
+                   f"{o.deliveries} deliveries: {letter.reason[:160]}")  # fmt: skip
+
+
+@dlq_app.command("show")
+def dlq_show(letter_id: int, as_json: JsonOpt = False) -> None:
+    """One dead letter: where it came from, why, its headers and body."""
+    letter = _dead_letter(letter_id)
+    if as_json:
+        body = letter.data.decode(errors="replace")
+        typer.echo(json.dumps({**letter.summary(), "headers": letter.original_headers,
+                               "body": body}))  # fmt: skip
+        return
+    for key, value in letter.summary().items():
+        typer.echo(f"{key:<11} {value}")
+    for key, value in letter.original_headers.items():
+        typer.echo(f"header     {key}: {value}")
+    typer.echo(letter.data.decode(errors="replace"))
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    letter_id: int,
+    body: Annotated[
+        Path | None, typer.Option(help="A fixed body (JSON) to send instead of the original.")
+    ] = None,
+) -> None:
+    """Publish a dead letter again on its subject (after the cause is fixed), then drop
+    it. Handlers are idempotent: what was already applied is not applied twice."""
+    from consumers.deadletter import retry_dead_letter
+
+    letter = _dead_letter(letter_id)
+    fixed = body.read_bytes() if body is not None else None
+    if fixed is not None:
+        try:
+            json.loads(fixed)
+        except ValueError as exc:
+            _die(f"{body} is not JSON: {exc}")
+
+    async def go() -> int:
+        async with Client(Settings.from_env().nats_url) as client:
+            return int(await retry_dead_letter(client.js, letter, fixed))
+
+    seq = _run(go())
+    typer.echo(f"dead letter {letter_id} published again on {letter.origin.subject} "
+               f"(seq {seq}) and dropped")  # fmt: skip
+
+
+@dlq_app.command("drop")
+def dlq_drop(letter_id: int) -> None:
+    """Forget a dead letter for good (logged)."""
+    from consumers.deadletter import drop_dead_letter
+
+    _setup_logging("WARNING")
+    letter = _dead_letter(letter_id)
+
+    async def go() -> None:
+        async with Client(Settings.from_env().nats_url) as client:
+            await drop_dead_letter(client.js, letter)
+
+    _run(go())
+    typer.echo(f"dead letter {letter_id} dropped")
 
 
 @route_app.command("explain")

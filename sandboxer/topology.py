@@ -41,8 +41,14 @@ LEDGER_SUBJECT_PREFIX = "credits.ledger"
 
 BILLING_STREAM = "BILLING"
 USAGE_SUBJECT = "billing.usage"
-#: Records fin-hub refused for good, with its answer: `billing.dlq.finhub`.
-DLQ_SUBJECT_PREFIX = "billing.dlq"
+
+#: Messages a consumer gave up on, kept with why: `sandbox.dlq.<consumer>`.
+DEAD_LETTER_STREAM = "DEAD_LETTERS"
+DLQ_SUBJECT_PREFIX = "sandbox.dlq"
+#: nats-server's word that a consumer reached `max_deliver` on a message.
+ADVISORY_STREAM = "ADVISORIES"
+MAX_DELIVERIES_ADVISORIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+ADVISORY_CONSUMER = "dead-letter-advisories"
 #: Durable markers of the billing consumers (usage published, record exported).
 BILLING_BUCKET = "sandboxer-billing"
 BILLING_CONSUMER = "billing-meter"
@@ -114,13 +120,28 @@ def stream_configs(replicas: int) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=BILLING_STREAM,
-            subjects=[USAGE_SUBJECT, f"{DLQ_SUBJECT_PREFIX}.>"],
+            subjects=[USAGE_SUBJECT],
             max_age=EVENTS_MAX_AGE_S,
             storage=StorageType.FILE,
             num_replicas=replicas,
             # Usage records are deduplicated by Nats-Msg-Id over a day, far longer than
             # any crash-and-redeliver; later replays are stopped by a durable marker.
             duplicate_window=DAY_S,
+        ),
+        StreamConfig(
+            name=DEAD_LETTER_STREAM,
+            subjects=[f"{DLQ_SUBJECT_PREFIX}.*"],
+            max_age=EVENTS_MAX_AGE_S,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            duplicate_window=DAY_S,
+        ),
+        StreamConfig(
+            name=ADVISORY_STREAM,
+            subjects=[f"{MAX_DELIVERIES_ADVISORIES}.>"],
+            max_age=REQUESTS_MAX_AGE_S,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
         ),
     ]
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from nats.js import JetStreamContext
 
+from consumers.deadletter import list_dead_letters
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
 from sandboxer.settings import Settings
@@ -136,9 +137,10 @@ async def test_rejected_record_goes_to_the_dead_letter_subject(
             return len(hub.accepted) == 1 and await _drained(js, "BILLING", "finhub-export")
 
         await until(settled)
-        dead = await stream_messages(js, "BILLING", "billing.dlq.>")
-        assert [subject for subject, _ in dead] == ["billing.dlq.finhub"]
-        assert dead[0][1]["status"] == 422 and dead[0][1]["record"]["record_id"] == rejected
+        [dead] = await list_dead_letters(js)
+        assert dead.origin.consumer == "finhub-export" and dead.origin.subject == "billing.usage"
+        assert "HTTP 422" in dead.reason and rejected in dead.reason
+        assert json.loads(dead.data)["record_id"] == rejected  # the record itself, unchanged
         assert hub.posts == 2  # the rejected one was not retried
 
 
