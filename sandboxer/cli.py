@@ -503,6 +503,54 @@ def credits_ledger(
 
 
 @app.command()
+def replay(
+    subject: Annotated[
+        str,
+        typer.Option(
+            help="sandbox.provision, sandbox.destroy, sandbox.meter.> (or one "
+            "extension's) or billing.usage."
+        ),
+    ],
+    since: Annotated[
+        str | None, typer.Option(help="From this time: ISO 8601, or ago: 30m, 2h, 1d.")
+    ] = None,
+    from_seq: Annotated[int | None, typer.Option(help="From this stream sequence.")] = None,
+    until: Annotated[str | None, typer.Option(help="Up to this time (same forms).")] = None,
+    to_seq: Annotated[int | None, typer.Option(help="Up to this stream sequence.")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's messages.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Say what would happen; publish nothing.")] = False,
+    include_replays: Annotated[
+        bool, typer.Option(help="Also replay messages that were replays themselves.")
+    ] = False,
+) -> None:
+    """Publish stored messages of a subject again for their consumers. Handlers are
+    idempotent: what was applied stays applied once; what was missed is applied."""
+    from sandboxer.replay import Range, parse_time, stream_of
+    from sandboxer.replay import replay as run_replay
+
+    if (since and from_seq is not None) or (until and to_seq is not None):
+        _die("give --since or --from-seq, and --until or --to-seq, not both")
+    try:
+        stream_of(subject)
+        span = Range(from_seq=from_seq, to_seq=to_seq,
+                     since=parse_time(since) if since else None,
+                     until=parse_time(until) if until else None)  # fmt: skip
+    except ValueError as exc:
+        _die(str(exc))
+
+    def progress(done: int, left: int) -> None:
+        typer.echo(f"  {done} read, {left} left", err=True)
+
+    async def go() -> Any:
+        async with Client(Settings.from_env().nats_url) as client:
+            await ensure_topology(client.js)
+            return await run_replay(client.js, subject, span, tenant=tenant, dry_run=dry_run,
+                                    include_replays=include_replays, progress=progress)  # fmt: skip
+
+    typer.echo(_run(go()).line())
+
+
+@app.command()
 def reconcile(
     extension: Annotated[
         str | None, typer.Option(help="Only this extension, e.g. ext.e2b.")

@@ -1,0 +1,262 @@
+"""Operator replay: publish stored messages of a subject again, so that their consumers
+see them once more. Every handler is idempotent (deterministic ids, claims, markers),
+so replaying a whole day changes nothing already applied and applies what was missed.
+
+Mechanism: **republish**. The messages of the range are read from their stream (a
+short-lived pull consumer from a start sequence or time) and published again on their
+own subject, with their original headers minus JetStream's own (`Nats-Msg-Id`, which
+would make the stream drop them as duplicates, and schedule headers), plus
+`Sandboxer-Replay: <stream>/<seq>`. They then flow through the normal durable
+consumers, with the workers' concurrency, retries and dead letters. Messages that are
+themselves replays are skipped unless asked for, so replaying a range twice does not
+snowball.
+
+Before publishing, each message is classified by what its consumer will find, which
+is also what `--dry-run` prints: `applied` (its effect is already recorded: a claim,
+a `destroyed` status, a usage marker, an export marker), `new` (it will have an
+effect), `no-op` (nothing to do: a `started` meter event, a destroy of an unknown
+sandbox) or `invalid` (it will be dead-lettered).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from sandboxer.ids import sandbox_id_for
+from sandboxer.state import StatusStore
+from sandboxer.topology import (
+    BILLING_BUCKET,
+    BILLING_STREAM,
+    DESTROY_SUBJECT,
+    EXPORT_CONSUMER,
+    METER_STREAM,
+    METER_SUBJECT_PREFIX,
+    PROVISION_SUBJECT,
+    REQUESTS_STREAM,
+    USAGE_SUBJECT,
+)
+from schemas import (
+    DestroyRequest,
+    ProvisionRequest,
+    SandboxState,
+    UsageRecord,
+    meter_event_adapter,
+    usage_record_id,
+)
+
+H_REPLAY = "Sandboxer-Replay"
+Verdict = Literal["applied", "new", "no-op", "invalid"]
+
+#: The subjects that can be replayed, and the stream that keeps them.
+REPLAYABLE = {
+    PROVISION_SUBJECT: REQUESTS_STREAM,
+    DESTROY_SUBJECT: REQUESTS_STREAM,
+    f"{METER_SUBJECT_PREFIX}.>": METER_STREAM,
+    USAGE_SUBJECT: BILLING_STREAM,
+}
+
+
+def stream_of(subject: str) -> str:
+    """The stream that keeps `subject`, or ValueError naming what can be replayed."""
+    if subject in REPLAYABLE:
+        return REPLAYABLE[subject]
+    if subject.startswith(f"{METER_SUBJECT_PREFIX}."):
+        return METER_STREAM
+    raise ValueError(f"cannot replay {subject!r}; replayable: {', '.join(REPLAYABLE)}, "
+                     f"{METER_SUBJECT_PREFIX}.<extension_id>")  # fmt: skip
+
+
+_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """An ISO 8601 time (UTC if it has no zone), or a duration ago: `30m`, `2h`, `1d`."""
+    found = _RELATIVE.match(text.strip())
+    if found:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[found.group(2)]
+        return (now or datetime.now(UTC)) - timedelta(**{unit: int(found.group(1))})
+    moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Which stored messages: from a sequence or time, to a sequence or time."""
+
+    from_seq: int | None = None
+    since: datetime | None = None
+    to_seq: int | None = None
+    until: datetime | None = None
+
+    def ended_by(self, seq: int, at: datetime) -> bool:
+        return (self.to_seq is not None and seq > self.to_seq) or (
+            self.until is not None and at > self.until
+        )
+
+
+@dataclass
+class Summary:
+    """What a replay found (and, unless dry, published again)."""
+
+    subject: str
+    dry_run: bool
+    first_seq: int | None = None
+    last_seq: int | None = None
+    replayed: int = 0
+    skipped_replays: int = 0
+    skipped_tenants: int = 0
+    verdicts: Counter[str] = field(default_factory=Counter)
+
+    def line(self) -> str:
+        span = f"seq {self.first_seq}..{self.last_seq}" if self.first_seq else "nothing stored"
+        verb = "would replay" if self.dry_run else "replayed"
+        counts = ", ".join(f"{self.verdicts[v]} {v}" for v in ("applied", "new", "no-op",
+                                                                "invalid"))  # fmt: skip
+        return (f"{verb} {self.replayed} message(s) of {self.subject} ({span}): {counts}; "
+                f"skipped {self.skipped_replays} earlier replay(s), "
+                f"{self.skipped_tenants} of other tenants")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Stored:
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    at: datetime
+
+
+async def stored_messages(
+    js: JetStreamContext, stream: str, subject: str, span: Range
+) -> AsyncIterator[tuple[Stored, int]]:
+    """The stored messages of `span`, oldest first, with how many are left after each."""
+    config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30.0,
+                            deliver_policy=DeliverPolicy.ALL)  # fmt: skip
+    if span.from_seq is not None:
+        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = span.from_seq
+    elif span.since is not None:
+        config.deliver_policy = DeliverPolicy.BY_START_TIME
+        config.opt_start_time = span.since.astimezone(UTC)
+    sub = await js.pull_subscribe(subject, stream=stream, config=config)
+    try:
+        remaining = (await sub.consumer_info()).num_pending or 0
+        while remaining > 0:
+            batch = await sub.fetch(min(512, remaining), timeout=10.0)
+            for message in batch:
+                remaining -= 1
+                meta = message.metadata
+                stored = Stored(meta.sequence.stream, message.subject, message.data,
+                                dict(message.headers or {}), meta.timestamp)  # fmt: skip
+                if span.ended_by(stored.seq, stored.at):
+                    return
+                yield stored, remaining
+    finally:
+        await sub.unsubscribe()
+
+
+class Judge:
+    """What each message's consumer will find, read from the same state it reads."""
+
+    def __init__(self, statuses: StatusStore, markers: KeyValue, exporting: bool) -> None:
+        self._statuses = statuses
+        self._markers = markers
+        self._exporting = exporting
+
+    async def tenant_and_verdict(self, subject: str, data: bytes) -> tuple[str | None, Verdict]:
+        try:
+            if subject == PROVISION_SUBJECT:
+                request = ProvisionRequest.model_validate_json(data)
+                found = await self._statuses.get(sandbox_id_for(request.tenant,
+                                                                request.request_id))  # fmt: skip
+                return request.tenant, "applied" if found else "new"
+            if subject == DESTROY_SUBJECT:
+                destroy = DestroyRequest.model_validate_json(data)
+                found = await self._statuses.get(destroy.sandbox_id)
+                if found is None or found[0].tenant != destroy.tenant:
+                    return destroy.tenant, "no-op"
+                done = found[0].state in (SandboxState.DESTROYED, SandboxState.FAILED)
+                return destroy.tenant, "applied" if done else "new"
+            if subject == USAGE_SUBJECT:
+                record = UsageRecord.model_validate_json(data)
+                if not self._exporting:  # no exporter: records just stay on the stream
+                    return record.tenant, "no-op"
+                return record.tenant, await self._marker(f"exported.{record.record_id}")
+            event = meter_event_adapter.validate_json(data)
+            if event.kind != "stopped":
+                return event.tenant, "no-op"
+            return event.tenant, await self._marker(f"usage.{usage_record_id(event.sandbox_id)}")
+        except ValidationError:
+            try:
+                tenant = json.loads(data).get("tenant")
+            except (ValueError, AttributeError):
+                tenant = None
+            return (tenant if isinstance(tenant, str) else None), "invalid"
+
+    async def _marker(self, key: str) -> Verdict:
+        try:
+            await self._markers.get(key)
+        except KeyNotFoundError:
+            return "new"
+        return "applied"
+
+
+def republish_headers(stored: Stored, stream: str) -> dict[str, str]:
+    """The original headers without JetStream's own, marked as a replay."""
+    kept = {k: v for k, v in stored.headers.items() if not k.startswith("Nats-")}
+    return {**kept, H_REPLAY: f"{stream}/{stored.seq}"}
+
+
+async def replay(
+    js: JetStreamContext,
+    subject: str,
+    span: Range,
+    *,
+    tenant: str | None = None,
+    dry_run: bool = False,
+    include_replays: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Summary:
+    """Replay the stored messages of `subject` in `span` (of one `tenant`); with
+    `dry_run`, only say what would happen. `progress(done, left)` is called every 1,000
+    messages."""
+    stream = stream_of(subject)
+    try:
+        await js.consumer_info(BILLING_STREAM, EXPORT_CONSUMER)
+        exporting = True
+    except NotFoundError:
+        exporting = False
+    judge = Judge(await StatusStore.open(js), await js.key_value(BILLING_BUCKET), exporting)
+    summary = Summary(subject, dry_run)
+    seen = 0
+    async for stored, left in stored_messages(js, stream, subject, span):
+        seen += 1
+        if progress is not None and seen % 1000 == 0:
+            progress(seen, left)
+        summary.first_seq = summary.first_seq or stored.seq
+        summary.last_seq = stored.seq
+        if H_REPLAY in stored.headers and not include_replays:
+            summary.skipped_replays += 1
+            continue
+        owner, verdict = await judge.tenant_and_verdict(stored.subject, stored.data)
+        if tenant is not None and owner != tenant:
+            summary.skipped_tenants += 1
+            continue
+        summary.verdicts[verdict] += 1
+        summary.replayed += 1
+        if not dry_run:
+            await js.publish(stored.subject, stored.data,
+                             headers=republish_headers(stored, stream))  # fmt: skip
+    return summary
