@@ -195,5 +195,9 @@ async def serve(
         await stop.wait()
         log.info("%s stopping: draining in-flight messages", name)
     finally:
-        await broker.stop()
+        # Stop fetching, let the handlers finish and ack on the still open connection,
+        # then close it (closing first would lose the acks: redeliveries, not losses).
+        for subscriber in broker.subscribers:
+            await subscriber.stop()
         await in_flight.drain(settings.drain_timeout_s)
+        await broker.stop()

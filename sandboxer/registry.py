@@ -4,6 +4,8 @@ message naming the file and the field, before any request is taken."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -14,6 +16,8 @@ from pydantic import BaseModel, ValidationError
 from adapters.base import AdapterContext, SandboxAdapter
 from sandboxer.errors import ManifestError, UnknownProfile
 from schemas import ExtensionManifest, Profile
+
+log = logging.getLogger("sandboxer.registry")
 
 
 def _describe(path: Path, error: ValidationError, prefix: str = "") -> str:
@@ -101,8 +105,15 @@ class Registry:
             raise UnknownProfile(f"unknown profile {profile_id!r}") from None
 
     def build_adapters(self, context_for: dict[str, AdapterContext]) -> dict[str, SandboxAdapter]:
-        """One adapter instance per extension, built from its context."""
-        return {
-            ext_id: cls(context_for[ext_id])  # type: ignore[call-arg]
-            for ext_id, cls in self.adapter_classes.items()
-        }
+        """One adapter instance per extension, built from its context. An adapter whose
+        optional dependency (`requires`) is not installed is left out, with a warning:
+        routing then treats its extension as not installed."""
+        adapters = {}
+        for ext_id, cls in self.adapter_classes.items():
+            requires = getattr(cls, "requires", None)
+            if requires and importlib.util.find_spec(requires) is None:
+                log.warning("%s skipped: it needs the %r package (pip install sandboxer[%s])",
+                            ext_id, requires, requires)  # fmt: skip
+                continue
+            adapters[ext_id] = cls(context_for[ext_id])  # type: ignore[call-arg]
+        return adapters

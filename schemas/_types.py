@@ -79,6 +79,15 @@ UsdRate = Annotated[
 """A price per unit (per second, per vCPU-second...): exact, up to twelve decimals.
 Amounts computed from rates are rounded to the micro-dollar (`quantize_usd`)."""
 
+Factor = Annotated[
+    Decimal,
+    BeforeValidator(_reject_float),
+    Field(ge=0),
+    PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?$"}),
+]
+"""An exact multiplier of prices (a region surcharge, say): a decimal string, no float."""
+
 Seconds = Annotated[
     Decimal,
     BeforeValidator(_reject_float),

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import replace
 from decimal import Decimal
@@ -29,6 +30,11 @@ from sandboxer.settings import Settings
 from sandboxer.topology import ensure_topology
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Modal's client reads its config file when first imported (by a test or an adapter),
+# and would send 127.0.0.1 through an HTTP proxy if one were set: keep tests from both.
+os.environ["MODAL_CONFIG_PATH"] = str(ROOT / "tests" / "no-modal.toml")  # never created
+os.environ["MODAL_DISABLE_API_PROXY"] = "1"
 
 
 @pytest.fixture
@@ -62,6 +68,21 @@ async def funded(js: JetStreamContext) -> tuple[str, ...]:
     for tenant in FUNDED_TENANTS:
         await ledger.grant(tenant, FUNDS, "test-funds")
     return FUNDED_TENANTS
+
+
+@pytest.fixture
+async def fresh_tenant(js: JetStreamContext) -> str:
+    """A tenant of its own (no key another test left in OpenBao), with 100 USD."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    await Ledger(js).grant(name, Decimal("100"), "test-funds")
+    return name
+
+
+@pytest.fixture
+async def observer(settings: Settings) -> AsyncIterator[Client]:
+    """A client without a worker: for tests that start their workers themselves."""
+    async with Client(settings.nats_url) as c:
+        yield c
 
 
 @pytest.fixture

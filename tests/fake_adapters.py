@@ -55,3 +55,10 @@ class KeyedStubAdapter(SaasStubAdapter):
 
 def fingerprint(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+class NeedsAMissingPackage(SaasStubAdapter):
+    """An adapter whose optional dependency is not installed."""
+
+    extension_id: ClassVar[str] = "ext.needs-missing"
+    requires: ClassVar[str] = "sandboxer_no_such_package"

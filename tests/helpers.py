@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ from nats.js import JetStreamContext
 
 from sandboxer.client import Client
 from sandboxer.topology import kv_entries, read_subject
-from schemas import SandboxState, SandboxStatus
+from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
 
 
 async def stream_messages(
@@ -73,3 +74,23 @@ async def deliveries(js: JetStreamContext, durable: str) -> int:
 async def stub_sandboxes(js: JetStreamContext) -> list[dict[str, Any]]:
     """Every sandbox the stub cloud ever made (running or not), as stored."""
     return [json.loads(value) async for _, value in kv_entries(js, "sandboxer-stub", "sbx.>")]
+
+
+async def provision(
+    client: Client, tenant: str, profile: str, *, wait_s: float = 30, **fields: Any
+) -> SandboxStatus:
+    """Ask for a sandbox under a new request id; its settled status."""
+    request = ProvisionRequest(request_id=uuid.uuid4().hex, tenant=tenant, profile=profile,
+                               **fields)  # fmt: skip
+    status = await client.provision(request, wait_s=wait_s)
+    assert status is not None, "no answer"
+    return status
+
+
+async def destroy(client: Client, status: SandboxStatus, *, wait_s: float = 30) -> SandboxStatus:
+    """Destroy a sandbox under a new request id; its `destroyed` status."""
+    request = DestroyRequest(request_id=uuid.uuid4().hex, tenant=status.tenant,
+                             sandbox_id=status.sandbox_id)  # fmt: skip
+    done = await client.destroy(request, wait_s=wait_s)
+    assert done is not None and done.state is SandboxState.DESTROYED, done
+    return done

@@ -86,7 +86,7 @@ def test_profiles_and_extensions_list_the_shipped_files() -> None:
     extensions = runner.invoke(app, ["extensions", "--json"])
     assert extensions.exit_code == 0
     ids = [json.loads(line)["id"] for line in extensions.output.splitlines()]
-    assert ids == ["ext.e2b", "ext.saas-stub"]
+    assert ids == ["ext.e2b", "ext.modal", "ext.saas-stub"]
 
 
 def test_schemas_export_writes_files(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -35,9 +35,9 @@ from sandboxer.fakes.e2b import FakeE2B, Fault
 from sandboxer.ids import sandbox_id_for
 from sandboxer.registry import Registry
 from sandboxer.settings import Settings
-from schemas import DestroyRequest, ErrorCode, ProvisionRequest, SandboxState, SandboxStatus
+from schemas import ErrorCode, ProvisionRequest, SandboxState, SandboxStatus
 from tests.conftest import OPENBAO_ROOT_TOKEN
-from tests.helpers import meter_events, wait_for_state, wait_for_status
+from tests.helpers import destroy, meter_events, provision, wait_for_state, wait_for_status
 
 PLATFORM_PATH = "sandboxer/platform/e2b"  # the shipped manifest's secret_ref
 
@@ -53,7 +53,8 @@ def e2b(openbao: EmbeddedOpenBao, monkeypatch: pytest.MonkeyPatch) -> Iterator[E
     """A fake E2B whose only valid key is the platform key in OpenBao; workers started
     by the test (in-process or spawned) are pointed at both."""
     api_key = f"e2b_{uuid.uuid4().hex}"
-    hvac.Client(url=openbao.url, token=OPENBAO_ROOT_TOKEN).secrets.kv.v2.create_or_update_secret(
+    admin = hvac.Client(url=openbao.url, token=OPENBAO_ROOT_TOKEN)
+    admin.secrets.kv.v2.create_or_update_secret(
         path=PLATFORM_PATH, secret={"api_key": api_key}, mount_point="secret"
     )
     with FakeE2B(api_keys={api_key}) as fake:
@@ -62,41 +63,9 @@ def e2b(openbao: EmbeddedOpenBao, monkeypatch: pytest.MonkeyPatch) -> Iterator[E
         monkeypatch.setenv("BAO_TOKEN", OPENBAO_ROOT_TOKEN)
         monkeypatch.setenv("SANDBOXER_BAO_CACHE_TTL_S", "0")
         yield E2B(fake, api_key)
-
-
-@pytest.fixture
-async def tenant(js: JetStreamContext) -> str:
-    """A tenant of its own (no BYOK key left by other tests), with 100 USD."""
-    name = f"e2b-{uuid.uuid4().hex[:8]}"
-    await Ledger(js).grant(name, Decimal("100"), "test-funds")
-    return name
-
-
-@pytest.fixture
-async def client(settings: Settings) -> AsyncIterator[Client]:
-    """A client only: these tests start their workers themselves, with the E2B env."""
-    async with Client(settings.nats_url) as c:
-        yield c
-
-
-async def provision(
-    client: Client, tenant: str, profile: str = "profile.e2b-burst", **fields: Any
-) -> SandboxStatus:
-    request = ProvisionRequest(
-        request_id=uuid.uuid4().hex, tenant=tenant, profile=profile, **fields
+    admin.secrets.kv.v2.delete_metadata_and_all_versions(  # leave no key to other tests
+        path=PLATFORM_PATH, mount_point="secret"
     )
-    status = await client.provision(request, wait_s=20)
-    assert status is not None, "no answer"
-    return status
-
-
-async def destroy(client: Client, status: SandboxStatus) -> SandboxStatus:
-    request = DestroyRequest(
-        request_id=uuid.uuid4().hex, tenant=status.tenant, sandbox_id=status.sandbox_id
-    )
-    done = await client.destroy(request, wait_s=20)
-    assert done is not None and done.state is SandboxState.DESTROYED, done
-    return done
 
 
 def adapter_for(settings: Settings, js: JetStreamContext, deployment: str = "test") -> E2BAdapter:
@@ -128,23 +97,25 @@ def test_cost_of_2_vcpu_512_mib_for_an_hour_is_exact(settings: Settings) -> None
 
 async def test_provision_and_destroy_through_the_worker(
     e2b: E2B, start_worker: Callable[..., Any], start_billing: Callable[..., Any],
-    client: Client, js: JetStreamContext, tenant: str, settings: Settings,
+    observer: Client, js: JetStreamContext, fresh_tenant: str, settings: Settings,
 ) -> None:  # fmt: skip
     await start_worker()
     await start_billing()
-    status = await provision(client, tenant, ttl_s=600, metadata={"team": "search"})
+    status = await provision(
+        observer, fresh_tenant, "profile.e2b-burst", ttl_s=600, metadata={"team": "search"}
+    )
     assert status.state is SandboxState.READY, status
     assert status.extension_id == "ext.e2b" and status.credential_source == "platform"
     made = e2b.fake.sandboxes[status.provider_sandbox_id or ""]
     assert len(made.sandbox_id) == 20 and made.template_id == "base"
-    tags = {"sandboxer_sandbox_id": status.sandbox_id, "sandboxer_tenant": tenant,
+    tags = {"sandboxer_sandbox_id": status.sandbox_id, "sandboxer_tenant": fresh_tenant,
             "sandboxer_deployment": "test"}  # fmt: skip
     assert made.metadata == {"team": "search", **tags}
     assert (made.end_at - made.started_at) == timedelta(seconds=600)
     assert status.estimate_usd == Decimal("0.018150")  # 600 s x 0.00003025
 
     await asyncio.sleep(1.2)
-    done = await destroy(client, status)
+    done = await destroy(observer, status)
     assert made.killed_at is not None and e2b.fake.alive() == []
     stopped = [e for e in await meter_events(js, status.sandbox_id) if e["kind"] == "stopped"]
     assert len(stopped) == 1
@@ -155,32 +126,32 @@ async def test_provision_and_destroy_through_the_worker(
     assert done.actual_usd == Decimal(event["actual_usd"]) == expected > 0
     ledger = Ledger(js)
     for _ in range(100):
-        debits = [e.amount_usd for e in await ledger.entries(tenant) if e.kind == "debit"]
+        debits = [e.amount_usd for e in await ledger.entries(fresh_tenant) if e.kind == "debit"]
         if debits:
             break
         await asyncio.sleep(0.05)
     assert debits == [expected]
-    assert (await ledger.balance(tenant)).balance == Decimal("100") - expected
+    assert (await ledger.balance(fresh_tenant)).balance == Decimal("100") - expected
 
 
 async def test_rate_limit_with_retry_after_then_success(
-    e2b: E2B, start_worker: Callable[..., Any], client: Client, tenant: str
+    e2b: E2B, start_worker: Callable[..., Any], observer: Client, fresh_tenant: str
 ) -> None:
     await start_worker()
     e2b.fake.faults.append(Fault(status=429, retry_after="1", path="/v2/sandboxes"))
     began = asyncio.get_running_loop().time()
-    status = await provision(client, tenant)
+    status = await provision(observer, fresh_tenant, "profile.e2b-burst")
     assert status.state is SandboxState.READY, status
     assert asyncio.get_running_loop().time() - began >= 1.0  # Retry-After was honoured
     assert e2b.fake.requests["POST /v2/sandboxes"] == 2 and len(e2b.fake.sandboxes) == 1
 
 
 async def test_lost_create_response_is_retried_into_the_same_sandbox(
-    e2b: E2B, start_worker: Callable[..., Any], client: Client, tenant: str
+    e2b: E2B, start_worker: Callable[..., Any], observer: Client, fresh_tenant: str
 ) -> None:
     await start_worker()
     e2b.fake.faults.append(Fault(drop_after_acting=True, path="/v2/sandboxes"))
-    status = await provision(client, tenant)
+    status = await provision(observer, fresh_tenant, "profile.e2b-burst")
     assert status.state is SandboxState.READY, status
     assert e2b.fake.requests["POST /v2/sandboxes"] == 2  # the create was sent twice...
     assert list(e2b.fake.sandboxes) == [status.provider_sandbox_id]  # ...and made one
@@ -188,17 +159,17 @@ async def test_lost_create_response_is_retried_into_the_same_sandbox(
 
 
 async def test_refused_create_falls_back_to_the_next_route(
-    e2b: E2B, start_worker: Callable[..., Any], client: Client, tenant: str
+    e2b: E2B, start_worker: Callable[..., Any], observer: Client, fresh_tenant: str
 ) -> None:
     await start_worker()
     e2b.fake.faults.append(Fault(status=429, should_retry="false", path="/v2/sandboxes"))
-    status = await provision(client, tenant, profile="profile.burst-sandbox")
+    status = await provision(observer, fresh_tenant, profile="profile.burst-sandbox")
     assert status.state is SandboxState.READY and status.extension_id == "ext.saas-stub"
     assert e2b.fake.requests["POST /v2/sandboxes"] == 1 and e2b.fake.sandboxes == {}
 
 
 async def test_wrong_key_is_provider_rejected_and_never_printed(
-    e2b: E2B, start_worker: Callable[..., Any], client: Client, tenant: str,
+    e2b: E2B, start_worker: Callable[..., Any], observer: Client, fresh_tenant: str,
     openbao: EmbeddedOpenBao, caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     wrong = f"e2b_wrong_{uuid.uuid4().hex}"
@@ -208,13 +179,13 @@ async def test_wrong_key_is_provider_rejected_and_never_printed(
     )
     caplog.set_level("DEBUG")
     await start_worker()
-    status = await provision(client, tenant)
+    status = await provision(observer, fresh_tenant, "profile.e2b-burst")
     assert status.state is SandboxState.FAILED and status.error is not None
     assert status.error.code is ErrorCode.PROVIDER_REJECTED
     assert "401" in status.error.message and "API key was refused" in status.error.message
     assert wrong not in status.model_dump_json() and wrong not in caplog.text
     assert e2b.fake.requests["POST /v2/sandboxes"] == 1  # a 401 is not retried
-    assert (await Ledger(client.js).balance(tenant)).held == 0  # the hold was released
+    assert (await Ledger(observer.js).balance(fresh_tenant)).held == 0  # the hold was released
 
 
 async def test_unknown_template_keeps_e2b_error_code_in_the_message(
@@ -257,42 +228,42 @@ async def reconcile(settings: Settings, **kwargs: Any) -> list[Any]:
 
 async def test_worker_killed_after_create_is_adopted_by_reconcile(
     e2b: E2B, spawn_worker: Callable[..., subprocess.Popen[bytes]],
-    start_worker: Callable[..., Any], client: Client, js: JetStreamContext,
-    settings: Settings, tenant: str,
+    start_worker: Callable[..., Any], observer: Client, js: JetStreamContext,
+    settings: Settings, fresh_tenant: str,
 ) -> None:  # fmt: skip
     # The create succeeds; the worker is killed while it waits for the sandbox detail.
     e2b.fake.faults.append(Fault(method="GET", path="/sandboxes/", delay_s=30))
     doomed = spawn_worker()
-    request = ProvisionRequest(request_id="crash", tenant=tenant, profile="profile.e2b-burst")
-    await client.provision(request)
-    sandbox_id = sandbox_id_for(tenant, "crash")
+    request = ProvisionRequest(request_id="crash", tenant=fresh_tenant, profile="profile.e2b-burst")
+    await observer.provision(request)
+    sandbox_id = sandbox_id_for(fresh_tenant, "crash")
     for _ in range(300):
         if e2b.fake.sandboxes:
             break
         await asyncio.sleep(0.05)
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
-    assert (await wait_for_state(client, sandbox_id, SandboxState.PROVISIONING)).ready_at is None
+    assert (await wait_for_state(observer, sandbox_id, SandboxState.PROVISIONING)).ready_at is None
 
     dry = await reconcile(settings, dry_run=True)
     assert [(f.sandbox_id, f.action) for f in dry] == [(sandbox_id, "adopt")]
-    assert (await client.status(sandbox_id)).state is SandboxState.PROVISIONING  # type: ignore[union-attr]
+    assert (await observer.status(sandbox_id)).state is SandboxState.PROVISIONING  # type: ignore[union-attr]
     [found] = await reconcile(settings)
-    assert found.action == "adopt" and found.tenant == tenant
-    adopted = await wait_for_state(client, sandbox_id, SandboxState.READY)
+    assert found.action == "adopt" and found.tenant == fresh_tenant
+    adopted = await wait_for_state(observer, sandbox_id, SandboxState.READY)
     assert adopted.provider_sandbox_id == found.provider_sandbox_id
     assert [e["kind"] for e in await meter_events(js, sandbox_id)] == ["started"]
 
     # The redelivered request finds it ready; the sandbox is destroyed and metered once.
     await start_worker()
-    await destroy(client, adopted)
+    await destroy(observer, adopted)
     assert len(e2b.fake.sandboxes) == 1 and e2b.fake.alive() == []
     kinds = sorted(e["kind"] for e in await meter_events(js, sandbox_id))
     assert kinds == ["started", "stopped"]
 
 
 async def test_reconcile_destroys_orphans_and_never_touches_other_deployments(
-    e2b: E2B, client: Client, js: JetStreamContext, settings: Settings
+    e2b: E2B, observer: Client, js: JetStreamContext, settings: Settings
 ) -> None:
     adapter = adapter_for(settings, js)
     key = Credentials("platform", {"api_key": e2b.api_key})
@@ -328,12 +299,12 @@ async def test_find_follows_pagination(e2b: E2B, settings: Settings, js: JetStre
 
 
 async def test_provision_command_against_the_fake(
-    e2b: E2B, start_worker: Callable[..., Any], settings: Settings, tenant: str
+    e2b: E2B, start_worker: Callable[..., Any], settings: Settings, fresh_tenant: str
 ) -> None:
     """The acceptance command: `sandboxer provision --profile profile.e2b-burst --wait`."""
     await start_worker()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sandboxer", "provision", "--tenant", tenant,
+        sys.executable, "-m", "sandboxer", "provision", "--tenant", fresh_tenant,
         "--profile", "profile.e2b-burst", "--wait", "--json",
         env={**os.environ, "SANDBOXER_NATS_URL": settings.nats_url},
         stdout=asyncio.subprocess.PIPE,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters.base import AdapterContext
 from sandboxer.errors import ManifestError, NoRoute, UnknownProfile
 from sandboxer.registry import Registry
 from sandboxer.routing import Router
@@ -110,3 +111,21 @@ def test_pins_must_name_a_route() -> None:
             kind="profile", id="profile.pinned", pricing_model="metered",
             routes=["ext.a"], ttl=TtlLimits(default_s=60, max_s=600), pins={"vip": "ext.c"},
         )  # fmt: skip
+
+
+async def test_an_adapter_without_its_optional_package_is_left_out(
+    ext_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (ext_dir / "ext.needs-missing.yaml").write_text(
+        "kind: extension\nid: ext.needs-missing\nname: needs a package\n"
+        "adapter: tests.fake_adapters:NeedsAMissingPackage\n"
+        "pricing: {pricing_model: metered, rates: {usd_per_second: '0.000001'}}\n"
+    )
+    registry = Registry.load(ext_dir)
+    contexts = {ext: AdapterContext(manifest, None, "test")  # type: ignore[arg-type]
+                for ext, manifest in registry.extensions.items()}  # fmt: skip
+    adapters = registry.build_adapters(contexts)
+    assert "ext.needs-missing" not in adapters and "ext.saas-stub" in adapters
+    assert "ext.needs-missing skipped: it needs the 'sandboxer_no_such_package'" in caplog.text
+    for adapter in adapters.values():
+        await adapter.aclose()

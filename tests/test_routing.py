@@ -191,7 +191,7 @@ async def test_route_explain_shows_the_decision_and_no_key(
 
     nothing = await explain("acme")
     assert "ext.e2b          no key: neither the tenant's nor the platform's" in nothing
-    assert "ext.modal        extension not installed" in nothing
+    assert "ext.modal        no key: neither the tenant's nor the platform's" in nothing
     assert "ext.saas-stub    CHOSEN (needs no key)" in nothing
     tenant = f"explain-{uuid.uuid4().hex[:8]}"  # OpenBao is shared by the session
     put(admin, byok_path(tenant, "ext.e2b"), "explain-canary-byok")

@@ -1,0 +1,376 @@
+"""`ext.modal`: sandboxes on Modal, through the official `modal` client (the optional
+`sandboxer[modal]` extra). Modal has no public REST API: the client speaks gRPC to
+`MODAL_SERVER_URL` (default Modal's own). Its RPCs are described in
+docs/research/modal-client.md.
+
+- Credentials are per request (BYOK or the platform's token id and secret). One
+  `modal.Client` is kept per credential, at most `config.max_clients` (least recently
+  used ones are closed), and all are closed on shutdown. Only the async API (`.aio`)
+  is used: the blocking one inside an event loop is a known source of hangs.
+- Idempotency: Modal has no idempotency key across calls, but a sandbox's `name` is
+  unique among the running sandboxes of an app. The sandbox id is the name, so a
+  create repeated after a lost answer gets `AlreadyExistsError`, and the adapter returns
+  the sandbox it finds by its tags.
+- What the price depends on (cores, memory, GPU) and the start time are kept in the
+  sandbox's own tags, so a sandbox found after a crash can be metered like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from adapters.base import (
+    TAG_SANDBOX_ID,
+    AdapterContext,
+    Credentials,
+    ProviderSandbox,
+    SandboxSpec,
+    Usage,
+    seconds_between,
+)
+from sandboxer.errors import (
+    ProviderFailed,
+    ProviderRejected,
+    ProviderUnavailable,
+    SandboxerError,
+)
+from schemas import Factor, Profile, UsdRate, quantize_usd, utcnow
+
+if TYPE_CHECKING:
+    import modal
+
+log = logging.getLogger("sandboxer.modal")
+# hpack and h2 (under grpclib, under modal) log every HTTP/2 header at DEBUG, Modal's
+# token secret among them: never let them, whatever the root level.
+for _noisy in ("hpack", "h2"):
+    logging.getLogger(_noisy).setLevel(logging.INFO)
+
+MIB_PER_GIB = Decimal(1024)
+#: Tags on every Modal sandbox besides the three of every provider.
+TAG_CPU = "sandboxer_cpu_cores"
+TAG_MEMORY = "sandboxer_memory_mb"
+TAG_GPU = "sandboxer_gpu"  # "H100:1", or "" for none
+TAG_STARTED = "sandboxer_started_at"
+
+
+class ModalRates(BaseModel):
+    """`pricing.rates` of ext.modal: per CPU core, GiB of memory and GPU, per second.
+    In the manifest, GPU rates are flat keys `gpu.<TYPE>` (`gpu.H100: "0.001097"`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    usd_per_cpu_core_second: UsdRate
+    usd_per_gib_second: UsdRate
+    gpu_usd_per_second: dict[str, UsdRate] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpu_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            gpus = {k.removeprefix("gpu."): v for k, v in data.items() if k.startswith("gpu.")}
+            rest = {k: v for k, v in data.items() if not k.startswith("gpu.")}
+            return {**rest, "gpu_usd_per_second": {**rest.get("gpu_usd_per_second", {}), **gpus}}
+        return data
+
+    def per_second(self, cpu_cores: Decimal, memory_mb: int, gpu: str | None, gpus: int) -> Decimal:
+        """USD per second of a sandbox with these resources (before any multiplier)."""
+        price = cpu_cores * self.usd_per_cpu_core_second
+        price += Decimal(memory_mb) / MIB_PER_GIB * self.usd_per_gib_second
+        if gpu and gpus:
+            price += gpus * self.gpu_rate(gpu)
+        return price
+
+    def gpu_rate(self, gpu: str) -> Decimal:
+        try:
+            return self.gpu_usd_per_second[gpu]
+        except KeyError:
+            priced = ", ".join(sorted(self.gpu_usd_per_second))
+            raise ProviderRejected(
+                f"ext.modal: no price for GPU type {gpu!r} in the manifest; priced: {priced}"
+            ) from None
+
+
+class ModalConfig(BaseModel):
+    """`config` of ext.modal."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The Modal app the sandboxes belong to (created if missing).
+    app_name: str = Field(default="sandboxer", pattern=r"^[A-Za-z0-9._-]{1,63}$")
+    #: Modal environment; None: the workspace's default.
+    environment: str | None = None
+    #: Image when neither request nor profile names one: a registry tag, or `im-...`.
+    image: str = "python:3.12-slim"
+    #: Seconds without activity after which Modal stops a sandbox; None: never.
+    idle_timeout_s: int | None = Field(default=None, ge=1)
+    #: Modal's longest sandbox life (24 h); longer TTLs are capped.
+    max_timeout_s: int = Field(default=24 * 3600, ge=1, le=24 * 3600)
+    #: Modal's surcharge when a region is pinned (1.25 to 2.5); 1: none.
+    region_multiplier: Factor = Decimal(1)
+    #: Clients kept open (one per credential); the least recently used are closed.
+    max_clients: int = Field(default=64, ge=1)
+
+
+def _key_of(credentials: Credentials) -> tuple[str, str]:
+    token_id, secret = credentials.values.get("token_id"), credentials.values.get("token_secret")
+    if not token_id or not secret:
+        raise ProviderRejected("ext.modal: the credentials lack token_id or token_secret")
+    return token_id, secret
+
+
+def _describe(what: str, exc: BaseException, credentials: Credentials) -> str:
+    text = f"ext.modal: {what}: {type(exc).__name__}: {exc}"[:900]
+    for value in credentials.values.values():  # never a secret in a message
+        text = text.replace(value, "***")
+    return text
+
+
+def _translate(what: str, exc: BaseException, credentials: Credentials, *, creating: bool
+               ) -> SandboxerError:  # fmt: skip
+    """Modal's exception as one of ours: refusals (safe to fall back) or ambiguous."""
+    from modal import exception as mx
+
+    message = _describe(what, exc, credentials)
+    if isinstance(exc, mx.AuthError | mx.PermissionDeniedError):
+        return ProviderRejected(f"{message}; the token was refused")
+    if isinstance(exc, mx.ConflictError):  # made, then finished or refused: may exist
+        return ProviderFailed(message)
+    if isinstance(exc, mx.ResourceExhaustedError | mx.InvalidError | mx.NotFoundError):
+        # quota, an invalid GPU or image, no such app/environment: nothing was made
+        return ProviderRejected(message) if creating else ProviderFailed(message)
+    # Deadlines, unavailability, internal errors, lost connections: the create may
+    # have happened. Retried (the name finds it), never a fallback.
+    return ProviderUnavailable(message)
+
+
+class ModalAdapter:
+    """Modal sandboxes through the official client."""
+
+    extension_id: ClassVar[str] = "ext.modal"
+    Rates: ClassVar[type[BaseModel]] = ModalRates
+    Config: ClassVar[type[BaseModel]] = ModalConfig
+    #: The optional dependency this adapter needs (`pip install sandboxer[modal]`).
+    requires: ClassVar[str] = "modal"
+
+    def __init__(self, context: AdapterContext) -> None:
+        self.rates = ModalRates.model_validate(context.manifest.pricing.rates)
+        self.config = ModalConfig.model_validate(context.manifest.config)
+        self._clients: OrderedDict[str, modal.Client] = OrderedDict()
+        self._apps: dict[str, modal.App] = {}
+        self._lock = asyncio.Lock()
+
+    # -- the seam ---------------------------------------------------------------------
+
+    async def provision(self, spec: SandboxSpec, credentials: Credentials) -> ProviderSandbox:
+        import modal
+        from modal import exception as mx
+
+        client, app = await self._session(credentials)
+        resources = spec.profile.resources
+        gpu = self._gpu(spec.profile)
+        started = utcnow()
+        tags = {**spec.tags, TAG_CPU: str(resources.cpu), TAG_MEMORY: str(resources.memory_mb),
+                TAG_GPU: gpu or "", TAG_STARTED: started.isoformat()}  # fmt: skip
+        try:
+            sandbox = await modal.Sandbox.create.aio(
+                app=app, name=spec.sandbox_id, image=self._image(spec.template, client),
+                gpu=gpu, cpu=float(resources.cpu), memory=resources.memory_mb,
+                timeout=self._timeout_s(spec.ttl_s), idle_timeout=self.config.idle_timeout_s,
+                tags=tags, client=client,
+            )  # fmt: skip
+        except mx.AlreadyExistsError:
+            # Made by an earlier attempt whose answer was lost: that one is ours.
+            found = await self._by_sandbox_id(spec.sandbox_id, credentials)
+            if found is None:
+                raise ProviderUnavailable(
+                    f"ext.modal: {spec.sandbox_id} exists but is not listed yet"
+                ) from None
+            return found
+        except Exception as exc:
+            raise _translate("create", exc, credentials, creating=True) from None
+        return ProviderSandbox(sandbox.object_id, tags, True, started, self._fields(tags))
+
+    async def wait_ready(
+        self, sandbox: ProviderSandbox, credentials: Credentials
+    ) -> ProviderSandbox:
+        handle = await self._handle(sandbox.provider_sandbox_id, credentials)
+        if handle is None:
+            raise ProviderFailed(f"ext.modal: sandbox {sandbox.provider_sandbox_id} is gone")
+        try:
+            code = await handle.poll.aio()  # None: still running
+            tags = sandbox.tags or await handle.get_tags.aio()
+        except Exception as exc:
+            raise _translate("poll", exc, credentials, creating=False) from None
+        if code is not None:
+            raise ProviderFailed(
+                f"ext.modal: sandbox {sandbox.provider_sandbox_id} exited with code {code}"
+            )
+        return self._sandbox(sandbox.provider_sandbox_id, tags)
+
+    async def teardown(self, provider_sandbox_id: str, credentials: Credentials) -> None:
+        handle = await self._handle(provider_sandbox_id, credentials)
+        if handle is None:
+            return  # gone already
+        try:
+            await handle.terminate.aio()  # a finished sandbox: a no-op
+        except Exception as exc:
+            from modal import exception as mx
+
+            if isinstance(exc, mx.NotFoundError):
+                return
+            raise _translate("terminate", exc, credentials, creating=False) from None
+
+    def estimate_cost(self, profile: Profile, ttl_s: int) -> Decimal:
+        resources = profile.resources
+        seconds = Decimal(self._timeout_s(ttl_s))
+        per_second = self.rates.per_second(Decimal(resources.cpu), resources.memory_mb,
+                                           resources.gpu, self._gpu_count(profile))  # fmt: skip
+        return quantize_usd(per_second * self.config.region_multiplier * seconds)
+
+    def meter_actual(self, sandbox: ProviderSandbox, stopped_at: datetime) -> Usage:
+        fields = sandbox.meter_fields
+        cores, memory_mb = Decimal(str(fields["cpu_cores"])), int(fields["memory_mb"])
+        gpu, gpus = fields.get("gpu_type"), int(fields.get("gpu_count") or 0)
+        # Modal stops a sandbox at its timeout: nothing is billed beyond the cap.
+        stopped_at = min(
+            stopped_at, sandbox.started_at + timedelta(seconds=self.config.max_timeout_s)
+        )
+        duration = seconds_between(sandbox.started_at, stopped_at)
+        per_second = self.rates.per_second(cores, memory_mb, gpu, gpus)
+        return Usage(
+            started_at=sandbox.started_at,
+            stopped_at=stopped_at,
+            duration_s=duration,
+            actual_usd=quantize_usd(per_second * self.config.region_multiplier * duration),
+            meter_fields={
+                "cpu_cores": cores,
+                "memory_mb": memory_mb,
+                "gpu_type": gpu,
+                "gpu_count": gpus,
+            },
+        )
+
+    async def find(
+        self, tags: Mapping[str, str], credentials: Credentials
+    ) -> list[ProviderSandbox]:
+        import modal
+
+        client, app = await self._session(credentials)
+        found = []
+        try:
+            async for handle in modal.Sandbox.list.aio(app_id=app.app_id, tags=dict(tags),
+                                                       client=client):  # fmt: skip
+                own = await handle.get_tags.aio()
+                if tags.items() <= own.items():  # never trust a filter with another's
+                    found.append(self._sandbox(handle.object_id, own))
+        except Exception as exc:
+            raise _translate("list", exc, credentials, creating=False) from None
+        return found
+
+    async def aclose(self) -> None:
+        clients, self._clients, self._apps = list(self._clients.values()), OrderedDict(), {}
+        for client in clients:
+            await client.close.aio()
+
+    # -- helpers ----------------------------------------------------------------------
+
+    async def _session(self, credentials: Credentials) -> tuple[modal.Client, modal.App]:
+        """The client of these credentials (opened once, kept while used) and the app."""
+        import modal
+
+        token_id, secret = _key_of(credentials)
+        key = hashlib.sha256(f"{token_id}\0{secret}".encode()).hexdigest()
+        async with self._lock:
+            client = self._clients.get(key)
+            try:
+                if client is None:
+                    client = await modal.Client.from_credentials.aio(token_id, secret)
+                    self._clients[key] = client
+                    await self._evict()
+                self._clients.move_to_end(key)
+                if key not in self._apps:
+                    self._apps[key] = await modal.App.lookup.aio(
+                        self.config.app_name, create_if_missing=True, client=client,
+                        environment_name=self.config.environment,
+                    )  # fmt: skip
+            except Exception as exc:
+                raise _translate("connect", exc, credentials, creating=True) from None
+            return client, self._apps[key]
+
+    async def _evict(self) -> None:
+        while len(self._clients) > self.config.max_clients:
+            key, client = self._clients.popitem(last=False)
+            self._apps.pop(key, None)
+            await client.close.aio()
+
+    async def _handle(self, provider_sandbox_id: str, credentials: Credentials) -> Any:
+        """The client's handle of a sandbox, or None if Modal does not know it."""
+        import modal
+        from modal import exception as mx
+
+        client, _ = await self._session(credentials)
+        try:
+            return await modal.Sandbox.from_id.aio(provider_sandbox_id, client=client)
+        except mx.NotFoundError:
+            return None
+        except Exception as exc:
+            raise _translate("get", exc, credentials, creating=False) from None
+
+    async def _by_sandbox_id(self, sandbox_id: str, credentials: Credentials
+                             ) -> ProviderSandbox | None:  # fmt: skip
+        found = await self.find({TAG_SANDBOX_ID: sandbox_id}, credentials)
+        return next((s for s in found if s.running), None)
+
+    def _image(self, template: str | None, client: modal.Client) -> modal.Image:
+        import modal
+
+        name = template or self.config.image
+        if name.startswith("im-"):
+            return modal.Image.from_id(name, client=client)
+        return modal.Image.from_registry(name)
+
+    def _timeout_s(self, ttl_s: int) -> int:
+        return min(ttl_s, self.config.max_timeout_s)
+
+    @staticmethod
+    def _gpu_count(profile: Profile) -> int:
+        resources = profile.resources
+        return max(resources.gpu_count, 1) if resources.gpu else 0
+
+    def _gpu(self, profile: Profile) -> str | None:
+        """Modal's `gpu=` for the profile: `H100`, or `H100:2`; None for CPU only."""
+        gpu = profile.resources.gpu
+        if not gpu:
+            return None
+        self.rates.gpu_rate(gpu)  # refuse an unpriced GPU before anything is made
+        count = self._gpu_count(profile)
+        return gpu if count == 1 else f"{gpu}:{count}"
+
+    @staticmethod
+    def _fields(tags: Mapping[str, str]) -> dict[str, Any]:
+        gpu, _, count = (tags.get(TAG_GPU) or "").partition(":")
+        return {
+            "cpu_cores": Decimal(tags.get(TAG_CPU) or "0"),
+            "memory_mb": int(tags.get(TAG_MEMORY) or 0),
+            "gpu_type": gpu or None,
+            "gpu_count": (int(count) if count else 1) if gpu else 0,
+        }
+
+    def _sandbox(self, provider_sandbox_id: str, tags: Mapping[str, str]) -> ProviderSandbox:
+        started = tags.get(TAG_STARTED)
+        return ProviderSandbox(
+            provider_sandbox_id=provider_sandbox_id,
+            tags=dict(tags),
+            running=True,
+            started_at=datetime.fromisoformat(started) if started else utcnow(),
+            meter_fields=self._fields(tags),
+        )

@@ -1,0 +1,382 @@
+"""A fake Modal control plane: a grpclib server on 127.0.0.1 built on
+`modal_proto.api_grpc.ModalClientBase`, answering the RPCs the official `modal` client
+sends for apps, images, sandboxes (V1 for GPU, V2 for CPU), poll/wait, terminate, list
+by tags and tags (see docs/research/modal-client.md, which has the RPC sequences).
+
+Realistic where it matters: tokens checked on every call, V2 calls need the JWT from
+`AuthTokenGet`, id shapes (V1 `sb-` + 22 alphanumerics, V2 otherwise), creates
+deduplicated by the client's `x-idempotency-key`, sandboxes that stop at their
+`timeout_secs`, list paging by `before_timestamp`. Faults can be injected per RPC:
+`fail_next[rpc]` (gRPC errors, raised in order) and `latency_s[rpc]`.
+
+It runs on its own thread and event loop (`with FakeModal() as fake: fake.url`), so
+tests, the dev command and the worker's loop are independent of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import secrets
+import string
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+from google.protobuf import empty_pb2  # type: ignore[import-untyped]
+from grpclib import GRPCError, Status
+from grpclib.server import Server, Stream
+from modal._utils.grpc_utils import custom_detail_codec
+from modal_proto import api_pb2
+from modal_proto.api_grpc import ModalClientBase
+
+_ALNUM = string.ascii_letters + string.digits
+_GS = api_pb2.GenericResult
+
+
+def _id(prefix: str, length: int = 22) -> str:
+    return f"{prefix}-" + "".join(secrets.choice(_ALNUM) for _ in range(length))
+
+
+def _jwt(ttl_s: float = 3600.0) -> str:
+    # The client reads `exp` from the payload and checks no signature.
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part({'exp': int(time.time() + ttl_s)})}.sig"
+
+
+@dataclass
+class FakeSandbox:
+    sandbox_id: str
+    version: int  # 1 (GPU) or 2 (CPU)
+    app_id: str
+    definition: Any  # api_pb2.Sandbox
+    tags: dict[str, str]
+    created_at: float
+    task_id: str
+    result: Any = None  # api_pb2.GenericResult once finished
+    finished_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.result is None
+
+    @property
+    def gpu(self) -> tuple[str, int]:
+        config = self.definition.resources.gpu_config
+        return config.gpu_type, config.count
+
+
+@dataclass
+class FakeModalState:
+    """What the fake knows, readable (and faults settable) from tests."""
+
+    token_id: str = "ak-test"  # noqa: S105 - a fake's placeholder
+    token_secret: str = "as-test"  # noqa: S105
+    sandboxes: dict[str, FakeSandbox] = field(default_factory=dict)
+    apps: dict[tuple[str, str], str] = field(default_factory=dict)
+    idempotency: dict[str, str] = field(default_factory=dict)
+    calls: Counter[str] = field(default_factory=Counter)
+    fail_next: dict[str, list[GRPCError]] = field(default_factory=dict)
+    #: Raised by a create RPC *after* it made the sandbox: the ambiguous failure.
+    fail_after_create: list[GRPCError] = field(default_factory=list)
+    latency_s: dict[str, float] = field(default_factory=dict)
+
+    def alive(self) -> list[FakeSandbox]:
+        return [s for s in self.sandboxes.values() if s.running]
+
+    def fail(self, rpc: str, status: Status, message: str, times: int = 1) -> None:
+        """The next `times` calls of `rpc` fail with `status`."""
+        self.fail_next.setdefault(rpc, []).extend(GRPCError(status, message) for _ in range(times))
+
+
+class _Servicer(ModalClientBase):
+    def __init__(self, state: FakeModalState) -> None:
+        self.state = state
+        self._changed = asyncio.Event()
+
+    async def _recv(self, name: str, stream: Stream[Any, Any]) -> Any:
+        request = await stream.recv_message()
+        metadata = dict(stream.metadata or {})
+        self.state.calls[name] += 1
+        if (metadata.get("x-modal-token-id"), metadata.get("x-modal-token-secret")) != (
+            self.state.token_id, self.state.token_secret,
+        ):  # fmt: skip
+            raise GRPCError(Status.UNAUTHENTICATED, "Token ID or secret is invalid")
+        if name.endswith("V2") and not metadata.get("x-modal-auth-token"):
+            raise GRPCError(Status.UNAUTHENTICATED, "missing x-modal-auth-token")
+        if self.state.latency_s.get(name):
+            await asyncio.sleep(self.state.latency_s[name])
+        if self.state.fail_next.get(name):
+            raise self.state.fail_next[name].pop(0)
+        return request
+
+    def _sandbox(self, sandbox_id: str) -> FakeSandbox:
+        sandbox = self.state.sandboxes.get(sandbox_id)
+        if sandbox is None:
+            raise GRPCError(Status.NOT_FOUND, f"Sandbox {sandbox_id} not found")
+        if (
+            sandbox.running
+            and 0 < sandbox.definition.timeout_secs < time.time() - sandbox.created_at
+        ):
+            self._finish(sandbox, _GS.GENERIC_STATUS_TIMEOUT)  # its own timeout passed
+        return sandbox
+
+    def _handle_metadata(self, sandbox: FakeSandbox) -> Any:
+        metadata = api_pb2.SandboxHandleMetadata(app_id=sandbox.app_id)
+        if sandbox.result is not None:
+            metadata.result.CopyFrom(sandbox.result)
+        return metadata
+
+    def _finish(self, sandbox: FakeSandbox, status: Any, exitcode: int = 0) -> None:
+        if sandbox.result is None:
+            sandbox.result = api_pb2.GenericResult(status=status, exitcode=exitcode)
+            sandbox.finished_at = time.time()
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    # -- apps and images --------------------------------------------------------------
+
+    async def AppGetOrCreate(self, stream: Stream[Any, Any]) -> None:
+        request = await self._recv("AppGetOrCreate", stream)
+        key = (request.environment_name, request.app_name)
+        if key not in self.state.apps:
+            if request.object_creation_type != api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING:
+                raise GRPCError(Status.NOT_FOUND, f"App '{request.app_name}' not found")
+            self.state.apps[key] = _id("ap")
+        await stream.send_message(api_pb2.AppGetOrCreateResponse(app_id=self.state.apps[key]))
+
+    async def EnvironmentGetOrCreate(self, stream: Stream[Any, Any]) -> None:
+        request = await self._recv("EnvironmentGetOrCreate", stream)
+        settings = api_pb2.EnvironmentSettings(image_builder_version="2025.06")
+        metadata = api_pb2.EnvironmentMetadata(name=request.deployment_name or "main",
+                                               settings=settings)  # fmt: skip
+        await stream.send_message(
+            api_pb2.EnvironmentGetOrCreateResponse(environment_id=_id("en"), metadata=metadata)
+        )
+
+    async def ImageGetOrCreate(self, stream: Stream[Any, Any]) -> None:
+        await self._recv("ImageGetOrCreate", stream)
+        built = api_pb2.GenericResult(status=_GS.GENERIC_STATUS_SUCCESS)  # no build stream
+        await stream.send_message(api_pb2.ImageGetOrCreateResponse(image_id=_id("im"),
+                                                                   result=built))  # fmt: skip
+
+    async def ImageFromId(self, stream: Stream[Any, Any]) -> None:
+        request = await self._recv("ImageFromId", stream)
+        if not request.image_id.startswith("im-"):
+            raise GRPCError(Status.NOT_FOUND, f"Image {request.image_id} not found")
+        await stream.send_message(api_pb2.ImageFromIdResponse(image_id=request.image_id))
+
+    async def AuthTokenGet(self, stream: Stream[Any, Any]) -> None:
+        await self._recv("AuthTokenGet", stream)
+        await stream.send_message(api_pb2.AuthTokenGetResponse(token=_jwt()))
+
+    # -- sandboxes ---------------------------------------------------------------------
+
+    def _create(self, stream: Stream[Any, Any], request: Any, version: int) -> FakeSandbox:
+        if not request.app_id:
+            raise GRPCError(Status.INVALID_ARGUMENT, "app_id required")
+        gpu = request.definition.resources.gpu_config.gpu_type
+        if gpu and gpu not in GPU_TYPES:
+            raise GRPCError(Status.INVALID_ARGUMENT, f"Unknown GPU type: {gpu}")
+        key = str(dict(stream.metadata or {}).get("x-idempotency-key", ""))
+        if key and key in self.state.idempotency:  # the client's retry of one create
+            return self._created(self.state.sandboxes[self.state.idempotency[key]])
+        name = request.definition.name
+        if name and any(s.app_id == request.app_id and s.definition.name == name
+                        for s in self.state.alive()):  # fmt: skip
+            raise GRPCError(Status.ALREADY_EXISTS, f"Sandbox with name '{name}' already exists")
+        sandbox_id = _id("sb") if version == 1 else "sb-v2-" + _id("x")[2:]
+        sandbox = FakeSandbox(
+            sandbox_id=sandbox_id, version=version, app_id=request.app_id,
+            definition=request.definition, tags={t.tag_name: t.tag_value for t in request.tags},
+            created_at=time.time(), task_id=_id("ta"),
+        )  # fmt: skip
+        self.state.sandboxes[sandbox_id] = sandbox
+        if key:
+            self.state.idempotency[key] = sandbox_id
+        return self._created(sandbox)
+
+    def _created(self, sandbox: FakeSandbox) -> FakeSandbox:
+        if self.state.fail_after_create:
+            raise self.state.fail_after_create.pop(0)
+        return sandbox
+
+    async def SandboxCreate(self, stream: Stream[Any, Any]) -> None:
+        request = await self._recv("SandboxCreate", stream)
+        sandbox = self._create(stream, request, 1)
+        await stream.send_message(api_pb2.SandboxCreateResponse(
+            sandbox_id=sandbox.sandbox_id, metadata=self._handle_metadata(sandbox)))  # fmt: skip
+
+    async def SandboxCreateV2(self, stream: Stream[Any, Any]) -> None:
+        request = await self._recv("SandboxCreateV2", stream)
+        sandbox = self._create(stream, request, 2)
+        await stream.send_message(api_pb2.SandboxCreateV2Response(
+            sandbox_id=sandbox.sandbox_id, task_id=sandbox.task_id,
+            metadata=self._handle_metadata(sandbox)))  # fmt: skip
+
+    async def _get_task_id(self, name: str, stream: Stream[Any, Any]) -> None:
+        sandbox = self._sandbox((await self._recv(name, stream)).sandbox_id)
+        response = api_pb2.SandboxGetTaskIdResponse(task_id=sandbox.task_id)
+        if sandbox.result is not None:
+            response.task_result.CopyFrom(sandbox.result)
+        await stream.send_message(response)
+
+    async def SandboxGetTaskId(self, stream: Stream[Any, Any]) -> None:
+        await self._get_task_id("SandboxGetTaskId", stream)
+
+    async def SandboxGetTaskIdV2(self, stream: Stream[Any, Any]) -> None:
+        await self._get_task_id("SandboxGetTaskIdV2", stream)
+
+    async def _wait(self, name: str, stream: Stream[Any, Any]) -> None:
+        request = await self._recv(name, stream)
+        sandbox = self._sandbox(request.sandbox_id)
+        if sandbox.running and request.timeout > 0:  # a long poll: hold it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=request.timeout)
+        response = api_pb2.SandboxWaitResponse(metadata=self._handle_metadata(sandbox))
+        if sandbox.result is not None:  # unset status means running
+            response.result.CopyFrom(sandbox.result)
+        await stream.send_message(response)
+
+    async def SandboxWait(self, stream: Stream[Any, Any]) -> None:
+        await self._wait("SandboxWait", stream)
+
+    async def SandboxWaitV2(self, stream: Stream[Any, Any]) -> None:
+        await self._wait("SandboxWaitV2", stream)
+
+    async def _terminate(self, name: str, stream: Stream[Any, Any]) -> None:
+        sandbox = self._sandbox((await self._recv(name, stream)).sandbox_id)
+        self._finish(sandbox, _GS.GENERIC_STATUS_TERMINATED, exitcode=137)
+        await stream.send_message(api_pb2.SandboxTerminateResponse(existing_result=sandbox.result))
+
+    async def SandboxTerminate(self, stream: Stream[Any, Any]) -> None:
+        await self._terminate("SandboxTerminate", stream)
+
+    async def SandboxTerminateV2(self, stream: Stream[Any, Any]) -> None:
+        await self._terminate("SandboxTerminateV2", stream)
+
+    async def _list(self, name: str, stream: Stream[Any, Any]) -> None:
+        request = await self._recv(name, stream)
+        wanted = {t.tag_name: t.tag_value for t in request.tags}
+        page = []
+        for sandbox in sorted(self.state.sandboxes.values(), key=lambda s: -s.created_at):
+            self._sandbox(sandbox.sandbox_id)  # let an expired one stop first
+            if (request.app_id and sandbox.app_id != request.app_id) or (
+                request.before_timestamp and sandbox.created_at >= request.before_timestamp
+            ) or (not request.include_finished and not sandbox.running) or any(
+                sandbox.tags.get(k) != v for k, v in wanted.items()
+            ):  # fmt: skip
+                continue
+            page.append(api_pb2.SandboxInfo(
+                id=sandbox.sandbox_id, app_id=sandbox.app_id, created_at=sandbox.created_at,
+                tags=[api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sandbox.tags.items()],
+                task_info=api_pb2.TaskInfo(id=sandbox.task_id, result=sandbox.result),
+                metadata=self._handle_metadata(sandbox),
+            ))  # fmt: skip
+        # Newest first, 100 a page; the client asks again, older than the last, until empty.
+        await stream.send_message(api_pb2.SandboxListResponse(sandboxes=page[:100]))
+
+    async def SandboxList(self, stream: Stream[Any, Any]) -> None:
+        await self._list("SandboxList", stream)
+
+    async def SandboxListV2(self, stream: Stream[Any, Any]) -> None:
+        await self._list("SandboxListV2", stream)
+
+    async def _tags_get(self, name: str, stream: Stream[Any, Any]) -> None:
+        sandbox = self._sandbox((await self._recv(name, stream)).sandbox_id)
+        tags = [api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sandbox.tags.items()]
+        await stream.send_message(api_pb2.SandboxTagsGetResponse(tags=tags))
+
+    async def SandboxTagsGet(self, stream: Stream[Any, Any]) -> None:
+        await self._tags_get("SandboxTagsGet", stream)
+
+    async def SandboxTagsGetV2(self, stream: Stream[Any, Any]) -> None:
+        await self._tags_get("SandboxTagsGetV2", stream)
+
+    async def _tags_set(self, name: str, stream: Stream[Any, Any]) -> None:
+        request = await self._recv(name, stream)
+        self._sandbox(request.sandbox_id).tags = {t.tag_name: t.tag_value for t in request.tags}
+        await stream.send_message(empty_pb2.Empty())
+
+    async def SandboxTagsSet(self, stream: Stream[Any, Any]) -> None:
+        await self._tags_set("SandboxTagsSet", stream)
+
+    async def SandboxTagsSetV2(self, stream: Stream[Any, Any]) -> None:
+        await self._tags_set("SandboxTagsSetV2", stream)
+
+    async def ClientHello(self, stream: Stream[Any, Any]) -> None:
+        await self._recv("ClientHello", stream)
+        await stream.send_message(api_pb2.ClientHelloResponse())
+
+
+#: The GPU types Modal offers (what `gpu=` accepts; others are INVALID_ARGUMENT).
+GPU_TYPES = frozenset(
+    {"T4", "L4", "A10G", "A10", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H200", "B200"}
+)
+
+
+def _unimplemented(name: str) -> Any:
+    async def handler(self: _Servicer, stream: Stream[Any, Any]) -> None:
+        raise GRPCError(Status.UNIMPLEMENTED, f"fake Modal: {name} is not implemented")
+
+    handler.__name__ = name
+    return handler
+
+
+# Every RPC the fake does not implement answers UNIMPLEMENTED (as modal's own test
+# helper does), so the abstract servicer can be instantiated.
+for _name in list(_Servicer.__abstractmethods__):
+    setattr(_Servicer, _name, _unimplemented(_name))
+_Servicer.__abstractmethods__ = frozenset()
+
+
+class FakeModal:
+    """The fake server on a free 127.0.0.1 port, on its own thread, while the `with`
+    block runs. `state` is what it knows; `url` is for `MODAL_SERVER_URL`."""
+
+    def __init__(self, state: FakeModalState | None = None) -> None:
+        self.state = state or FakeModalState()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="fake-modal")  # fmt: skip
+        self._server: Server | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    async def _start(self) -> int:
+        servicer = _Servicer(self.state)  # type: ignore[abstract]  # filled in above
+        self._server = Server([servicer], status_details_codec=custom_detail_codec)
+        await self._server.start("127.0.0.1", 0)
+        listening: Any = self._server._server
+        return int(listening.sockets[0].getsockname()[1])
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
