@@ -179,6 +179,14 @@ def dev(
             "so that profile.e2b-burst works offline.",
         ),
     ] = False,
+    fake_modal: Annotated[
+        bool,
+        typer.Option(
+            "--fake-modal",
+            help="Also start a fake Modal API (gRPC) and a dev OpenBao holding its platform "
+            "token, so that profile.modal-gpu works offline.",
+        ),
+    ] = False,
 ) -> None:
     """Start an embedded nats-server with JetStream and a worker, for local use."""
     from dataclasses import replace
@@ -192,14 +200,18 @@ def dev(
         _die(f"cannot start nats-server: {exc} (try --port)")
     settings = replace(Settings.from_env(), nats_url=server.url)
     env = "" if port == 4222 else f"SANDBOXER_NATS_URL={server.url} "
-    profile = "profile.burst-sandbox"
-    if fake_e2b:
+    profile = "profile.modal-gpu" if fake_modal else "profile.burst-sandbox"
+    profile = "profile.e2b-burst" if fake_e2b else profile
+    if fake_e2b or fake_modal:
+        from sandboxer.devfakes import start_fake_providers
+
         try:
-            typer.echo(f"sandboxer dev: {_start_fake_e2b(stack, settings, state_dir)}", err=True)
-        except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+            for line in start_fake_providers(stack, settings, state_dir,
+                                             e2b=fake_e2b, modal=fake_modal):  # fmt: skip
+                typer.echo(f"sandboxer dev: {line}", err=True)
+        except (RuntimeError, TimeoutError, FileNotFoundError, ImportError) as exc:
             stack.close()
-            _die(f"cannot start the fake E2B stack: {exc}")
-        profile = "profile.e2b-burst"
+            _die(f"cannot start the fake providers: {exc}")
     typer.echo(
         f"sandboxer dev: NATS with JetStream on {server.url}, state in {state_dir}/\n"
         f"In another shell:\n"
@@ -217,31 +229,6 @@ def dev(
         _die(str(exc))
     finally:
         stack.close()
-
-
-def _start_fake_e2b(stack: ExitStack, settings: Settings, state_dir: Path) -> str:
-    """A fake E2B control plane and a dev OpenBao (in memory) holding the platform key
-    that ext.e2b's `secret_ref` names; the worker is pointed at both."""
-    import os
-    import secrets
-
-    import hvac
-
-    from sandboxer.embedded import EmbeddedOpenBao
-    from sandboxer.fakes.e2b import FakeE2B
-
-    ref = Registry.load(settings.extensions_dir).extensions["ext.e2b"].secret_ref
-    assert ref is not None
-    api_key = "e2b_" + secrets.token_hex(20)
-    fake = stack.enter_context(FakeE2B(api_keys={api_key}))
-    token = secrets.token_hex(16)
-    bao = stack.enter_context(EmbeddedOpenBao(state_dir / "openbao", root_token=token))
-    hvac.Client(url=bao.url, token=token).secrets.kv.v2.create_or_update_secret(
-        path=ref.path, secret={ref.keys[0]: api_key}, mount_point=ref.mount
-    )
-    os.environ.update(SANDBOXER_E2B_API_URL=fake.url, BAO_ADDR=bao.url, BAO_TOKEN=token)
-    return (f"fake E2B API on {fake.url}; dev OpenBao on {bao.url} holds its key at "
-            f"{ref.mount}/{ref.path}")  # fmt: skip
 
 
 #: What `sandboxer dev` grants the `demo` tenant, once per state folder.

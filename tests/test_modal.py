@@ -6,14 +6,17 @@ deadline, exact money."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import hvac
@@ -33,7 +36,7 @@ from sandboxer.fakes.modal import FakeModal
 from sandboxer.ids import sandbox_id_for
 from sandboxer.registry import Registry
 from sandboxer.settings import Settings
-from schemas import ProvisionRequest, SandboxState
+from schemas import ProvisionRequest, SandboxState, SandboxStatus
 from tests.conftest import OPENBAO_ROOT_TOKEN
 from tests.helpers import destroy, meter_events, provision, stub_sandboxes, wait_for_state
 
@@ -205,3 +208,39 @@ async def test_orphan_after_a_worker_kill_is_found_by_tags_and_adopted(
     await destroy(observer, adopted)
     assert len(modal_fake.fake.state.sandboxes) == 1 and modal_fake.fake.state.alive() == []
     assert sorted(e["kind"] for e in await meter_events(js, sandbox_id)) == ["started", "stopped"]
+
+
+async def test_provision_command_against_the_fake(
+    modal_fake: Modal, start_worker: Callable[..., Any], settings: Settings, fresh_tenant: str,
+    observer: Client,
+) -> None:  # fmt: skip
+    """The acceptance command: `sandboxer provision --profile profile.modal-gpu --wait`."""
+    await start_worker()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandboxer", "provision", "--tenant", fresh_tenant,
+        "--profile", "profile.modal-gpu", "--wait", "--json",
+        env={**os.environ, "SANDBOXER_NATS_URL": settings.nats_url},
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    status = SandboxStatus.model_validate_json(out.splitlines()[-1])
+    assert status.state is SandboxState.READY and status.extension_id == "ext.modal"
+    assert modal_fake.fake.state.sandboxes[status.provider_sandbox_id or ""].gpu == ("H100", 1)
+    done = await destroy(observer, status)
+    assert done.actual_usd is not None and done.actual_usd > 0
+
+
+def test_operator_smoke_script_runs_against_the_fake(modal_fake: Modal) -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "smoke_modal.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODAL_TOKEN")}
+    skipped = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             env=env, check=True)  # fmt: skip
+    assert skipped.stdout.strip() == "skipped: MODAL_TOKEN_ID and MODAL_TOKEN_SECRET are not set"
+    state = modal_fake.fake.state
+    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
+                         env={**env, "MODAL_TOKEN_ID": state.token_id,
+                              "MODAL_TOKEN_SECRET": state.token_secret})  # fmt: skip
+    assert "found     by its tags" in ran.stdout and "terminated after" in ran.stdout
+    assert state.token_secret not in ran.stdout + ran.stderr
+    assert len(state.sandboxes) == 1 and state.alive() == []

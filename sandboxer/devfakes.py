@@ -1,0 +1,56 @@
+"""`sandboxer dev --fake-e2b --fake-modal`: the providers faked on loopback, with a dev
+OpenBao (in memory) holding the platform keys their manifests' `secret_ref` name, and
+the worker pointed at all of them. For trying the cloud adapters offline; never used
+in production."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from contextlib import ExitStack
+from pathlib import Path
+
+import hvac
+
+from sandboxer.embedded import EmbeddedOpenBao
+from sandboxer.registry import Registry
+from sandboxer.settings import Settings
+
+
+def start_fake_providers(
+    stack: ExitStack, settings: Settings, state_dir: Path, *, e2b: bool, modal: bool
+) -> list[str]:
+    """Start what is asked for (closed with `stack`); one line each about what runs."""
+    registry = Registry.load(settings.extensions_dir)
+    token = secrets.token_hex(16)
+    bao = stack.enter_context(EmbeddedOpenBao(state_dir / "openbao", root_token=token))
+    admin = hvac.Client(url=bao.url, token=token)
+    os.environ.update(BAO_ADDR=bao.url, BAO_TOKEN=token)
+    said = [f"dev OpenBao on {bao.url} (in memory) holds the platform keys"]
+
+    def keep(extension_id: str, values: dict[str, str]) -> str:
+        ref = registry.extensions[extension_id].secret_ref
+        assert ref is not None
+        admin.secrets.kv.v2.create_or_update_secret(path=ref.path, secret=values,
+                                                    mount_point=ref.mount)  # fmt: skip
+        return f"{ref.mount}/{ref.path}"
+
+    if e2b:
+        from sandboxer.fakes.e2b import FakeE2B
+
+        api_key = "e2b_" + secrets.token_hex(20)
+        fake_e2b = stack.enter_context(FakeE2B(api_keys={api_key}))
+        os.environ["SANDBOXER_E2B_API_URL"] = fake_e2b.url
+        said.append(f"fake E2B API on {fake_e2b.url}; its key at "
+                    f"{keep('ext.e2b', {'api_key': api_key})}")  # fmt: skip
+    if modal:
+        from sandboxer.fakes.modal import FakeModal, FakeModalState
+
+        state = FakeModalState(token_id="ak-" + secrets.token_hex(8),
+                               token_secret="as-" + secrets.token_hex(16))  # fmt: skip
+        fake_modal = stack.enter_context(FakeModal(state))
+        os.environ["MODAL_SERVER_URL"] = fake_modal.url
+        os.environ["MODAL_DISABLE_API_PROXY"] = "1"  # 127.0.0.1 never through a proxy
+        where = keep("ext.modal", {"token_id": state.token_id, "token_secret": state.token_secret})
+        said.append(f"fake Modal API (gRPC) on {fake_modal.url}; its token at {where}")
+    return said
