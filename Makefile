@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run check lint types test bench install clean
+.PHONY: run check lint types test bench chaos install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ run: $(STAMP)
 
 ## Lint, types and the whole test suite: what CI runs.
 check: lint types test
+
+## The chaos suite at full size (about N minutes); `make check` runs it small.
+chaos: $(STAMP)
+	SANDBOXER_CHAOS=full $(BIN)/pytest -q -p no:cacheprovider tests/test_chaos.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -85,7 +85,7 @@ class _FastStreamDelivery:
 async def connect(settings: Settings, name: str, stack: AsyncExitStack) -> JetStreamContext:
     """A JetStream context on a connection that reconnects forever and is drained when
     `stack` closes, with every stream and bucket in place."""
-    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, name=name)
+    nc = await nats.connect(settings.nats_servers, max_reconnect_attempts=-1, name=name)
     stack.push_async_callback(nc.drain)
     js = nc.jetstream(timeout=10.0)
     await ensure_topology(js, replicas=settings.replicas)
@@ -141,7 +141,7 @@ def build_broker(
     """A FastStream broker whose subscribers start their handlers in `in_flight`."""
     # Per-message logging off: the handlers log what matters, at a fraction of the cost.
     broker = NatsBroker(
-        settings.nats_url,
+        settings.nats_servers,
         max_reconnect_attempts=-1,
         logger=None,
         apply_types=False,

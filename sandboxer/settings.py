@@ -26,6 +26,11 @@ def _env_float(name: str, default: float) -> float:
     return default if raw in (None, "") else float(raw)
 
 
+def servers_of(url: str) -> list[str]:
+    """`nats://a:4222,nats://b:4222` as a list of server URLs."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything a worker or the CLI needs to know about its surroundings."""
@@ -55,6 +60,11 @@ class Settings:
     reconcile_every_s: float = 300.0
     #: Seconds a claim or an expiry is given before reconciliation acts on it.
     reconcile_grace_s: float = 120.0
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """`nats_url` as a list: several servers of a cluster may be given, comma-separated."""
+        return servers_of(self.nats_url)
 
     @staticmethod
     def fin_hub_token() -> str | None:

@@ -126,6 +126,13 @@ class WorkerHandle:
         if self._task is not None:
             await asyncio.wait_for(self._task, 30)
 
+    @property
+    def crashed(self) -> bool:
+        """True if the service ended before it was asked to (or with an error)."""
+        if self._task is None or not self._task.done():
+            return False
+        return not self._stop.is_set() or self._task.exception() is not None
+
 
 async def _starter(settings: Settings, run: Service) -> AsyncIterator[Callable[..., object]]:
     """Start in-process services; keyword arguments change their settings. All are
@@ -225,3 +232,15 @@ def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedOpenBa
     Tests keep apart by using their own tenants and paths."""
     with EmbeddedOpenBao(tmp_path_factory.mktemp("openbao"), root_token=OPENBAO_ROOT_TOKEN) as bao:
         yield bao
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the chaos figures as a table, when the chaos tests ran."""
+    from tests.helpers import FIGURES
+
+    if not FIGURES:
+        return
+    scale = "full" if os.environ.get("SANDBOXER_CHAOS") == "full" else "smoke"
+    terminalreporter.section(f"chaos figures ({scale}; every figure must be 0)")
+    for name, value, detail in FIGURES:
+        terminalreporter.write_line(f"{name:<52} {value:>5}   {detail}")

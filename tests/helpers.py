@@ -14,6 +14,10 @@ from sandboxer.client import Client
 from sandboxer.topology import kv_entries, read_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
 
+#: Figures of the chaos suite (tests/test_chaos.py), printed by tests/conftest.py:
+#: (name, value, detail).
+FIGURES: list[tuple[str, int, str]] = []
+
 
 async def stream_messages(
     js: JetStreamContext, stream: str, subject: str = ">"

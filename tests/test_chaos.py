@@ -1,0 +1,428 @@
+"""The chaos suite: SPEC guarantees 1, 5 and 6 under faults, each a figure that must be
+zero. `make chaos` runs it at full size (SANDBOXER_CHAOS=full) and prints the table;
+`make check` runs the same tests small, as a smoke.
+
+- R1: replaying every provision and destroy changes nothing already applied.
+- R2: workers SIGKILLed at random points lose no request and leave no orphan.
+- R3: a three-node NATS cluster (replicas 3) losing a node under load loses nothing
+  and doubles nothing.
+- R6: generated bad payloads on every input subject crash nothing, stay in no
+  redelivery loop, and each attributable one gets a `failed` status with a code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+from collections.abc import Callable, Iterable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nats.js import JetStreamContext
+
+from consumers.reconcile import Reconciler
+from consumers.worker import build_provisioner
+from sandboxer.client import Client
+from sandboxer.credits import Ledger
+from sandboxer.embedded import EmbeddedNats, free_port
+from sandboxer.ids import sandbox_id_for
+from sandboxer.replay import Range, replay
+from sandboxer.settings import Settings
+from sandboxer.topology import ensure_topology
+from schemas import DestroyRequest, ProvisionRequest, SandboxState
+from tests.fake_finhub import FakeFinHub
+from tests.helpers import FIGURES, stream_messages, stub_sandboxes
+
+
+@dataclass(frozen=True)
+class Scale:
+    r1_sandboxes: int  # provisions, and as many destroys
+    r2_rounds: int
+    r2_per_round: int
+    r3_sandboxes: int
+    r6_per_subject: int
+
+
+FULL = Scale(r1_sandboxes=5000, r2_rounds=10, r2_per_round=1000, r3_sandboxes=1000,
+             r6_per_subject=250)  # fmt: skip
+SMOKE = Scale(r1_sandboxes=100, r2_rounds=2, r2_per_round=60, r3_sandboxes=60,
+              r6_per_subject=40)  # fmt: skip
+SCALE = FULL if os.environ.get("SANDBOXER_CHAOS") == "full" else SMOKE
+
+
+def figure(name: str, value: int, detail: str = "") -> None:
+    """Record a figure for the table printed at the end (tests/conftest.py)."""
+    FIGURES.append((name, value, detail))
+
+
+async def statuses_by_id(client: Client) -> dict[str, Any]:
+    return {s.sandbox_id: s for s in await client.statuses()}
+
+
+async def settled_count(client: Client, request_prefix: str) -> int:
+    prefix = f"{request_prefix}-"
+    statuses = await client.statuses()
+    return sum(1 for s in statuses if s.request_id.startswith(prefix) and s.state.settled)
+
+
+async def wait_all(client: Client, ids: Iterable[str], state: SandboxState,
+                   timeout_s: float = 120) -> dict[str, Any]:  # fmt: skip
+    """Every sandbox of `ids` in `state` (or the statuses as they are at the timeout)."""
+    wanted = set(ids)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    found: dict[str, Any] = {}
+    while True:
+        try:
+            found = await statuses_by_id(client)
+        except Exception:  # the cluster is electing a leader: look again
+            if asyncio.get_running_loop().time() > deadline:
+                return found
+            await asyncio.sleep(0.5)
+            continue
+        if all(i in found and found[i].state is state for i in wanted):
+            return found
+        if asyncio.get_running_loop().time() > deadline:
+            return found
+        await asyncio.sleep(0.25)
+
+
+def is_in(statuses: dict[str, Any], sandbox_id: str, state: SandboxState) -> bool:
+    return sandbox_id in statuses and statuses[sandbox_id].state is state
+
+
+async def drained(js: JetStreamContext, consumers: Iterable[tuple[str, str]],
+                  timeout_s: float = 120) -> int:  # fmt: skip
+    """Wait until the consumers have nothing pending or unacked; what is left."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        left = 0
+        for stream, name in consumers:
+            info = await js.consumer_info(stream, name)
+            left += (info.num_pending or 0) + (info.num_ack_pending or 0)
+        if left == 0 or asyncio.get_running_loop().time() > deadline:
+            return left
+        await asyncio.sleep(0.1)
+
+
+REQUEST_CONSUMERS = [("SANDBOX_REQUESTS", "provisioner-provision"),
+                     ("SANDBOX_REQUESTS", "provisioner-destroy")]  # fmt: skip
+BILLING_CONSUMERS = [("SANDBOX_METER", "billing-meter"), ("BILLING", "finhub-export")]
+
+
+async def publish_provisions(client: Client, tenants: list[str], count: int, tag: str
+                             ) -> list[str]:  # fmt: skip
+    ids = []
+    for i in range(count):
+        tenant = tenants[i % len(tenants)]
+        await client.provision(ProvisionRequest(request_id=f"{tag}-{i}", tenant=tenant,
+                                                profile="profile.burst-sandbox"))  # fmt: skip
+        ids.append(sandbox_id_for(tenant, f"{tag}-{i}"))
+    return ids
+
+
+async def publish_destroys(client: Client, statuses: dict[str, Any], ids: list[str]) -> None:
+    for sandbox_id in ids:
+        status = statuses[sandbox_id]
+        await client.destroy(DestroyRequest(request_id=f"d-{sandbox_id}", tenant=status.tenant,
+                                            sandbox_id=sandbox_id))  # fmt: skip
+
+
+# -- R1 --------------------------------------------------------------------------------
+
+
+async def test_r1_replaying_every_request_duplicates_nothing(
+    start_worker: Callable[..., Any], start_billing: Callable[..., Any],
+    settings: Settings, js: JetStreamContext, funded: tuple[str, ...],
+) -> None:  # fmt: skip
+    with FakeFinHub() as hub:
+        await start_worker()
+        await start_billing(fin_hub_url=hub.url)
+        async with Client(settings.nats_url) as client:
+            n = SCALE.r1_sandboxes
+            ids = await publish_provisions(client, list(funded), n, "r1")
+            ready = await wait_all(client, ids, SandboxState.READY)
+            await publish_destroys(client, ready, ids)
+            await wait_all(client, ids, SandboxState.DESTROYED)
+            assert await drained(js, REQUEST_CONSUMERS + BILLING_CONSUMERS) == 0
+            before = await effects(js, funded)
+            assert before == (n, n, n), before
+            assert len(hub.accepted) == n
+
+            replayed = 0
+            for subject in ("sandbox.provision", "sandbox.destroy"):
+                summary = await replay(js, subject, Range())
+                assert summary.verdicts["new"] == 0, summary.line()
+                replayed += summary.replayed
+            assert await drained(js, REQUEST_CONSUMERS + BILLING_CONSUMERS) == 0
+            after = await effects(js, funded)
+        posts_doubled = sum(count - 1 for count in hub.accepted_count.values())
+    figure("R1 duplicate provider sandboxes", after[0] - before[0], f"{replayed} replayed")
+    figure("R1 duplicate debits", after[1] - before[1])
+    figure("R1 duplicate usage records", after[2] - before[2])
+    figure("R1 duplicate fin-hub POSTs accepted", posts_doubled)
+    assert replayed == 2 * n
+    assert after == before and posts_doubled == 0
+
+
+async def effects(js: JetStreamContext, tenants: Iterable[str]) -> tuple[int, int, int]:
+    """(provider sandboxes, debits, usage records) as stored."""
+    ledger = Ledger(js)
+    debits = [e for t in tenants for e in await ledger.entries(t) if e.kind == "debit"]
+    usage = await stream_messages(js, "BILLING", "billing.usage")
+    return len(await stub_sandboxes(js)), len(debits), len(usage)
+
+
+# -- R2 --------------------------------------------------------------------------------
+
+
+async def test_r2_workers_killed_at_random_lose_nothing_and_leave_no_orphan(
+    spawn_worker: Callable[..., subprocess.Popen[bytes]], settings: Settings,
+    js: JetStreamContext, funded: tuple[str, ...],
+) -> None:  # fmt: skip
+    chance = random.Random(7)
+    stub = {"SANDBOXER_STUB_LATENCY_S": "0.3"}  # so that every worker has creates in flight
+    workers = [spawn_worker(**stub) for _ in range(3)]
+    lost = orphans = doubled = kills = 0
+    async with Client(settings.nats_url) as client:
+        for round_no in range(SCALE.r2_rounds):
+            tag = f"r2-{round_no}"
+            publishing = asyncio.create_task(
+                publish_provisions(client, list(funded), SCALE.r2_per_round, tag)
+            )
+            # A random point of the round: after a random share of it is done, so the
+            # victim is mid-work (claims made, creates in flight).
+            share = chance.uniform(0.1, 0.7)
+            while await settled_count(client, tag) < share * SCALE.r2_per_round:
+                await asyncio.sleep(0.02)
+            victim = chance.randrange(len(workers))
+            workers[victim].send_signal(signal.SIGKILL)
+            workers[victim].wait()
+            kills += 1
+            workers[victim] = spawn_worker(**stub)
+            ids = await publishing
+            found = await wait_all(client, ids, SandboxState.READY)
+            lost += sum(1 for i in ids if not is_in(found, i, SandboxState.READY))
+        total = SCALE.r2_rounds * SCALE.r2_per_round
+        doubled = len(await stub_sandboxes(js)) - total
+        async with AsyncExitStack() as stack:
+            provisioner = await build_provisioner(replace(settings), js, stack)
+            findings = await Reconciler(provisioner, grace_s=0).run("ext.saas-stub")
+            orphans = sum(1 for f in findings if f.action != "keep")
+            after = await Reconciler(provisioner, grace_s=0).run("ext.saas-stub", dry_run=True)
+    figure("R2 lost requests", lost, f"{total} provisions, {kills} SIGKILLs, 3 workers")
+    figure("R2 doubled provider sandboxes", doubled)
+    figure("R2 orphans after reconcile", sum(1 for f in after if f.action != "keep"),
+           f"{orphans} found by the pass")  # fmt: skip
+    assert lost == 0 and doubled == 0
+    assert [f for f in after if f.action != "keep"] == []
+
+
+# -- R3 --------------------------------------------------------------------------------
+
+
+class Cluster:
+    """Three nats-servers on loopback, routed to each other, with JetStream."""
+
+    def __init__(self, root: Path) -> None:
+        cluster_ports = [free_port() for _ in range(3)]
+        self.nodes = [
+            EmbeddedNats(
+                root / f"n{i}",
+                server_name=f"n{i}",
+                cluster_port=cluster_ports[i],
+                routes=[p for j, p in enumerate(cluster_ports) if j != i],
+            )
+            for i in range(3)
+        ]
+
+    @property
+    def url(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def __enter__(self) -> Cluster:
+        for node in self.nodes:
+            node.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+async def until_topology(url: str, replicas: int, timeout_s: float = 60) -> None:
+    """Create the streams and buckets once the cluster has a JetStream leader."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            async with Client(url, reconnect=True) as client:
+                await ensure_topology(client.js, replicas=replicas)
+                return
+        except Exception:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def test_r3_a_cluster_losing_a_node_under_load_loses_and_doubles_nothing(
+    tmp_path: Path, settings: Settings, start_worker: Callable[..., Any],
+    start_billing: Callable[..., Any],
+) -> None:  # fmt: skip
+    with Cluster(tmp_path / "cluster") as cluster:
+        await until_topology(cluster.url, replicas=3)
+        # A leader election after a node loss takes seconds: back off long enough.
+        cluster_settings = replace(settings, nats_url=cluster.url, replicas=3, ack_wait_s=3.0,
+                                   max_deliver=30, retry_backoff_s=0.5,
+                                   retry_cap_s=4.0)  # fmt: skip
+        async with Client(cluster.url, reconnect=True) as client:
+            ledger = Ledger(client.js)
+            for tenant in ("acme", "t1"):
+                await ledger.grant(tenant, Decimal("1000"), "r3-funds")
+            worker = await start_worker(**vars_of(cluster_settings))
+            billing = await start_billing(**vars_of(cluster_settings))
+            n = SCALE.r3_sandboxes
+            ids: list[str] = []
+            for i in range(n):
+                if i == n // 3:
+                    cluster.nodes[1].process.kill()  # type: ignore[union-attr]  # SIGKILL
+                    cluster.nodes[1].process.wait()  # type: ignore[union-attr]
+                    await asyncio.sleep(2)  # the load goes on against two nodes
+                if i == 2 * n // 3:
+                    cluster.nodes[1].start(timeout_s=30)
+                tenant = ("acme", "t1")[i % 2]
+                request = ProvisionRequest(request_id=f"r3-{i}", tenant=tenant,
+                                           profile="profile.burst-sandbox", ttl_s=60)  # fmt: skip
+                await publish_with_retry(client, request)
+                ids.append(sandbox_id_for(tenant, f"r3-{i}"))
+            ready = await wait_all(client, ids, SandboxState.READY, timeout_s=180)
+            lost = sum(1 for i in ids if not is_in(ready, i, SandboxState.READY))
+            for sandbox_id in ids:
+                if sandbox_id in ready:
+                    destroy = DestroyRequest(request_id=f"d-{sandbox_id}",
+                                             tenant=ready[sandbox_id].tenant,
+                                             sandbox_id=sandbox_id)  # fmt: skip
+                    await publish_with_retry(client, destroy)
+            done = await wait_all(client, ids, SandboxState.DESTROYED, timeout_s=180)
+            lost += sum(
+                1 for i in ids if i in ready and done[i].state is not SandboxState.DESTROYED
+            )
+            await drained(client.js, [("SANDBOX_METER", "billing-meter")], timeout_s=60)
+            sandboxes, debits, usage = await effects(client.js, ("acme", "t1"))
+            await worker.stop()  # before the cluster goes away
+            await billing.stop()
+    figure("R3 lost effects", lost, f"{n} provisions+destroys, node n1 SIGKILLed and back")
+    figure("R3 doubled effects", (sandboxes - n) + (debits - n) + (usage - n),
+           f"{sandboxes} sandboxes, {debits} debits, {usage} usage records")  # fmt: skip
+    assert lost == 0 and (sandboxes, debits, usage) == (n, n, n)
+
+
+def vars_of(value: Settings) -> dict[str, Any]:
+    names = ("nats_url", "replicas", "ack_wait_s", "max_deliver", "retry_backoff_s",
+             "retry_cap_s")  # fmt: skip
+    return {name: getattr(value, name) for name in names}
+
+
+async def publish_with_retry(client: Client, request: ProvisionRequest | DestroyRequest) -> None:
+    """Publish until the cluster acknowledges (a leader election takes seconds). The
+    request id is the message id, so a retry after a lost ack is stored once."""
+    subject = "sandbox.provision" if isinstance(request, ProvisionRequest) else "sandbox.destroy"
+    for attempt in range(60):
+        try:
+            await client.js.publish(subject, request.model_dump_json().encode(), timeout=2,
+                                    headers={"Nats-Msg-Id": f"{subject}.{request.tenant}."
+                                                            f"{request.request_id}"})  # fmt: skip
+            return
+        except Exception:
+            await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
+    raise AssertionError(f"could not publish {request.request_id}")
+
+
+# -- R6 --------------------------------------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+#: Bodies that name a tenant and a request id, so their failure can be answered, but are
+#: invalid anyway (an unknown field, a wrong type, an out-of-range TTL...).
+_attributable = st.fixed_dictionaries(
+    {"tenant": st.sampled_from(["acme", "t1"]),
+     "request_id": st.from_regex(r"\Ar6-[a-z0-9]{8}\Z"),
+     "color": _json},
+    optional={"profile": st.sampled_from(["profile.burst-sandbox", "profile.nope", ""]),
+              "ttl_s": st.integers(-5, 10**7) | st.text(max_size=4),
+              "metadata": _json, "schema_version": st.integers(-1, 3)},
+)  # fmt: skip
+_payload = st.one_of(
+    st.binary(max_size=48),
+    _json.map(lambda v: json.dumps(v).encode()),
+    _attributable.map(lambda v: json.dumps(v).encode()),
+)
+
+
+def generated_payloads(count: int) -> list[bytes]:
+    found: list[bytes] = []
+
+    @settings(max_examples=count, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(_payload)
+    def collect(payload: bytes) -> None:
+        found.append(payload)
+
+    collect()
+    return found
+
+
+async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
+    start_worker: Callable[..., Any], start_billing: Callable[..., Any],
+    settings: Settings, js: JetStreamContext, funded: tuple[str, ...],
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    with FakeFinHub() as hub:
+        worker = await start_worker()
+        billing = await start_billing(fin_hub_url=hub.url)
+        payloads = generated_payloads(SCALE.r6_per_subject)
+        subjects = ["sandbox.provision", "sandbox.destroy", "sandbox.meter.ext.saas-stub",
+                    "billing.usage"]  # fmt: skip
+        for subject in subjects:
+            for payload in payloads:
+                await js.publish(subject, payload)
+        left = await drained(js, REQUEST_CONSUMERS + BILLING_CONSUMERS)
+        attributable = {}
+        for payload in payloads:
+            try:
+                body = json.loads(payload)
+            except ValueError:
+                continue
+            if isinstance(body, dict) and "color" in body:
+                attributable[sandbox_id_for(body["tenant"], body["request_id"])] = body
+        async with Client(settings.nats_url) as client:
+            statuses = await statuses_by_id(client)
+            unanswered = [i for i in attributable
+                          if i not in statuses or statuses[i].state is not SandboxState.FAILED
+                          or statuses[i].error is None]  # fmt: skip
+            probe = ProvisionRequest(request_id="r6-good", tenant="acme",
+                                     profile="profile.burst-sandbox")  # fmt: skip
+            good = await client.provision(probe, wait_s=20)
+        crashes = sum(1 for w in (worker, billing) if w.crashed) + caplog.text.count(
+            "handler crashed"
+        )
+    figure("R6 worker crashes", crashes, f"{len(payloads)} payloads x {len(subjects)} subjects")
+    figure("R6 messages left in redelivery", left)
+    figure("R6 attributable payloads without a failed status", len(unanswered),
+           f"{len(attributable)} attributable")  # fmt: skip
+    assert len(payloads) * len(subjects) >= (200 if SCALE is FULL else 4 * 40)
+    assert crashes == 0 and left == 0 and unanswered == []
+    assert good is not None and good.state is SandboxState.READY
