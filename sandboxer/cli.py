@@ -571,8 +571,8 @@ def reconcile(
     if as_json:
         typer.echo(json.dumps([f.__dict__ for f in findings]))
         return
-    verb = "would " if dry_run else ""
     for f in findings:
+        verb = "would " if dry_run and f.action not in ("keep", "wait") else ""
         typer.echo(f"{f.extension_id:<14} {f.provider_sandbox_id:<28} {f.sandbox_id or '-':<28} "
                    f"{verb}{f.action:<8} {f.reason}")  # fmt: skip
     acted = sum(f.action not in ("keep", "wait") for f in findings)
