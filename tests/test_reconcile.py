@@ -1,0 +1,85 @@
+"""Orphan reconciliation with the stub: every row of its table (docs/cloud-adapters.md)
+that the E2B and Modal tests do not already cover."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from datetime import timedelta
+from typing import Any
+
+from nats.js import JetStreamContext
+
+from adapters.base import NO_CREDENTIALS, SandboxSpec
+from consumers.reconcile import Reconciler
+from consumers.worker import build_provisioner
+from sandboxer.client import Client
+from sandboxer.ids import sandbox_id_for
+from sandboxer.registry import Registry
+from sandboxer.settings import Settings
+from sandboxer.state import StatusStore
+from schemas import ErrorCode, ErrorInfo, SandboxState, SandboxStatus, utcnow
+from tests.helpers import provision, stub_sandboxes, wait_for_state
+
+
+async def reconcile(settings: Settings, js: JetStreamContext, **kwargs: Any) -> list[Any]:
+    async with AsyncExitStack() as stack:
+        provisioner = await build_provisioner(settings, js, stack)
+        return await Reconciler(provisioner, grace_s=0).run(**kwargs)
+
+
+async def test_failed_claims_orphans_expired_and_kept_sandboxes(
+    start_worker: Callable[..., Any], settings: Settings, js: JetStreamContext
+) -> None:
+    await start_worker()
+    statuses = await StatusStore.open(js)
+    async with Client(settings.nats_url) as client:
+        kept = await provision(client, "acme", "profile.burst-sandbox")
+        expired = await provision(client, "acme", "profile.burst-sandbox")
+        status, revision = await statuses.get(expired.sandbox_id)  # type: ignore[misc]
+        past = utcnow() - timedelta(seconds=1)
+        await statuses.update(status.with_changes(expires_at=past), revision)
+
+        # A provider sandbox whose request failed (say, an ambiguous create that ran out
+        # of deliveries), and one nobody claimed at all.
+        failed_id = sandbox_id_for("acme", "failed-after-create")
+        await statuses.create(SandboxStatus(
+            sandbox_id=failed_id, request_id="failed-after-create", tenant="acme",
+            profile="profile.burst-sandbox", extension_id="ext.saas-stub",
+            state=SandboxState.FAILED, created_at=utcnow(),
+            error=ErrorInfo(code=ErrorCode.PROVIDER_UNAVAILABLE, message="timed out"),
+        ))  # fmt: skip
+        registry = Registry.load(settings.extensions_dir)
+        async with AsyncExitStack() as stack:
+            provisioner = await build_provisioner(settings, js, stack)
+            stub = provisioner.router.adapter("ext.saas-stub")
+            for sandbox_id in (failed_id, sandbox_id_for("acme", "never-claimed")):
+                spec = SandboxSpec(sandbox_id=sandbox_id, tenant="acme", deployment="test",
+                                   profile=registry.profile("profile.burst-sandbox"), ttl_s=60,
+                                   expires_at=utcnow() + timedelta(seconds=60))  # fmt: skip
+                await stub.provision(spec, NO_CREDENTIALS)
+            # Another deployment's sandbox: never listed.
+            other = SandboxSpec(sandbox_id=sandbox_id_for("acme", "theirs"), tenant="acme",
+                                deployment="staging", ttl_s=60, expires_at=utcnow(),
+                                profile=registry.profile("profile.burst-sandbox"))  # fmt: skip
+            await stub.provision(other, NO_CREDENTIALS)
+
+        dry = {f.sandbox_id: f.action for f in await reconcile(settings, js, dry_run=True)}
+        assert dry == {
+            kept.sandbox_id: "keep",
+            expired.sandbox_id: "expire",
+            failed_id: "destroy",
+            sandbox_id_for("acme", "never-claimed"): "destroy",
+        }
+        assert sum(1 for s in await stub_sandboxes(js) if s["terminated_at"] is None) == 5
+
+        await reconcile(settings, js)
+        # The expired one goes through the normal destroy, so it is metered.
+        done = await wait_for_state(client, expired.sandbox_id, SandboxState.DESTROYED)
+        assert done.actual_usd is not None
+    alive = {s["tags"]["sandboxer_sandbox_id"] for s in await stub_sandboxes(js)
+             if s["terminated_at"] is None}  # fmt: skip
+    assert alive == {kept.sandbox_id, sandbox_id_for("acme", "theirs")}
+    assert {f.sandbox_id: f.action for f in await reconcile(settings, js)} == {
+        kept.sandbox_id: "keep"
+    }
