@@ -6,7 +6,8 @@ COPY adapters adapters
 COPY consumers consumers
 COPY sandboxer sandboxer
 COPY extensions extensions
-RUN pip install --no-cache-dir .
+# The modal extra: without it ext.modal is skipped (routes move on).
+RUN pip install --no-cache-dir '.[modal]'
 USER nobody
 ENTRYPOINT []
 CMD ["sandboxer", "worker"]

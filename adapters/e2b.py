@@ -20,10 +20,9 @@ import random
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlencode
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.base import (
@@ -41,6 +40,9 @@ from sandboxer.errors import (
     SandboxerError,
 )
 from schemas import Profile, UsdRate, quantize_usd, utcnow
+
+if TYPE_CHECKING:  # imported when first used: a worker that never calls E2B saves ~8 MiB
+    import httpx
 
 log = logging.getLogger("sandboxer.e2b")
 
@@ -137,15 +139,23 @@ class E2BAdapter:
         self.rates = E2BRates.model_validate(context.manifest.pricing.rates)
         self.config = E2BConfig.model_validate(context.manifest.config).with_env_overrides()
         self._deployment = context.deployment
-        self._http = httpx.AsyncClient(
-            base_url=self.config.api_url,
-            timeout=self.config.request_timeout_s,
-            limits=httpx.Limits(
-                max_connections=self.config.max_connections,
-                max_keepalive_connections=self.config.max_connections,
-            ),
-            headers={"User-Agent": "sandboxer"},
-        )
+        self._client: httpx.AsyncClient | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        """The shared client, made on first use (pooled connections for every call)."""
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.AsyncClient(
+                base_url=self.config.api_url,
+                timeout=self.config.request_timeout_s,
+                limits=httpx.Limits(
+                    max_connections=self.config.max_connections,
+                    max_keepalive_connections=self.config.max_connections,
+                ),
+                headers={"User-Agent": "sandboxer"},
+            )
+        return self._client
 
     # -- the seam ---------------------------------------------------------------------
 
@@ -228,7 +238,9 @@ class E2BAdapter:
             params = {**params, "nextToken": token}
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -266,12 +278,14 @@ class E2BAdapter:
     ) -> httpx.Response:
         """One API call, retried as E2B asks; raises a SandboxerError that never contains
         the key. `missing_ok` returns a 404 instead of failing on it."""
+        import httpx
+
         key = self._key(credentials)
         what = f"{method} {path}"
         request_headers = {"X-API-KEY": key, **(headers or {})}
         for attempt in range(1, self.config.max_attempts + 1):
             try:
-                response = await self._http.request(
+                response = await self._http().request(
                     method, path, json=json, params=params, headers=request_headers
                 )
             except httpx.TransportError as exc:
