@@ -17,15 +17,21 @@ our tags, are never listed, let alone touched.
 
 Every action is idempotent (CAS on the status, idempotent teardown, deterministic
 destroy request ids), so two reconcilers or a reconciler racing a worker do no harm.
+Workers still take turns (`take_turn`): one periodic pass per deployment and period,
+whatever the number of workers.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 
 from adapters.base import TAG_DEPLOYMENT, TAG_SANDBOX_ID, Credentials, ProviderSandbox
 from consumers.provisioner import Provisioner
@@ -167,3 +173,25 @@ class Reconciler:
             reason="ttl",
         )
         await self._p.js.publish(DESTROY_SUBJECT, request.model_dump_json().encode())
+
+
+async def take_turn(kv: KeyValue, key: str, period_s: float) -> bool:
+    """True for exactly one caller per `period_s` among any number of processes: the
+    lease `key` holds when it was last taken, and taking it is a compare-and-set. (A
+    little less than a period, so that the next taker's own timer is not a hair late.)"""
+    now = time.time()
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        try:
+            await kv.create(key, str(now).encode())
+            return True
+        except KeyWrongLastSequenceError:
+            return False  # another process took it first
+    if now - float(entry.value or b"0") < 0.9 * period_s:
+        return False
+    try:
+        await kv.update(key, str(now).encode(), last=entry.revision)
+        return True
+    except KeyWrongLastSequenceError:
+        return False

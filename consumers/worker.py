@@ -15,7 +15,7 @@ from consumers.app import Subscription, connect, serve
 from consumers.deadletter import on_max_deliveries
 from consumers.delivery import Delivery, KeepAlive, settle
 from consumers.provisioner import Provisioner
-from consumers.reconcile import Reconciler
+from consumers.reconcile import Reconciler, take_turn
 from sandboxer.credits import Ledger
 from sandboxer.registry import Registry
 from sandboxer.routing import Router
@@ -27,6 +27,7 @@ from sandboxer.topology import (
     BILLING_STREAM,
     DESTROY_CONSUMER,
     DESTROY_SUBJECT,
+    LEASE_BUCKET,
     MAX_DELIVERIES_ADVISORIES,
     METER_STREAM,
     PROVISION_CONSUMER,
@@ -106,19 +107,22 @@ async def build_provisioner(
 
 
 async def reconcile_forever(provisioner: Provisioner, settings: Settings) -> None:
-    """Reconcile every `reconcile_every_s`, first after a random share of it (so that
-    workers started together do not all list the providers at once)."""
+    """One reconciliation pass per deployment every `reconcile_every_s`, by whichever
+    worker takes the turn first; each worker looks at a random point of the period."""
     reconciler = Reconciler(provisioner, grace_s=settings.reconcile_grace_s)
-    await asyncio.sleep(random.uniform(0.1, 1.0) * settings.reconcile_every_s)
+    leases = await provisioner.js.key_value(LEASE_BUCKET)
+    key = f"reconcile.{settings.deployment}"
     while True:
+        await asyncio.sleep(random.uniform(0.5, 1.0) * settings.reconcile_every_s)
         try:
+            if not await take_turn(leases, key, settings.reconcile_every_s):
+                continue
             findings = await reconciler.run()
         except Exception:  # a provider or OpenBao outage: try again next time
             log.exception("reconcile pass failed")
         else:
             acted = [f for f in findings if f.action not in ("keep", "wait")]
             log.info("reconcile: %d sandboxes, %d acted on", len(findings), len(acted))
-        await asyncio.sleep(settings.reconcile_every_s)
 
 
 async def run_worker(

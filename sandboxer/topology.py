@@ -51,6 +51,8 @@ MAX_DELIVERIES_ADVISORIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 ADVISORY_CONSUMER = "dead-letter-advisories"
 #: Durable markers of the billing consumers (usage published, record exported).
 BILLING_BUCKET = "sandboxer-billing"
+#: Leases that let one process of many do a periodic job (reconciliation).
+LEASE_BUCKET = "sandboxer-leases"
 BILLING_CONSUMER = "billing-meter"
 EXPORT_CONSUMER = "finhub-export"
 
@@ -169,6 +171,9 @@ async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
     await ensure_bucket(js, status_bucket_config(replicas))
     await ensure_bucket(
         js, KeyValueConfig(bucket=BILLING_BUCKET, storage=StorageType.FILE, replicas=replicas)
+    )
+    await ensure_bucket(
+        js, KeyValueConfig(bucket=LEASE_BUCKET, storage=StorageType.FILE, replicas=replicas)
     )
 
 

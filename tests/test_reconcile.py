@@ -3,15 +3,18 @@ that the E2B and Modal tests do not already cover."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from nats.js import JetStreamContext
 
 from adapters.base import NO_CREDENTIALS, SandboxSpec
-from consumers.reconcile import Reconciler
+from consumers.reconcile import Reconciler, take_turn
 from consumers.worker import build_provisioner
 from sandboxer.client import Client
 from sandboxer.ids import sandbox_id_for
@@ -83,3 +86,25 @@ async def test_failed_claims_orphans_expired_and_kept_sandboxes(
     assert {f.sandbox_id: f.action for f in await reconcile(settings, js)} == {
         kept.sandbox_id: "keep"
     }
+
+
+async def test_one_of_many_takes_each_turn(js: JetStreamContext) -> None:
+    leases = await js.key_value("sandboxer-leases")
+    turns = await asyncio.gather(*(take_turn(leases, "job", 60) for _ in range(10)))
+    assert sorted(turns) == [False] * 9 + [True]
+    assert await take_turn(leases, "job", 60) is False  # not again within the period
+    assert await take_turn(leases, "job", 0.001) is True  # a period later
+
+
+async def test_workers_share_one_periodic_pass(
+    start_worker: Callable[..., Any], js: JetStreamContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sandboxer.worker")
+    for _ in range(3):
+        await start_worker(reconcile_every_s=1.0, reconcile_grace_s=0)
+    await asyncio.sleep(4.5)
+    passes = caplog.text.count("reconcile: ")
+    # One pass per period for the deployment (about 4), not one per worker (about 12).
+    assert 2 <= passes <= 6, passes
+    lease = await (await js.key_value("sandboxer-leases")).get("reconcile.test")
+    assert passes <= lease.revision <= passes + 1  # + a pass that has not logged yet
