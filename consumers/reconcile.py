@@ -72,7 +72,11 @@ class Reconciler:
         for ext in extensions:
             adapter = router.adapter(ext)
             seen: set[str] = set()
-            for credentials in await self._accounts(ext, byok.get(ext, [])):
+            accounts = await self._accounts(ext, byok.get(ext, []))
+            if not accounts:
+                log.warning("reconcile %s: no key to list its sandboxes with (no platform "
+                            "key, or OpenBao not configured)", ext)  # fmt: skip
+            for credentials in accounts:
                 tags = {TAG_DEPLOYMENT: self._p.settings.deployment}
                 for sandbox in await adapter.find(tags, credentials):
                     if sandbox.provider_sandbox_id in seen:
