@@ -91,7 +91,7 @@ class Billing:
 
         await settle(
             f"billing {event.sandbox_id}",
-            self._bill(event),
+            lambda: self._bill(event),
             delivery,
             self.settings,
             give_up=give_up,
@@ -155,7 +155,7 @@ class Exporter:
 
         await settle(
             f"export {record.record_id}",
-            self._export(record),
+            lambda: self._export(record),
             delivery,
             self.settings,
             give_up=give_up,

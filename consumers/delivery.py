@@ -14,6 +14,9 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
+import nats.errors
+import nats.js.errors
+
 from sandboxer.errors import SandboxerError
 from sandboxer.settings import Settings
 
@@ -60,9 +63,50 @@ def backoff_s(attempt: int, *, base_s: float, cap_s: float) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
+#: How long one delivery keeps repeating its work while JetStream is unavailable (a
+#: leader election, a reconnect) before the failure counts as a failed delivery.
+JETSTREAM_PATIENCE_S = 60.0
+
+
+def jetstream_unavailable(exc: BaseException) -> bool:
+    """True for errors that mean NATS/JetStream itself is briefly out of reach."""
+    return isinstance(exc, _UNAVAILABLE)
+
+
+_UNAVAILABLE = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+
+async def _repeat_through_outages(
+    what: str, work: Callable[[], Coroutine[Any, Any, None]], delivery: Delivery
+) -> None:
+    """Run `work`, repeating it while JetStream is unavailable, up to
+    `JETSTREAM_PATIENCE_S`: every step of a handler is idempotent, so repeating is safe,
+    and a cluster's leader election then spends no delivery (nor fails a request)."""
+    waited, pause = 0.0, 0.25
+    while True:
+        try:
+            await work()
+            return
+        except Exception as exc:
+            if not jetstream_unavailable(exc) or waited >= JETSTREAM_PATIENCE_S:
+                raise
+            log.warning("%s: JetStream unavailable (%s), again in %.2fs", what, exc, pause)
+        with contextlib.suppress(Exception):
+            await delivery.in_progress()
+        await asyncio.sleep(pause)
+        waited += pause
+        pause = min(pause * 2, 4.0)
+
+
 async def settle(
     what: str,
-    work: Coroutine[Any, Any, None],
+    work: Callable[[], Coroutine[Any, Any, None]],
     delivery: Delivery,
     settings: Settings,
     *,
@@ -70,17 +114,18 @@ async def settle(
     retry_transient_forever: bool = False,
     rejections_answered: bool = False,
 ) -> None:
-    """Run `work` and end the delivery with exactly one ack, nak or dead letter.
+    """Run `work()` and end the delivery with exactly one ack, nak or dead letter.
 
-    `Retry` and retryable errors are nak'ed with backoff while attempts remain (up to
-    `max_deliver`, or without limit for known transient errors if
-    `retry_transient_forever`); anything else is handed to `give_up`, then kept as a
+    While JetStream is unavailable the work is repeated within the delivery (for up to
+    `JETSTREAM_PATIENCE_S`). `Retry` and retryable errors are nak'ed with backoff while
+    attempts remain (up to `max_deliver`, or without limit for known transient errors
+    if `retry_transient_forever`); anything else is handed to `give_up`, then kept as a
     dead letter. Unexpected errors count as retryable, within `max_deliver`. With
     `rejections_answered`, a non-retryable SandboxerError (`no_route`, a refusal...) is
     the request's answer, recorded by `give_up`: the message is acked, not kept.
     """
     try:
-        await work
+        await _repeat_through_outages(what, work, delivery)
     except Retry as retry:
         log.info("%s: retry in %.1fs: %s", what, retry.delay_s, retry)
         await delivery.nack(retry.delay_s)

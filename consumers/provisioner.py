@@ -136,7 +136,7 @@ class Provisioner:
 
         await settle(
             f"provision {sandbox_id}",
-            self._provision(request, sandbox_id, delivery),
+            lambda: self._provision(request, sandbox_id, delivery),
             delivery,
             self.settings,
             give_up=give_up,
@@ -431,7 +431,7 @@ class Provisioner:
 
         await settle(
             f"destroy {request.sandbox_id}",
-            self._destroy(request, delivery),
+            lambda: self._destroy(request, delivery),
             delivery,
             self.settings,
             give_up=give_up,

@@ -60,7 +60,7 @@ def advisory_subscription(js: JetStreamContext, settings: Settings) -> Subscript
         async def give_up(exc: Exception) -> None:
             log.error("max-deliveries advisory not turned into a dead letter: %s", exc)
 
-        await settle("max-deliveries advisory", on_max_deliveries(js, data, watched),
+        await settle("max-deliveries advisory", lambda: on_max_deliveries(js, data, watched),
                      delivery, settings, give_up=give_up)  # fmt: skip
 
     return Subscription(ADVISORY_STREAM, ADVISORY_CONSUMER,

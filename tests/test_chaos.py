@@ -283,10 +283,9 @@ async def test_r3_a_cluster_losing_a_node_under_load_loses_and_doubles_nothing(
 ) -> None:  # fmt: skip
     with Cluster(tmp_path / "cluster") as cluster:
         await until_topology(cluster.url, replicas=3)
-        # A leader election after a node loss takes seconds: back off long enough.
-        cluster_settings = replace(settings, nats_url=cluster.url, replicas=3, ack_wait_s=3.0,
-                                   max_deliver=30, retry_backoff_s=0.5,
-                                   retry_cap_s=4.0)  # fmt: skip
+        # The test's short delivery budget (3 deliveries, 0.1..0.5 s apart) is far below
+        # a leader election: handlers ride it out within their delivery.
+        cluster_settings = replace(settings, nats_url=cluster.url, replicas=3, ack_wait_s=3.0)
         async with Client(cluster.url, reconnect=True) as client:
             ledger = Ledger(client.js)
             for tenant in ("acme", "t1"):
