@@ -18,6 +18,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import NoReturn
 
 from nats.js import JetStreamContext
@@ -193,7 +194,24 @@ class Provisioner:
                     await adapter.teardown(sandbox.provider_sandbox_id, credentials)
                 raise
 
+        self._check_hold(status, adapter.meter_actual(sandbox, sandbox.started_at + (
+            status.expires_at - status.created_at)).actual_usd)  # fmt: skip
         await self.mark_ready(status, revision, sandbox)
+
+    @staticmethod
+    def _check_hold(status: SandboxStatus, full_ttl_usd: Decimal) -> None:
+        """Warn when the provider will bill more for the whole TTL than was held: the
+        profile's resources understate what the provider made (an E2B template bigger
+        than the profile says, say). The debit stays exact; the hold was just short."""
+        if (
+            status.credential_source != "byok"
+            and status.estimate_usd is not None
+            and (full_ttl_usd > status.estimate_usd)
+        ):
+            log.warning("provision %s: %s bills %s USD for the whole TTL but %s was held; "
+                        "profile %s understates the sandbox's resources", status.sandbox_id,
+                        status.extension_id, full_ttl_usd, status.estimate_usd,
+                        status.profile)  # fmt: skip
 
     async def mark_ready(
         self, status: SandboxStatus, revision: int, sandbox: ProviderSandbox

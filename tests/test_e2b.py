@@ -328,3 +328,18 @@ def test_operator_smoke_script_runs_against_the_fake(e2b: E2B) -> None:
     assert "idempotent" in ran.stdout and "destroyed after" in ran.stdout
     assert e2b.api_key not in ran.stdout + ran.stderr
     assert len(e2b.fake.sandboxes) == 1 and e2b.fake.alive() == []
+
+
+async def test_a_template_bigger_than_its_profile_is_reported(
+    e2b: E2B, start_worker: Callable[..., Any], observer: Client, fresh_tenant: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    e2b.fake.templates["base"] = (4, 1024)  # the profile says 2 vCPU, 512 MiB
+    await start_worker()
+    status = await provision(observer, fresh_tenant, "profile.e2b-burst")
+    assert status.state is SandboxState.READY
+    # 300 s x (4 x 0.000014 + 1 x 0.0000045) = 0.018150 billed, 0.009075 held
+    assert ("bills 0.018150 USD for the whole TTL but 0.009075 was held; profile "
+            "profile.e2b-burst understates") in caplog.text  # fmt: skip
+    done = await destroy(observer, status)
+    assert done.actual_usd is not None  # the debit is exact regardless
