@@ -23,6 +23,7 @@ import signal
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import partial
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
@@ -91,7 +92,7 @@ class Billing:
 
         await settle(
             f"billing {event.sandbox_id}",
-            lambda: self._bill(event),
+            partial(self._bill, event),
             delivery,
             self.settings,
             give_up=give_up,
@@ -155,7 +156,7 @@ class Exporter:
 
         await settle(
             f"export {record.record_id}",
-            lambda: self._export(record),
+            partial(self._export, record),
             delivery,
             self.settings,
             give_up=give_up,

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 import nats.errors
@@ -82,28 +82,6 @@ _UNAVAILABLE = (
 )
 
 
-async def _repeat_through_outages(
-    what: str, work: Callable[[], Coroutine[Any, Any, None]], delivery: Delivery
-) -> None:
-    """Run `work`, repeating it while JetStream is unavailable, up to
-    `JETSTREAM_PATIENCE_S`: every step of a handler is idempotent, so repeating is safe,
-    and a cluster's leader election then spends no delivery (nor fails a request)."""
-    waited, pause = 0.0, 0.25
-    while True:
-        try:
-            await work()
-            return
-        except Exception as exc:
-            if not jetstream_unavailable(exc) or waited >= JETSTREAM_PATIENCE_S:
-                raise
-            log.warning("%s: JetStream unavailable (%s), again in %.2fs", what, exc, pause)
-        with contextlib.suppress(Exception):
-            await delivery.in_progress()
-        await asyncio.sleep(pause)
-        waited += pause
-        pause = min(pause * 2, 4.0)
-
-
 async def settle(
     what: str,
     work: Callable[[], Coroutine[Any, Any, None]],
@@ -117,15 +95,31 @@ async def settle(
     """Run `work()` and end the delivery with exactly one ack, nak or dead letter.
 
     While JetStream is unavailable the work is repeated within the delivery (for up to
-    `JETSTREAM_PATIENCE_S`). `Retry` and retryable errors are nak'ed with backoff while
-    attempts remain (up to `max_deliver`, or without limit for known transient errors
-    if `retry_transient_forever`); anything else is handed to `give_up`, then kept as a
+    `JETSTREAM_PATIENCE_S`, keeping the message alive): every step of a handler is
+    idempotent, so a cluster's leader election spends no delivery. `Retry` and
+    retryable errors are nak'ed with backoff while attempts remain (up to
+    `max_deliver`, or without limit for known transient errors if
+    `retry_transient_forever`); anything else is handed to `give_up`, then kept as a
     dead letter. Unexpected errors count as retryable, within `max_deliver`. With
     `rejections_answered`, a non-retryable SandboxerError (`no_route`, a refusal...) is
     the request's answer, recorded by `give_up`: the message is acked, not kept.
     """
+    # The outage loop is inlined, not a helper coroutine: with 10,000 handlers waiting
+    # on slow providers, one more frame each is megabytes.
+    waited, pause = 0.0, 0.25
     try:
-        await _repeat_through_outages(what, work, delivery)
+        while True:
+            try:
+                await work()
+                break
+            except Exception as exc:
+                if not jetstream_unavailable(exc) or waited >= JETSTREAM_PATIENCE_S:
+                    raise
+                log.warning("%s: JetStream unavailable (%s), again in %.2fs", what, exc, pause)
+            with contextlib.suppress(Exception):
+                await delivery.in_progress()
+            await asyncio.sleep(pause)
+            waited, pause = waited + pause, min(pause * 2, 4.0)
     except Retry as retry:
         log.info("%s: retry in %.1fs: %s", what, retry.delay_s, retry)
         await delivery.nack(retry.delay_s)
@@ -161,16 +155,17 @@ class KeepAlive:
         self._active: set[Delivery] = set()
         self._task: asyncio.Task[None] | None = None
 
-    @contextlib.asynccontextmanager
-    async def hold(self, delivery: Delivery) -> AsyncIterator[None]:
-        """Keep `delivery` from being redelivered while the block runs."""
+    def hold(self, delivery: Delivery) -> _Held:
+        """Keep `delivery` from being redelivered while the `async with` block runs."""
+        return _Held(self, delivery)
+
+    def _add(self, delivery: Delivery) -> None:
         self._active.add(delivery)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="sandboxer-keepalive")
-        try:
-            yield
-        finally:
-            self._active.discard(delivery)
+
+    def _discard(self, delivery: Delivery) -> None:
+        self._active.discard(delivery)
 
     async def _run(self) -> None:
         while self._active:
@@ -186,6 +181,23 @@ class KeepAlive:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+class _Held:
+    """`async with keepalive.hold(delivery)`: a slotted object, not a generator-based
+    context manager, because 10,000 slow provider calls each hold one."""
+
+    __slots__ = ("_delivery", "_keepalive")
+
+    def __init__(self, keepalive: KeepAlive, delivery: Delivery) -> None:
+        self._keepalive = keepalive
+        self._delivery = delivery
+
+    async def __aenter__(self) -> None:
+        self._keepalive._add(self._delivery)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._keepalive._discard(self._delivery)
 
 
 class InFlight:

@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import NoReturn
 
 from nats.js import JetStreamContext
@@ -131,16 +132,13 @@ class Provisioner:
             await delivery.dead_letter(f"invalid ProvisionRequest: {reason}")
             return
         sandbox_id = sandbox_id_for(request.tenant, request.request_id)
-
-        async def give_up(exc: Exception) -> None:
-            await self._fail(request, sandbox_id, exc)
-
+        # partial, not closures: 10,000 handlers in flight each hold these.
         await settle(
             f"provision {sandbox_id}",
-            lambda: self._provision(request, sandbox_id, delivery),
+            partial(self._provision, request, sandbox_id, delivery),
             delivery,
             self.settings,
-            give_up=give_up,
+            give_up=partial(self._fail, request, sandbox_id),
             rejections_answered=True,
         )
 
@@ -440,21 +438,22 @@ class Provisioner:
             await delivery.dead_letter(f"invalid DestroyRequest: {reason}")
             return
 
-        async def give_up(exc: Exception) -> None:
-            # A running sandbox costs money, so provider outages are retried without
-            # limit; only errors that retrying cannot fix (or unexpected ones, after
-            # max_deliver) get here. The sandbox stays `destroying`; the request is kept
-            # as a dead letter for an operator to retry (`sandboxer dlq retry`).
-            log.error("destroy %s failed for good: %s", request.sandbox_id, exc)
-
         await settle(
             f"destroy {request.sandbox_id}",
-            lambda: self._destroy(request, delivery),
+            partial(self._destroy, request, delivery),
             delivery,
             self.settings,
-            give_up=give_up,
+            give_up=partial(self._destroy_failed, request),
             retry_transient_forever=True,
         )
+
+    @staticmethod
+    async def _destroy_failed(request: DestroyRequest, exc: Exception) -> None:
+        # A running sandbox costs money, so provider outages are retried without limit;
+        # only errors that retrying cannot fix (or unexpected ones, after max_deliver)
+        # get here. The sandbox stays `destroying`; the request is kept as a dead letter
+        # for an operator to retry (`sandboxer dlq retry`).
+        log.error("destroy %s failed for good: %s", request.sandbox_id, exc)
 
     async def _destroy(self, request: DestroyRequest, delivery: Delivery) -> None:
         found = await self.statuses.get(request.sandbox_id)
