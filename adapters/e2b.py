@@ -299,7 +299,7 @@ class E2BAdapter:
                     return response
                 if not _should_retry(response):
                     raise self._failure(response, what, key, creating=creating)
-                error = ProviderUnavailable(self._describe(response, what, key))
+                error = ProviderUnavailable(self._describe(response, what, key)[0])
                 retry_after = _retry_after_s(response)
                 delay = self._backoff_s(attempt) if retry_after is None else retry_after
                 if delay > self.config.max_retry_after_s:
@@ -322,9 +322,9 @@ class E2BAdapter:
         return key
 
     @staticmethod
-    def _describe(response: httpx.Response, what: str, key: str) -> str:
+    def _describe(response: httpx.Response, what: str, key: str) -> tuple[str, str | None]:
         """`ext.e2b: POST /v2/sandboxes: 429 <E2B's message> (error_code=...)`, with the
-        key blanked out should E2B ever echo it."""
+        key blanked out should E2B ever echo it, and E2B's `error_code` if any."""
         try:
             body = response.json()
         except ValueError:
@@ -335,18 +335,14 @@ class E2BAdapter:
         code = body.get("error_code")
         suffix = f" (error_code={code})" if code else ""
         text = f"ext.e2b: {what}: {response.status_code} {message}{suffix}"
-        return text.replace(key, "***")
+        return text.replace(key, "***"), str(code) if code else None
 
     def _failure(
         self, response: httpx.Response, what: str, key: str, *, creating: bool
     ) -> SandboxerError:
         """The error for an answer that must not be retried here."""
         status = response.status_code
-        message = self._describe(response, what, key)
-        try:
-            error_code = response.json().get("error_code")
-        except (ValueError, AttributeError):
-            error_code = None
+        message, error_code = self._describe(response, what, key)
         if error_code in TRANSIENT_ERROR_CODES:
             return ProviderUnavailable(message)
         if status in (401, 403):

@@ -29,7 +29,7 @@ from datetime import datetime
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from sandboxer.topology import DEAD_LETTER_STREAM, DLQ_SUBJECT_PREFIX, read_subject
+from sandboxer.topology import DEAD_LETTER_STREAM, DLQ_SUBJECT_PREFIX, stored_messages
 from schemas import utcnow
 
 log = logging.getLogger("sandboxer.deadletter")
@@ -145,12 +145,8 @@ def _parse(seq: int, data: bytes, headers: Mapping[str, str]) -> DeadLetter:
 async def list_dead_letters(js: JetStreamContext, consumer: str | None = None) -> list[DeadLetter]:
     """Every kept message (of one consumer), oldest first."""
     subject = f"{DLQ_SUBJECT_PREFIX}.{consumer or '*'}"
-    found = []
-    async for seq, _subject, _data in read_subject(js, DEAD_LETTER_STREAM, subject):
-        letter = await get_dead_letter(js, seq)
-        if letter is not None:
-            found.append(letter)
-    return found
+    return [_parse(m.seq, m.data, m.headers)
+            async for m in stored_messages(js, DEAD_LETTER_STREAM, subject)]  # fmt: skip
 
 
 async def get_dead_letter(js: JetStreamContext, letter_id: int) -> DeadLetter | None:

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from functools import partial
 from typing import NoReturn
 
@@ -26,7 +25,7 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 
-from adapters.base import ProviderSandbox, SandboxSpec, Usage
+from adapters.base import ProviderSandbox, SandboxAdapter, SandboxSpec, Usage
 from consumers.deadletter import H_RETRY
 from consumers.delivery import Delivery, KeepAlive, Retry, settle
 from sandboxer.credits import Ledger
@@ -111,7 +110,8 @@ def _validation_summary(exc: ValidationError) -> str:
 
 @dataclass
 class Provisioner:
-    """Handles provision and destroy deliveries. Holds no state of its own."""
+    """Handles provision and destroy deliveries. Holds no state of its own (but which
+    holds it has checked against the provider's price, to warn once)."""
 
     js: JetStreamContext
     registry: Registry
@@ -120,6 +120,7 @@ class Provisioner:
     settings: Settings
     keepalive: KeepAlive
     ledger: Ledger
+    _holds_checked: set[tuple[object, ...]] = field(default_factory=set, init=False, repr=False)
 
     # -- provision -------------------------------------------------------------------
 
@@ -192,20 +193,26 @@ class Provisioner:
                     await adapter.teardown(sandbox.provider_sandbox_id, credentials)
                 raise
 
-        self._check_hold(status, adapter.meter_actual(sandbox, sandbox.started_at + (
-            status.expires_at - status.created_at)).actual_usd)  # fmt: skip
+        self._check_hold(status, adapter, sandbox)
         await self.mark_ready(status, revision, sandbox)
 
-    @staticmethod
-    def _check_hold(status: SandboxStatus, full_ttl_usd: Decimal) -> None:
+    def _check_hold(
+        self, status: SandboxStatus, adapter: SandboxAdapter, sandbox: ProviderSandbox
+    ) -> None:
         """Warn when the provider will bill more for the whole TTL than was held: the
         profile's resources understate what the provider made (an E2B template bigger
-        than the profile says, say). The debit stays exact; the hold was just short."""
-        if (
-            status.credential_source != "byok"
-            and status.estimate_usd is not None
-            and (full_ttl_usd > status.estimate_usd)
-        ):
+        than the profile says, say). The debit stays exact; the hold was just short.
+        Checked once per extension, profile and resources, off the steady-state path."""
+        seen = (status.extension_id, status.profile, tuple(sorted(sandbox.meter_fields.items())))
+        if status.credential_source == "byok" or seen in self._holds_checked:
+            return
+        if len(self._holds_checked) > 10_000:
+            self._holds_checked.clear()
+        self._holds_checked.add(seen)
+        assert status.expires_at is not None and status.estimate_usd is not None
+        lifetime = status.expires_at - status.created_at
+        full_ttl_usd = adapter.meter_actual(sandbox, sandbox.started_at + lifetime).actual_usd
+        if full_ttl_usd > status.estimate_usd:
             log.warning("provision %s: %s bills %s USD for the whole TTL but %s was held; "
                         "profile %s understates the sandbox's resources", status.sandbox_id,
                         status.extension_id, full_ttl_usd, status.estimate_usd,

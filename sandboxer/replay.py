@@ -2,12 +2,13 @@
 see them once more. Every handler is idempotent (deterministic ids, claims, markers),
 so replaying a whole day changes nothing already applied and applies what was missed.
 
-Mechanism: **republish**. The messages of the range are read from their stream (a
-short-lived pull consumer from a start sequence or time) and published again on their
-own subject, with their original headers minus JetStream's own (`Nats-Msg-Id`, which
-would make the stream drop them as duplicates, and schedule headers), plus
-`Sandboxer-Replay: <stream>/<seq>`. They then flow through the normal durable
-consumers, with the workers' concurrency, retries and dead letters. Messages that are
+Mechanism: **republish**. The messages of the range are read from their stream
+(`topology.stored_messages`: a short-lived pull consumer from a sequence or a time)
+and published again on their own subject, with their original headers minus
+JetStream's own (`Nats-Msg-Id`, which would make the stream drop them as duplicates,
+and schedule headers), plus `Sandboxer-Replay: <stream>/<seq>`. They then flow
+through the normal durable consumers, with the workers' concurrency, retries and dead
+letters. Messages that are
 themselves replays are skipped unless asked for, so replaying a range twice does not
 snowball.
 
@@ -20,16 +21,16 @@ sandbox) or `invalid` (it will be dead-lettered).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
@@ -46,6 +47,8 @@ from sandboxer.topology import (
     PROVISION_SUBJECT,
     REQUESTS_STREAM,
     USAGE_SUBJECT,
+    StoredMessage,
+    stored_messages,
 )
 from schemas import (
     DestroyRequest,
@@ -129,44 +132,6 @@ class Summary:
                 f"{self.skipped_tenants} of other tenants")  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Stored:
-    seq: int
-    subject: str
-    data: bytes
-    headers: dict[str, str]
-    at: datetime
-
-
-async def stored_messages(
-    js: JetStreamContext, stream: str, subject: str, span: Range
-) -> AsyncIterator[tuple[Stored, int]]:
-    """The stored messages of `span`, oldest first, with how many are left after each."""
-    config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30.0,
-                            deliver_policy=DeliverPolicy.ALL)  # fmt: skip
-    if span.from_seq is not None:
-        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-        config.opt_start_seq = span.from_seq
-    elif span.since is not None:
-        config.deliver_policy = DeliverPolicy.BY_START_TIME
-        config.opt_start_time = span.since.astimezone(UTC)
-    sub = await js.pull_subscribe(subject, stream=stream, config=config)
-    try:
-        remaining = (await sub.consumer_info()).num_pending or 0
-        while remaining > 0:
-            batch = await sub.fetch(min(512, remaining), timeout=10.0)
-            for message in batch:
-                remaining -= 1
-                meta = message.metadata
-                stored = Stored(meta.sequence.stream, message.subject, message.data,
-                                dict(message.headers or {}), meta.timestamp)  # fmt: skip
-                if span.ended_by(stored.seq, stored.at):
-                    return
-                yield stored, remaining
-    finally:
-        await sub.unsubscribe()
-
-
 class Judge:
     """What each message's consumer will find, read from the same state it reads."""
 
@@ -213,7 +178,7 @@ class Judge:
         return "applied"
 
 
-def republish_headers(stored: Stored, stream: str) -> dict[str, str]:
+def republish_headers(stored: StoredMessage, stream: str) -> dict[str, str]:
     """The original headers without JetStream's own, marked as a replay."""
     kept = {k: v for k, v in stored.headers.items() if not k.startswith("Nats-")}
     return {**kept, H_REPLAY: f"{stream}/{stored.seq}"}
@@ -241,22 +206,26 @@ async def replay(
     judge = Judge(await StatusStore.open(js), await js.key_value(BILLING_BUCKET), exporting)
     summary = Summary(subject, dry_run)
     seen = 0
-    async for stored, left in stored_messages(js, stream, subject, span):
-        seen += 1
-        if progress is not None and seen % 1000 == 0:
-            progress(seen, left)
-        summary.first_seq = summary.first_seq or stored.seq
-        summary.last_seq = stored.seq
-        if H_REPLAY in stored.headers and not include_replays:
-            summary.skipped_replays += 1
-            continue
-        owner, verdict = await judge.tenant_and_verdict(stored.subject, stored.data)
-        if tenant is not None and owner != tenant:
-            summary.skipped_tenants += 1
-            continue
-        summary.verdicts[verdict] += 1
-        summary.replayed += 1
-        if not dry_run:
-            await js.publish(stored.subject, stored.data,
-                             headers=republish_headers(stored, stream))  # fmt: skip
+    messages = stored_messages(js, stream, subject, from_seq=span.from_seq, since=span.since)
+    async with contextlib.aclosing(messages):  # an early end drops the read consumer now
+        async for stored in messages:
+            if span.ended_by(stored.seq, stored.at):
+                break
+            seen += 1
+            if progress is not None and seen % 1000 == 0:
+                progress(seen, stored.left)
+            summary.first_seq = summary.first_seq or stored.seq
+            summary.last_seq = stored.seq
+            if H_REPLAY in stored.headers and not include_replays:
+                summary.skipped_replays += 1
+                continue
+            owner, verdict = await judge.tenant_and_verdict(stored.subject, stored.data)
+            if tenant is not None and owner != tenant:
+                summary.skipped_tenants += 1
+                continue
+            summary.verdicts[verdict] += 1
+            summary.replayed += 1
+            if not dry_run:
+                await js.publish(stored.subject, stored.data,
+                                 headers=republish_headers(stored, stream))  # fmt: skip
     return summary

@@ -6,7 +6,9 @@ share the durable consumers, and a NATS cluster with replicated streams scales i
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -193,12 +195,12 @@ async def kv_entries(
     Not `KeyValue.watch`/`keys()` of nats-py: their end-of-initial-values marker races
     with the push consumer under load and can end the listing early (or empty)."""
     prefix = f"$KV.{bucket}."
-    async for _, subject, data, headers in _read(
+    async for message in stored_messages(
         js, f"KV_{bucket}", f"{prefix}{keys}", last_per_subject=True
     ):
-        if headers and headers.get("KV-Operation") in ("DEL", "PURGE"):
+        if message.headers.get("KV-Operation") in ("DEL", "PURGE"):
             continue
-        yield subject[len(prefix) :], data
+        yield message.subject[len(prefix) :], message.data
 
 
 async def read_subject(
@@ -206,37 +208,52 @@ async def read_subject(
 ) -> AsyncIterator[tuple[int, str, bytes]]:
     """Every stored (sequence, subject, data) of `stream` matching `subject`, oldest
     first, read with a short-lived pull consumer; returns at once when there is none."""
-    async for seq, subj, data, _ in _read(js, stream, subject):
-        yield seq, subj, data
+    async for message in stored_messages(js, stream, subject):
+        yield message.seq, message.subject, message.data
 
 
-async def _read(
-    js: JetStreamContext, stream: str, subject: str, *, last_per_subject: bool = False
-) -> AsyncIterator[tuple[int, str, bytes, dict[str, str] | None]]:
-    # A pull consumer delivers nothing before it is asked, so the pending count read
-    # first is exact: no end-of-data guessing.
-    sub = await js.pull_subscribe(
-        subject,
-        stream=stream,
-        config=ConsumerConfig(
-            deliver_policy=(
-                DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
-            ),
-            ack_policy=AckPolicy.NONE,  # a read, not a delivery to account for
-            inactive_threshold=10.0,
-        ),
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as a stream keeps it; `left` is how many of the read come after it."""
+
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    at: datetime
+    left: int
+
+
+async def stored_messages(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    *,
+    last_per_subject: bool = False,
+    from_seq: int | None = None,
+    since: datetime | None = None,
+) -> AsyncGenerator[StoredMessage, None]:
+    """The stored messages of `stream` matching `subject`, oldest first: all, the last
+    of each subject, or from a sequence or a time on."""
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL,
+        ack_policy=AckPolicy.NONE,  # a read, not a delivery to account for
+        inactive_threshold=10.0,
     )
+    if from_seq is not None:
+        config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, from_seq
+    elif since is not None:
+        config.deliver_policy, config.opt_start_time = DeliverPolicy.BY_START_TIME, since
+    sub = await js.pull_subscribe(subject, stream=stream, config=config)
     try:
-        remaining = (await sub.consumer_info()).num_pending or 0
-        while remaining > 0:
-            batch = await sub.fetch(min(256, remaining), timeout=5.0)
-            for message in batch:
-                yield (
-                    message.metadata.sequence.stream,
-                    message.subject,
-                    message.data,
-                    (message.headers),
-                )
-            remaining -= len(batch)
+        # A pull consumer delivers nothing before it is asked, so the pending count
+        # read first is exact: no end-of-data guessing.
+        left = (await sub.consumer_info()).num_pending or 0
+        while left > 0:
+            for message in await sub.fetch(min(512, left), timeout=10.0):
+                left -= 1
+                meta = message.metadata
+                yield StoredMessage(meta.sequence.stream, message.subject, message.data,
+                                    dict(message.headers or {}), meta.timestamp, left)  # fmt: skip
     finally:
         await sub.unsubscribe()

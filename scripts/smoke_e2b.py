@@ -14,45 +14,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
-import uuid
-from datetime import timedelta
 
-from adapters.base import AdapterContext, Credentials, SandboxSpec
+from smoke_common import context, exercise
+
+from adapters.base import Credentials
 from adapters.e2b import E2BAdapter
-from sandboxer.ids import sandbox_id_for
-from sandboxer.registry import Registry
-from sandboxer.settings import Settings
-from schemas import utcnow
 
 
 async def smoke(api_key: str, template: str) -> None:
-    registry = Registry.load(Settings.from_env().extensions_dir)
-    deployment = f"smoke-{socket.gethostname()}"[:60]
-    adapter = E2BAdapter(AdapterContext(registry.extensions["ext.e2b"], None, deployment))  # type: ignore[arg-type]
-    key = Credentials("platform", {"api_key": api_key})
-    sandbox_id = sandbox_id_for("smoke", uuid.uuid4().hex)
-    spec = SandboxSpec(sandbox_id=sandbox_id, tenant="smoke", deployment=deployment,
-                       profile=registry.profile("profile.e2b-burst"), ttl_s=120,
-                       expires_at=utcnow() + timedelta(seconds=120), template=template)  # fmt: skip
-    print(f"api: {adapter.config.api_url}  deployment tag: {deployment}")
-    try:
-        made = await adapter.provision(spec, key)
-        print(f"created   {made.provider_sandbox_id} for {sandbox_id}")
-        ready = await adapter.wait_ready(made, key)
-        print(f"running   since {ready.started_at.isoformat()}  {dict(ready.meter_fields)}")
-        found = await adapter.find(spec.tags, key)
-        assert [s.provider_sandbox_id for s in found] == [made.provider_sandbox_id], found
-        print("found     by its tags")
-        again = await adapter.provision(spec, key)
-        assert again.provider_sandbox_id == made.provider_sandbox_id, "idempotency key ignored"
-        print("idempotent: a repeated create returned the same sandbox")
-        await adapter.teardown(made.provider_sandbox_id, key)
-        await adapter.teardown(made.provider_sandbox_id, key)  # a second time: gone is fine
-        usage = adapter.meter_actual(ready, utcnow())
-        print(f"destroyed after {usage.duration_s} s: {usage.actual_usd} USD")
-    finally:
-        await adapter.aclose()
+    registry, adapter_context = context("ext.e2b")
+    adapter = E2BAdapter(adapter_context)
+    print(f"api: {adapter.config.api_url}")
+    await exercise(adapter, Credentials("platform", {"api_key": api_key}),
+                   registry.profile("profile.e2b-burst"), template=template,
+                   repeat_create=True)  # fmt: skip
 
 
 def main() -> int:

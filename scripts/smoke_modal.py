@@ -14,45 +14,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
-import uuid
-from datetime import timedelta
 
-from adapters.base import AdapterContext, Credentials, SandboxSpec
+from smoke_common import context, exercise
+
+from adapters.base import Credentials
 from adapters.modal import ModalAdapter
-from sandboxer.ids import sandbox_id_for
-from sandboxer.registry import Registry
-from sandboxer.settings import Settings
-from schemas import Resources, utcnow
+from schemas import Resources
 
 
 async def smoke(token_id: str, token_secret: str, gpu: str | None) -> None:
-    registry = Registry.load(Settings.from_env().extensions_dir)
-    deployment = f"smoke-{socket.gethostname()}"[:60]
-    adapter = ModalAdapter(AdapterContext(registry.extensions["ext.modal"], None, deployment))  # type: ignore[arg-type]
-    key = Credentials("platform", {"token_id": token_id, "token_secret": token_secret})
-    base = registry.profile("profile.burst-sandbox")
+    registry, adapter_context = context("ext.modal")
     small = Resources(cpu=1, memory_mb=1024, gpu=gpu, gpu_count=1 if gpu else 0)
-    profile = base.model_copy(update={"resources": small})
-    sandbox_id = sandbox_id_for("smoke", uuid.uuid4().hex)
-    spec = SandboxSpec(sandbox_id=sandbox_id, tenant="smoke", deployment=deployment,
-                       profile=profile, ttl_s=120,
-                       expires_at=utcnow() + timedelta(seconds=120))  # fmt: skip
-    print(f"server: {os.environ.get('MODAL_SERVER_URL', 'Modal')}  deployment tag: {deployment}")
-    try:
-        made = await adapter.provision(spec, key)
-        print(f"created   {made.provider_sandbox_id} for {sandbox_id}")
-        ready = await adapter.wait_ready(made, key)
-        print(f"running   {dict(ready.meter_fields)}")
-        found = await adapter.find(spec.tags, key)
-        assert [s.provider_sandbox_id for s in found] == [made.provider_sandbox_id], found
-        print("found     by its tags")
-        await adapter.teardown(made.provider_sandbox_id, key)
-        await adapter.teardown(made.provider_sandbox_id, key)  # a second time: gone is fine
-        usage = adapter.meter_actual(ready, utcnow())
-        print(f"terminated after {usage.duration_s} s: {usage.actual_usd} USD")
-    finally:
-        await adapter.aclose()
+    profile = registry.profile("profile.burst-sandbox").model_copy(update={"resources": small})
+    print(f"server: {os.environ.get('MODAL_SERVER_URL', 'Modal')}")
+    key = Credentials("platform", {"token_id": token_id, "token_secret": token_secret})
+    await exercise(ModalAdapter(adapter_context), key, profile, gone="terminated")
 
 
 def main() -> int:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import uuid
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 from nats.js import JetStreamContext
 
+from consumers.reconcile import Finding, Reconciler
+from consumers.worker import build_provisioner
 from sandboxer.client import Client
+from sandboxer.settings import Settings
 from sandboxer.topology import kv_entries, read_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
 
@@ -98,3 +104,30 @@ async def destroy(client: Client, status: SandboxStatus, *, wait_s: float = 30) 
     done = await client.destroy(request, wait_s=wait_s)
     assert done is not None and done.state is SandboxState.DESTROYED, done
     return done
+
+
+async def sandboxer(settings: Settings, *args: str) -> tuple[int, str, str]:
+    """Run the `sandboxer` command against the test's NATS: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandboxer", *args,
+        env={**os.environ, "SANDBOXER_NATS_URL": settings.nats_url},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def reconcile(settings: Settings, js: JetStreamContext, **kwargs: Any) -> list[Finding]:
+    """One reconciliation pass (no grace), as `sandboxer reconcile` runs it."""
+    async with AsyncExitStack() as stack:
+        provisioner = await build_provisioner(settings, js, stack)
+        return await Reconciler(provisioner, grace_s=0).run(**kwargs)
+
+
+async def provision_by_cli(settings: Settings, tenant: str, profile: str) -> SandboxStatus:
+    """`sandboxer provision --tenant T --profile P --wait --json`: it must exit 0."""
+    code, out, err = await sandboxer(settings, "provision", "--tenant", tenant,
+                                     "--profile", profile, "--wait", "--json")  # fmt: skip
+    assert code == 0, err
+    return SandboxStatus.model_validate_json(out.splitlines()[-1])

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 
 import yaml
@@ -16,19 +13,9 @@ from sandboxer.cli import app
 from sandboxer.embedded import free_port
 from sandboxer.settings import Settings
 from tests.conftest import ROOT, WorkerHandle
+from tests.helpers import sandboxer
 
 runner = CliRunner()
-
-
-async def sandboxer(settings: Settings, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sandboxer", *args,
-        env={**os.environ, "SANDBOXER_NATS_URL": settings.nats_url},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_provision_wait_then_destroy(settings: Settings, worker: WorkerHandle) -> None:

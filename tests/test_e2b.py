@@ -11,7 +11,6 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -25,8 +24,6 @@ from nats.js import JetStreamContext
 
 from adapters.base import AdapterContext, Credentials, ProviderSandbox, SandboxSpec
 from adapters.e2b import E2BAdapter
-from consumers.reconcile import Reconciler
-from consumers.worker import build_provisioner
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
 from sandboxer.embedded import EmbeddedOpenBao
@@ -35,9 +32,17 @@ from sandboxer.fakes.e2b import FakeE2B, Fault
 from sandboxer.ids import sandbox_id_for
 from sandboxer.registry import Registry
 from sandboxer.settings import Settings
-from schemas import ErrorCode, ProvisionRequest, SandboxState, SandboxStatus
+from schemas import ErrorCode, ProvisionRequest, SandboxState
 from tests.conftest import OPENBAO_ROOT_TOKEN
-from tests.helpers import destroy, meter_events, provision, wait_for_state, wait_for_status
+from tests.helpers import (
+    destroy,
+    meter_events,
+    provision,
+    provision_by_cli,
+    reconcile,
+    wait_for_state,
+    wait_for_status,
+)
 
 PLATFORM_PATH = "sandboxer/platform/e2b"  # the shipped manifest's secret_ref
 
@@ -219,13 +224,6 @@ def _spec(sandbox_id: str, deployment: str = "test", template: str | None = None
                        template=template)  # fmt: skip
 
 
-async def reconcile(settings: Settings, **kwargs: Any) -> list[Any]:
-    async with AsyncExitStack() as stack:
-        nc = await stack.enter_async_context(Client(settings.nats_url))
-        provisioner = await build_provisioner(settings, nc.js, stack)
-        return await Reconciler(provisioner, grace_s=0).run(**kwargs)
-
-
 async def test_worker_killed_after_create_is_adopted_by_reconcile(
     e2b: E2B, spawn_worker: Callable[..., subprocess.Popen[bytes]],
     start_worker: Callable[..., Any], observer: Client, js: JetStreamContext,
@@ -245,10 +243,10 @@ async def test_worker_killed_after_create_is_adopted_by_reconcile(
     doomed.wait()
     assert (await wait_for_state(observer, sandbox_id, SandboxState.PROVISIONING)).ready_at is None
 
-    dry = await reconcile(settings, dry_run=True)
+    dry = await reconcile(settings, js, dry_run=True)
     assert [(f.sandbox_id, f.action) for f in dry] == [(sandbox_id, "adopt")]
     assert (await observer.status(sandbox_id)).state is SandboxState.PROVISIONING  # type: ignore[union-attr]
-    [found] = await reconcile(settings)
+    [found] = await reconcile(settings, js)
     assert found.action == "adopt" and found.tenant == fresh_tenant
     adopted = await wait_for_state(observer, sandbox_id, SandboxState.READY)
     assert adopted.provider_sandbox_id == found.provider_sandbox_id
@@ -275,13 +273,13 @@ async def test_reconcile_destroys_orphans_and_never_touches_other_deployments(
     # One made by someone else, through the official SDK, without our tags.
     plain = await AsyncSandbox.create(template="base", api_url=e2b.fake.url, api_key=e2b.api_key)
 
-    findings = await reconcile(settings)
+    findings = await reconcile(settings, js)
     assert [(f.provider_sandbox_id, f.action) for f in findings] == [
         (orphan.provider_sandbox_id, "destroy")
     ]
     alive = {s.sandbox_id for s in e2b.fake.alive()}
     assert alive == {theirs.provider_sandbox_id, plain.sandbox_id}
-    assert await reconcile(settings) == []  # nothing left to do
+    assert await reconcile(settings, js) == []  # nothing left to do
 
 
 async def test_find_follows_pagination(e2b: E2B, settings: Settings, js: JetStreamContext) -> None:
@@ -303,15 +301,7 @@ async def test_provision_command_against_the_fake(
 ) -> None:
     """The acceptance command: `sandboxer provision --profile profile.e2b-burst --wait`."""
     await start_worker()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sandboxer", "provision", "--tenant", fresh_tenant,
-        "--profile", "profile.e2b-burst", "--wait", "--json",
-        env={**os.environ, "SANDBOXER_NATS_URL": settings.nats_url},
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0
-    status = SandboxStatus.model_validate_json(out.splitlines()[-1])
+    status = await provision_by_cli(settings, fresh_tenant, "profile.e2b-burst")
     assert status.state is SandboxState.READY and status.extension_id == "ext.e2b"
     async with Client(settings.nats_url) as c:
         done = await wait_for_status(c, status.sandbox_id)

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -27,8 +26,6 @@ from nats.js import JetStreamContext
 
 from adapters.base import AdapterContext, ProviderSandbox
 from adapters.modal import ModalAdapter
-from consumers.reconcile import Reconciler
-from consumers.worker import build_provisioner
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
 from sandboxer.embedded import EmbeddedOpenBao
@@ -36,9 +33,17 @@ from sandboxer.fakes.modal import FakeModal
 from sandboxer.ids import sandbox_id_for
 from sandboxer.registry import Registry
 from sandboxer.settings import Settings
-from schemas import ProvisionRequest, SandboxState, SandboxStatus
+from schemas import ProvisionRequest, SandboxState
 from tests.conftest import OPENBAO_ROOT_TOKEN
-from tests.helpers import destroy, meter_events, provision, stub_sandboxes, wait_for_state
+from tests.helpers import (
+    destroy,
+    meter_events,
+    provision,
+    provision_by_cli,
+    reconcile,
+    stub_sandboxes,
+    wait_for_state,
+)
 
 
 @dataclass
@@ -196,9 +201,7 @@ async def test_orphan_after_a_worker_kill_is_found_by_tags_and_adopted(
     sandbox_id = sandbox_id_for(fresh_tenant, "crash")
     assert (await observer.status(sandbox_id)).state is SandboxState.PROVISIONING  # type: ignore[union-attr]
 
-    async with AsyncExitStack() as stack:
-        provisioner = await build_provisioner(settings, js, stack)
-        [found] = await Reconciler(provisioner, grace_s=0).run("ext.modal")
+    [found] = await reconcile(settings, js, extension_id="ext.modal")
     assert (found.sandbox_id, found.action) == (sandbox_id, "adopt")
     adopted = await wait_for_state(observer, sandbox_id, SandboxState.READY)
     assert adopted.meter_fields == {"cpu_cores": "4", "memory_mb": 16384, "gpu_type": "H100",
@@ -216,15 +219,7 @@ async def test_provision_command_against_the_fake(
 ) -> None:  # fmt: skip
     """The acceptance command: `sandboxer provision --profile profile.modal-gpu --wait`."""
     await start_worker()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sandboxer", "provision", "--tenant", fresh_tenant,
-        "--profile", "profile.modal-gpu", "--wait", "--json",
-        env={**os.environ, "SANDBOXER_NATS_URL": settings.nats_url},
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0
-    status = SandboxStatus.model_validate_json(out.splitlines()[-1])
+    status = await provision_by_cli(settings, fresh_tenant, "profile.modal-gpu")
     assert status.state is SandboxState.READY and status.extension_id == "ext.modal"
     assert modal_fake.fake.state.sandboxes[status.provider_sandbox_id or ""].gpu == ("H100", 1)
     done = await destroy(observer, status)

@@ -14,7 +14,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from adapters.base import NO_CREDENTIALS, SandboxSpec
-from consumers.reconcile import Reconciler, take_turn
+from consumers.reconcile import take_turn
 from consumers.worker import build_provisioner
 from sandboxer.client import Client
 from sandboxer.ids import sandbox_id_for
@@ -22,13 +22,7 @@ from sandboxer.registry import Registry
 from sandboxer.settings import Settings
 from sandboxer.state import StatusStore
 from schemas import ErrorCode, ErrorInfo, SandboxState, SandboxStatus, utcnow
-from tests.helpers import provision, stub_sandboxes, wait_for_state
-
-
-async def reconcile(settings: Settings, js: JetStreamContext, **kwargs: Any) -> list[Any]:
-    async with AsyncExitStack() as stack:
-        provisioner = await build_provisioner(settings, js, stack)
-        return await Reconciler(provisioner, grace_s=0).run(**kwargs)
+from tests.helpers import provision, reconcile, stub_sandboxes, wait_for_state
 
 
 async def test_failed_claims_orphans_expired_and_kept_sandboxes(

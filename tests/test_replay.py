@@ -4,8 +4,6 @@ applies what was missed."""
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +15,13 @@ from sandboxer.replay import Range, replay
 from sandboxer.settings import Settings
 from sandboxer.topology import read_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState
-from tests.helpers import stream_messages, stub_sandboxes, wait_for_state, wait_until_drained
+from tests.helpers import (
+    sandboxer,
+    stream_messages,
+    stub_sandboxes,
+    wait_for_state,
+    wait_until_drained,
+)
 
 
 async def provision_and_destroy(client: Client, count: int, destroyed: int) -> list[str]:
@@ -117,14 +121,10 @@ async def test_ranges_and_tenants(
                           dry_run=True)  # fmt: skip
     assert (middle.first_seq, middle.last_seq, middle.replayed) == (seqs[2], seqs[4], 3)
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sandboxer", "replay", "--subject", "sandbox.provision",
-        "--since", "1h", "--dry-run", env={**os.environ, "SANDBOXER_NATS_URL": settings.nats_url},
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0
-    assert out.decode().startswith(
+    code, out, _ = await sandboxer(settings, "replay", "--subject", "sandbox.provision",
+                                   "--since", "1h", "--dry-run")  # fmt: skip
+    assert code == 0
+    assert out.startswith(
         f"would replay 8 message(s) of sandbox.provision (seq {seqs[0]}..{seqs[-1]})"
     )
-    assert "8 applied, 0 new" in out.decode()
+    assert "8 applied, 0 new" in out
