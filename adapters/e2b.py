@@ -168,9 +168,13 @@ class E2BAdapter:
         if self.config.env_vars:
             body["envVars"] = self.config.env_vars
         response = await self._call(
-            "POST", "/v2/sandboxes", credentials, json=body, creating=True,
+            "POST",
+            "/v2/sandboxes",
+            credentials,
+            json=body,
+            creating=True,
             headers={"Idempotency-Key": self.idempotency_key(spec.sandbox_id)},
-        )  # fmt: skip
+        )
         return ProviderSandbox(
             provider_sandbox_id=str(response.json()["sandboxID"]),
             tags=spec.tags,

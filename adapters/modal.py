@@ -134,8 +134,9 @@ def _describe(what: str, exc: BaseException, credentials: Credentials) -> str:
     return text
 
 
-def _translate(what: str, exc: BaseException, credentials: Credentials, *, creating: bool
-               ) -> SandboxerError:  # fmt: skip
+def _translate(
+    what: str, exc: BaseException, credentials: Credentials, *, creating: bool
+) -> SandboxerError:
     """Modal's exception as one of ours: refusals (safe to fall back) or ambiguous."""
     from modal import exception as mx
 
@@ -178,15 +179,26 @@ class ModalAdapter:
         resources = spec.profile.resources
         gpu = self._gpu(spec.profile)
         started = utcnow()
-        tags = {**spec.tags, TAG_CPU: str(resources.cpu), TAG_MEMORY: str(resources.memory_mb),
-                TAG_GPU: gpu or "", TAG_STARTED: started.isoformat()}  # fmt: skip
+        tags = {
+            **spec.tags,
+            TAG_CPU: str(resources.cpu),
+            TAG_MEMORY: str(resources.memory_mb),
+            TAG_GPU: gpu or "",
+            TAG_STARTED: started.isoformat(),
+        }
         try:
             sandbox = await modal.Sandbox.create.aio(
-                app=app, name=spec.sandbox_id, image=self._image(spec.template, client),
-                gpu=gpu, cpu=float(resources.cpu), memory=resources.memory_mb,
-                timeout=self._timeout_s(spec.ttl_s), idle_timeout=self.config.idle_timeout_s,
-                tags=tags, client=client,
-            )  # fmt: skip
+                app=app,
+                name=spec.sandbox_id,
+                image=self._image(spec.template, client),
+                gpu=gpu,
+                cpu=float(resources.cpu),
+                memory=resources.memory_mb,
+                timeout=self._timeout_s(spec.ttl_s),
+                idle_timeout=self.config.idle_timeout_s,
+                tags=tags,
+                client=client,
+            )
         except mx.AlreadyExistsError:
             # Made by an earlier attempt whose answer was lost: that one is ours.
             found = await self._by_sandbox_id(spec.sandbox_id, credentials)
@@ -232,8 +244,9 @@ class ModalAdapter:
     def estimate_cost(self, profile: Profile, ttl_s: int) -> Decimal:
         resources = profile.resources
         seconds = Decimal(self._timeout_s(ttl_s))
-        per_second = self.rates.per_second(Decimal(resources.cpu), resources.memory_mb,
-                                           resources.gpu, self._gpu_count(profile))  # fmt: skip
+        per_second = self.rates.per_second(
+            Decimal(resources.cpu), resources.memory_mb, resources.gpu, self._gpu_count(profile)
+        )
         return quantize_usd(per_second * self.config.region_multiplier * seconds)
 
     def meter_actual(self, sandbox: ProviderSandbox, stopped_at: datetime) -> Usage:
@@ -267,8 +280,9 @@ class ModalAdapter:
         client, app = await self._session(credentials)
         found = []
         try:
-            async for handle in modal.Sandbox.list.aio(app_id=app.app_id, tags=dict(tags),
-                                                       client=client):  # fmt: skip
+            async for handle in modal.Sandbox.list.aio(
+                app_id=app.app_id, tags=dict(tags), client=client
+            ):
                 own = await handle.get_tags.aio()
                 if tags.items() <= own.items():  # never trust a filter with another's
                     found.append(self._sandbox(handle.object_id, own))
@@ -299,9 +313,11 @@ class ModalAdapter:
                 self._clients.move_to_end(key)
                 if key not in self._apps:
                     self._apps[key] = await modal.App.lookup.aio(
-                        self.config.app_name, create_if_missing=True, client=client,
+                        self.config.app_name,
+                        create_if_missing=True,
+                        client=client,
                         environment_name=self.config.environment,
-                    )  # fmt: skip
+                    )
             except Exception as exc:
                 raise _translate("connect", exc, credentials, creating=True) from None
             return client, self._apps[key]
@@ -325,8 +341,9 @@ class ModalAdapter:
         except Exception as exc:
             raise _translate("get", exc, credentials, creating=False) from None
 
-    async def _by_sandbox_id(self, sandbox_id: str, credentials: Credentials
-                             ) -> ProviderSandbox | None:  # fmt: skip
+    async def _by_sandbox_id(
+        self, sandbox_id: str, credentials: Credentials
+    ) -> ProviderSandbox | None:
         found = await self.find({TAG_SANDBOX_ID: sandbox_id}, credentials)
         return next((s for s in found if s.running), None)
 

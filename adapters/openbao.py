@@ -91,8 +91,12 @@ class CredentialResolver:
         gone); None if the secret does not exist."""
         found = await self._cached_read(mount, path, version)
         if found.values is None and version is not None:
-            log.warning("%s/%s version %d is gone (rotated); using the current version",
-                        mount, path, version)  # fmt: skip
+            log.warning(
+                "%s/%s version %d is gone (rotated); using the current version",
+                mount,
+                path,
+                version,
+            )
             found = await self._cached_read(mount, path, None)
         if found.values is None:
             return None
@@ -131,8 +135,12 @@ class CredentialResolver:
                 raise ProviderUnavailable(
                     f"OpenBao at {self.settings.addr} denies reading {mount}/{path}"
                 ) from None
-            except (bao_errors.VaultDown, bao_errors.InternalServerError,
-                    bao_errors.BadGateway, requests.RequestException) as exc:  # fmt: skip
+            except (
+                bao_errors.VaultDown,
+                bao_errors.InternalServerError,
+                bao_errors.BadGateway,
+                requests.RequestException,
+            ) as exc:
                 log.error("OpenBao at %s unreachable: %s", self.settings.addr, type(exc).__name__)
                 raise ProviderUnavailable(
                     f"OpenBao at {self.settings.addr} is unavailable ({type(exc).__name__})"

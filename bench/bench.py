@@ -49,8 +49,10 @@ def worker_process(
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sandboxer", command, "--log-level", "WARNING"],
-            env=environment, stdout=out, stderr=out,
-        )  # fmt: skip
+            env=environment,
+            stdout=out,
+            stderr=out,
+        )
     try:
         yield proc
     finally:
@@ -134,9 +136,11 @@ async def bench_raw(url: str, n: int) -> float:
     js = nc.jetstream()
     await preload_stream(js, "BENCH_RAW", "bench.raw", n)
     sub = await js.pull_subscribe(
-        "bench.raw", durable="raw", stream="BENCH_RAW",
+        "bench.raw",
+        durable="raw",
+        stream="BENCH_RAW",
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
-    )  # fmt: skip
+    )
     got = 0
     began = time.perf_counter()
     while got < n:
@@ -163,11 +167,15 @@ async def bench_faststream(url: str, n: int) -> float:
     broker = NatsBroker(url, logger=None, apply_types=False)
 
     @broker.subscriber(
-        "bench.fs", stream=JStream("BENCH_FS", declare=False), durable="fs",
-        pull_sub=PullSub(batch_size=128, timeout=1.0), max_workers=64,
-        ack_policy=HandlerAckPolicy.MANUAL, decoder=_message_itself,
+        "bench.fs",
+        stream=JStream("BENCH_FS", declare=False),
+        durable="fs",
+        pull_sub=PullSub(batch_size=128, timeout=1.0),
+        max_workers=64,
+        ack_policy=HandlerAckPolicy.MANUAL,
+        decoder=_message_itself,
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
-    )  # fmt: skip
+    )
     async def ack_only(message: Any) -> None:
         nonlocal seen
         await message.ack()
@@ -189,9 +197,11 @@ async def bench_faststream(url: str, n: int) -> float:
 TENANT_SPREAD = 64
 SPREAD_PREFIXES = ("pipe", "slow", "lat", "mem")
 BENCH_TENANTS = (
-    "warmup", "hot", "pipehot",
+    "warmup",
+    "hot",
+    "pipehot",
     *(f"{prefix}{i}" for prefix in SPREAD_PREFIXES for i in range(TENANT_SPREAD)),
-)  # fmt: skip
+)
 
 
 def spread(prefix: str, i: int, tenants: int = TENANT_SPREAD) -> str:
@@ -214,14 +224,21 @@ def stopped_event(tenant: str, n: int) -> bytes:
     sandbox_id = f"sbx-{n:024x}"
     return json.dumps(
         {
-            "event_id": f"{sandbox_id}.stopped", "kind": "stopped",
-            "extension_id": "ext.saas-stub", "sandbox_id": sandbox_id, "tenant": tenant,
-            "profile": PROFILE, "provider_sandbox_id": f"stub-{n}",
-            "started_at": "2026-01-01T00:00:00Z", "stopped_at": "2026-01-01T00:01:00Z",
-            "duration_s": "60.000", "estimate_usd": "0.009000", "actual_usd": "0.000600",
+            "event_id": f"{sandbox_id}.stopped",
+            "kind": "stopped",
+            "extension_id": "ext.saas-stub",
+            "sandbox_id": sandbox_id,
+            "tenant": tenant,
+            "profile": PROFILE,
+            "provider_sandbox_id": f"stub-{n}",
+            "started_at": "2026-01-01T00:00:00Z",
+            "stopped_at": "2026-01-01T00:01:00Z",
+            "duration_s": "60.000",
+            "estimate_usd": "0.009000",
+            "actual_usd": "0.000600",
             "usd_per_second": "0.000010",
         }
-    ).encode()  # fmt: skip
+    ).encode()
 
 
 async def bench_debits(url: str, log: Path, n: int, workers: int) -> tuple[float, bool]:
@@ -242,9 +259,11 @@ async def bench_debits(url: str, log: Path, n: int, workers: int) -> tuple[float
         began = time.perf_counter()
         for start in range(0, n, 500):
             await asyncio.gather(
-                *(js.publish("sandbox.meter.ext.saas-stub", stopped_event("hot", i))
-                  for i in range(start, min(n, start + 500)))
-            )  # fmt: skip
+                *(
+                    js.publish("sandbox.meter.ext.saas-stub", stopped_event("hot", i))
+                    for i in range(start, min(n, start + 500))
+                )
+            )
         while not await _billing_drained(js):  # noqa: ASYNC110 - polling the server
             await asyncio.sleep(0.02)
         elapsed = time.perf_counter() - began
@@ -371,8 +390,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             print(f"(a) raw pull consume+ack: {raw:,.0f} msg/s", flush=True)
             ceiling = await bench_faststream(url, args.raw_messages)
             results["a2_faststream_ack_only_msgs_per_s"] = round(ceiling)
-            print(f"(a2) FastStream pull consume+ack, worker's settings: {ceiling:,.0f} msg/s",
-                  flush=True)  # fmt: skip
+            print(
+                f"(a2) FastStream pull consume+ack, worker's settings: {ceiling:,.0f} msg/s",
+                flush=True,
+            )
 
             elapsed, _, _ = await run_provisions(
                 url, log, args.pipeline_messages, "pipe", SANDBOXER_STUB_LATENCY_S="0"
@@ -381,9 +402,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             results["b_pipeline_provisions_per_s"] = round(pipeline)
             results["b_over_a"] = round(pipeline / raw, 3)
             results["b_over_a2"] = round(pipeline / ceiling, 3)
-            print(f"(b) provision pipeline, {TENANT_SPREAD} tenants: {pipeline:,.0f}/s = "
-                  f"{pipeline / raw:.3f} x (a), {pipeline / ceiling:.3f} x (a2)",
-                  flush=True)  # fmt: skip
+            print(
+                f"(b) provision pipeline, {TENANT_SPREAD} tenants: {pipeline:,.0f}/s = "
+                f"{pipeline / raw:.3f} x (a), {pipeline / ceiling:.3f} x (a2)",
+                flush=True,
+            )
             elapsed, _, _ = await run_provisions(
                 url, log, 3000, "pipehot", tenants=1, SANDBOXER_STUB_LATENCY_S="0"
             )
@@ -392,14 +415,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
             limit = 256
             elapsed, _, _ = await run_provisions(
-                url, log, 1000, "slow",
-                SANDBOXER_STUB_LATENCY_S="1", SANDBOXER_MAX_IN_FLIGHT=str(limit),
-            )  # fmt: skip
+                url,
+                log,
+                1000,
+                "slow",
+                SANDBOXER_STUB_LATENCY_S="1",
+                SANDBOXER_MAX_IN_FLIGHT=str(limit),
+            )
             efficiency = (1000 / elapsed) / (limit / 1.0)
             results["c_concurrency_efficiency"] = round(efficiency, 3)
             results["c_elapsed_s"] = round(elapsed, 2)
-            print(f"(c) 1,000 x 1 s latency, limit {limit}: {elapsed:.2f}s, "
-                  f"efficiency {efficiency:.3f}", flush=True)  # fmt: skip
+            print(
+                f"(c) 1,000 x 1 s latency, limit {limit}: {elapsed:.2f}s, "
+                f"efficiency {efficiency:.3f}",
+                flush=True,
+            )
 
             rate = pipeline / 2
             latencies = await bench_latency(url, log, rate, args.latency_seconds)
@@ -411,23 +441,29 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             rate, exact = await bench_debits(url, log, args.debits, workers=8)
             results["f_debits_per_s_one_tenant_8_workers"] = round(rate)
             results["f_balance_exact"] = exact
-            print(f"(f) debits, one tenant, 8 billing processes: {rate:,.0f}/s, "
-                  f"balance exact: {exact}", flush=True)  # fmt: skip
+            print(
+                f"(f) debits, one tenant, 8 billing processes: {rate:,.0f}/s, "
+                f"balance exact: {exact}",
+                flush=True,
+            )
 
             holds = await bench_holds(url, 2000, concurrency=16)
             results["g_hold_p50_ms"] = round(percentile(holds, 0.5) * 1000, 2)
             results["g_hold_p99_ms"] = round(percentile(holds, 0.99) * 1000, 2)
-            print(f"(g) hold placement, one tenant, 16 at once: "
-                  f"p50 {results['g_hold_p50_ms']} ms, p99 {results['g_hold_p99_ms']} ms",
-                  flush=True)  # fmt: skip
+            print(
+                f"(g) hold placement, one tenant, 16 at once: "
+                f"p50 {results['g_hold_p50_ms']} ms, p99 {results['g_hold_p99_ms']} ms",
+                flush=True,
+            )
         # (e) runs on a fresh server with a long latency: all sandboxes in flight at once.
         with EmbeddedNats(Path(tmp) / "nats-e") as server:
             await fund(server.url)
             rss = await bench_rss(server.url, log, args.rss_sandboxes)
             results["e_peak_rss_mib"] = round(rss, 1)
             results["e_in_flight"] = args.rss_sandboxes
-            print(f"(e) worker peak RSS, {args.rss_sandboxes:,} in flight: {rss:.1f} MiB",
-                  flush=True)  # fmt: skip
+            print(
+                f"(e) worker peak RSS, {args.rss_sandboxes:,} in flight: {rss:.1f} MiB", flush=True
+            )
     return results
 
 
@@ -445,8 +481,11 @@ async def bench_rss(url: str, log: Path, n: int) -> float:
                 all_in.set()
 
     # n + 1: the warm-up request stays in flight too.
-    env = {"SANDBOXER_STUB_LATENCY_S": "120", "SANDBOXER_MAX_IN_FLIGHT": str(n + 1),
-           "SANDBOXER_ACK_WAIT_S": "60"}  # fmt: skip
+    env = {
+        "SANDBOXER_STUB_LATENCY_S": "120",
+        "SANDBOXER_MAX_IN_FLIGHT": str(n + 1),
+        "SANDBOXER_ACK_WAIT_S": "60",
+    }
     with worker_process(url, log, **env) as proc:
         await wait_consumers(js)
         await nc.subscribe("sandbox.status.*", cb=on_status)

@@ -73,8 +73,13 @@ class _FastStreamDelivery:
     async def dead_letter(self, reason: str) -> None:
         raw = self._message.raw_message
         meta = raw.metadata
-        origin = Origin(meta.stream, meta.sequence.stream, raw.subject, meta.consumer,
-                        int(meta.num_delivered or 1))  # fmt: skip
+        origin = Origin(
+            meta.stream,
+            meta.sequence.stream,
+            raw.subject,
+            meta.consumer,
+            int(meta.num_delivered or 1),
+        )
         await dead_letter(self._js, origin, raw.data, raw.headers, reason)
         await self.term()
 

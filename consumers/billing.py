@@ -187,12 +187,14 @@ async def run_billing(
     async with AsyncExitStack() as stack:
         js = await connect(settings, "sandboxer-billing", stack)
         markers = await js.key_value(BILLING_BUCKET)
-        billing = Billing(js, Ledger(js), markers, settings,
-                          fault=os.environ.get("SANDBOXER_FAULT_INJECT", ""))  # fmt: skip
+        billing = Billing(
+            js, Ledger(js), markers, settings, fault=os.environ.get("SANDBOXER_FAULT_INJECT", "")
+        )
         subscriptions = [
-            Subscription(METER_STREAM, BILLING_CONSUMER, f"{METER_SUBJECT_PREFIX}.>",
-                         billing.on_meter),
-        ]  # fmt: skip
+            Subscription(
+                METER_STREAM, BILLING_CONSUMER, f"{METER_SUBJECT_PREFIX}.>", billing.on_meter
+            ),
+        ]
         if settings.fin_hub_url:
             fin_hub = FinHubClient(
                 settings.fin_hub_url,
@@ -206,6 +208,8 @@ async def run_billing(
             )
             log.info("fin-hub export on: %s", settings.fin_hub_url)
         else:
-            log.info("fin-hub export off (SANDBOXER_FIN_HUB_URL unset): records stay on %s",
-                     USAGE_SUBJECT)  # fmt: skip
+            log.info(
+                "fin-hub export off (SANDBOXER_FIN_HUB_URL unset): records stay on %s",
+                USAGE_SUBJECT,
+            )
         await serve("billing", js, subscriptions, settings, stop or asyncio.Event(), ready)

@@ -76,16 +76,23 @@ class DeadLetter:
     def original_headers(self) -> dict[str, str]:
         """The headers the message had (its own `Nats-Msg-Id` is kept apart, under
         `Sandboxer-Dlq-Msg-Id`, since the dead letter has an id of its own)."""
-        return {k: v for k, v in self.headers.items()
-                if not k.startswith("Sandboxer-Dlq-") and k != "Nats-Msg-Id"}  # fmt: skip
+        return {
+            k: v
+            for k, v in self.headers.items()
+            if not k.startswith("Sandboxer-Dlq-") and k != "Nats-Msg-Id"
+        }
 
     def summary(self) -> dict[str, object]:
         return {
-            "id": self.id, "consumer": self.origin.consumer, "subject": self.origin.subject,
-            "stream": self.origin.stream, "seq": self.origin.seq,
-            "deliveries": self.origin.deliveries, "reason": self.reason,
+            "id": self.id,
+            "consumer": self.origin.consumer,
+            "subject": self.origin.subject,
+            "stream": self.origin.stream,
+            "seq": self.origin.seq,
+            "deliveries": self.origin.deliveries,
+            "reason": self.reason,
             "at": self.at.isoformat() if self.at else None,
-        }  # fmt: skip
+        }
 
 
 def _copyable(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -104,8 +111,15 @@ async def dead_letter(
     reason: str,
 ) -> None:
     """Keep a message on `sandbox.dlq.<consumer>` with why; once per origin."""
-    log.error("%s: %s seq %d moved to %s.%s: %s", origin.consumer, origin.stream, origin.seq,
-              DLQ_SUBJECT_PREFIX, origin.consumer, _one_line(reason))  # fmt: skip
+    log.error(
+        "%s: %s seq %d moved to %s.%s: %s",
+        origin.consumer,
+        origin.stream,
+        origin.seq,
+        DLQ_SUBJECT_PREFIX,
+        origin.consumer,
+        _one_line(reason),
+    )
     await js.publish(
         f"{DLQ_SUBJECT_PREFIX}.{origin.consumer}",
         data,
@@ -145,8 +159,10 @@ def _parse(seq: int, data: bytes, headers: Mapping[str, str]) -> DeadLetter:
 async def list_dead_letters(js: JetStreamContext, consumer: str | None = None) -> list[DeadLetter]:
     """Every kept message (of one consumer), oldest first."""
     subject = f"{DLQ_SUBJECT_PREFIX}.{consumer or '*'}"
-    return [_parse(m.seq, m.data, m.headers)
-            async for m in stored_messages(js, DEAD_LETTER_STREAM, subject)]  # fmt: skip
+    return [
+        _parse(m.seq, m.data, m.headers)
+        async for m in stored_messages(js, DEAD_LETTER_STREAM, subject)
+    ]
 
 
 async def get_dead_letter(js: JetStreamContext, letter_id: int) -> DeadLetter | None:
@@ -170,17 +186,29 @@ async def retry_dead_letter(
         headers={**_copyable(letter.original_headers), H_RETRY: f"dlq/{letter.id}"},
     )
     await js.delete_msg(DEAD_LETTER_STREAM, letter.id)
-    log.warning("dead letter %d (%s seq %d) retried as %s seq %d%s", letter.id,
-                letter.origin.stream, letter.origin.seq, ack.stream, ack.seq,
-                " with a fixed body" if body is not None else "")  # fmt: skip
+    log.warning(
+        "dead letter %d (%s seq %d) retried as %s seq %d%s",
+        letter.id,
+        letter.origin.stream,
+        letter.origin.seq,
+        ack.stream,
+        ack.seq,
+        " with a fixed body" if body is not None else "",
+    )
     return ack.seq
 
 
 async def drop_dead_letter(js: JetStreamContext, letter: DeadLetter) -> None:
     """Forget a dead letter for good (logged)."""
     await js.delete_msg(DEAD_LETTER_STREAM, letter.id)
-    log.warning("dead letter %d (%s seq %d on %s: %s) dropped", letter.id, letter.origin.stream,
-                letter.origin.seq, letter.origin.subject, letter.reason)  # fmt: skip
+    log.warning(
+        "dead letter %d (%s seq %d on %s: %s) dropped",
+        letter.id,
+        letter.origin.stream,
+        letter.origin.seq,
+        letter.origin.subject,
+        letter.reason,
+    )
 
 
 async def on_max_deliveries(js: JetStreamContext, data: bytes, streams: set[str]) -> None:
@@ -194,8 +222,15 @@ async def on_max_deliveries(js: JetStreamContext, data: bytes, streams: set[str]
     except NotFoundError:
         log.error("%s seq %d reached max deliveries but is gone from the stream", stream, seq)
         return
-    origin = Origin(stream, seq, raw.subject or "?", str(advisory.get("consumer", "?")),
-                    int(advisory.get("deliveries") or 0))  # fmt: skip
-    reason = (f"delivered {origin.deliveries} times without an answer "
-              "(the consumer's max_deliver; did the worker crash on it?)")  # fmt: skip
+    origin = Origin(
+        stream,
+        seq,
+        raw.subject or "?",
+        str(advisory.get("consumer", "?")),
+        int(advisory.get("deliveries") or 0),
+    )
+    reason = (
+        f"delivered {origin.deliveries} times without an answer "
+        "(the consumer's max_deliver; did the worker crash on it?)"
+    )
     await dead_letter(js, origin, raw.data or b"", raw.headers, reason)

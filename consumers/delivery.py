@@ -132,8 +132,9 @@ async def settle(
             delay = backoff_s(
                 delivery.attempt, base_s=settings.retry_backoff_s, cap_s=settings.retry_cap_s
             )
-            log.warning("%s: attempt %d failed, retry in %.1fs: %s",
-                        what, delivery.attempt, delay, exc)  # fmt: skip
+            log.warning(
+                "%s: attempt %d failed, retry in %.1fs: %s", what, delivery.attempt, delay, exc
+            )
             await delivery.nack(delay)
             return
         await give_up(exc)

@@ -176,8 +176,12 @@ class Provisioner:
         # (BYOK) the tenant pays the provider directly, and nothing is held.
         assert status.estimate_usd is not None
         if status.credential_source != "byok":
-            await self.ledger.hold(request.tenant, sandbox_id, status.estimate_usd,
-                                   route=_route_number(profile, status))  # fmt: skip
+            await self.ledger.hold(
+                request.tenant,
+                sandbox_id,
+                status.estimate_usd,
+                route=_route_number(profile, status),
+            )
         # Scheduled before the provider is called, so even a sandbox whose worker dies
         # mid-create is destroyed at expiry.
         await self._schedule_ttl_destroy(status)
@@ -213,10 +217,15 @@ class Provisioner:
         lifetime = status.expires_at - status.created_at
         full_ttl_usd = adapter.meter_actual(sandbox, sandbox.started_at + lifetime).actual_usd
         if full_ttl_usd > status.estimate_usd:
-            log.warning("provision %s: %s bills %s USD for the whole TTL but %s was held; "
-                        "profile %s understates the sandbox's resources", status.sandbox_id,
-                        status.extension_id, full_ttl_usd, status.estimate_usd,
-                        status.profile)  # fmt: skip
+            log.warning(
+                "provision %s: %s bills %s USD for the whole TTL but %s was held; "
+                "profile %s understates the sandbox's resources",
+                status.sandbox_id,
+                status.extension_id,
+                full_ttl_usd,
+                status.estimate_usd,
+                status.profile,
+            )
 
     async def mark_ready(
         self, status: SandboxStatus, revision: int, sandbox: ProviderSandbox
@@ -265,14 +274,21 @@ class Provisioner:
         )
         log.warning(
             "provision %s: %s refused before creating (%s); falling back to %s",
-            status.sandbox_id, status.extension_id, rejected, route.extension_id,
-        )  # fmt: skip
+            status.sandbox_id,
+            status.extension_id,
+            rejected,
+            route.extension_id,
+        )
         assert moved.estimate_usd is not None
         if moved.credential_source == "byok":
             await self.ledger.release(request.tenant, status.sandbox_id)
         else:
-            await self.ledger.hold(request.tenant, status.sandbox_id, moved.estimate_usd,
-                                   route=_route_number(profile, moved))  # fmt: skip
+            await self.ledger.hold(
+                request.tenant,
+                status.sandbox_id,
+                moved.estimate_usd,
+                route=_route_number(profile, moved),
+            )
         try:
             await self.statuses.update(moved, revision)
         except StaleStatus:
@@ -307,8 +323,11 @@ class Provisioner:
             raise Retry(DESTROY_WAIT_S, f"claim of {sandbox_id} vanished")
         stored, stored_revision = found
         if reopen and stored.state is SandboxState.FAILED and stored.extension_id is None:
-            log.warning("provision %s: failed claim (%s) reopened by a dead-letter retry",
-                        sandbox_id, stored.error.code if stored.error else "-")  # fmt: skip
+            log.warning(
+                "provision %s: failed claim (%s) reopened by a dead-letter retry",
+                sandbox_id,
+                stored.error.code if stored.error else "-",
+            )
             try:
                 return status, await self.statuses.update(status, stored_revision)
             except StaleStatus:
@@ -360,8 +379,11 @@ class Provisioner:
         )
 
     async def _announce_conflict(self, request: ProvisionRequest, status: SandboxStatus) -> None:
-        log.warning("provision %s: request_id %s reused with a different body",
-                    status.sandbox_id, request.request_id)  # fmt: skip
+        log.warning(
+            "provision %s: request_id %s reused with a different body",
+            status.sandbox_id,
+            request.request_id,
+        )
         await self.statuses.announce(
             status.with_changes(
                 state=SandboxState.FAILED,

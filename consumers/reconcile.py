@@ -74,8 +74,11 @@ class Reconciler:
             seen: set[str] = set()
             accounts = await self._accounts(ext, byok.get(ext, []))
             if not accounts:
-                log.warning("reconcile %s: no key to list its sandboxes with (no platform "
-                            "key, or OpenBao not configured)", ext)  # fmt: skip
+                log.warning(
+                    "reconcile %s: no key to list its sandboxes with (no platform "
+                    "key, or OpenBao not configured)",
+                    ext,
+                )
             for credentials in accounts:
                 tags = {TAG_DEPLOYMENT: self._p.settings.deployment}
                 for sandbox in await adapter.find(tags, credentials):
@@ -84,10 +87,15 @@ class Reconciler:
                     seen.add(sandbox.provider_sandbox_id)
                     finding = await self._one(ext, sandbox, credentials, dry_run)
                     if finding.action != "keep":
-                        log.warning("reconcile %s %s (%s): %s%s: %s", ext,
-                                    sandbox.provider_sandbox_id, finding.sandbox_id or "-",
-                                    "would " if dry_run else "", finding.action,
-                                    finding.reason)  # fmt: skip
+                        log.warning(
+                            "reconcile %s %s (%s): %s%s: %s",
+                            ext,
+                            sandbox.provider_sandbox_id,
+                            finding.sandbox_id or "-",
+                            "would " if dry_run else "",
+                            finding.action,
+                            finding.reason,
+                        )
                     findings.append(finding)
         return findings
 
@@ -96,8 +104,11 @@ class Reconciler:
         tenants' own provider accounts, which the platform key cannot list."""
         by_path: dict[str, SandboxStatus] = {}
         async for status in self._p.statuses.all():
-            if (status.credential_source == "byok" and status.credential_path
-                    and status.state is not SandboxState.DESTROYED):  # fmt: skip
+            if (
+                status.credential_source == "byok"
+                and status.credential_path
+                and status.state is not SandboxState.DESTROYED
+            ):
                 by_path.setdefault(status.credential_path, status)
         accounts: dict[str, list[SandboxStatus]] = {}
         for status in by_path.values():
@@ -120,9 +131,14 @@ class Reconciler:
         found = await self._p.statuses.get(sandbox_id) if sandbox_id else None
         status = found[0] if found else None
         action, reason = self._judge(ext, sandbox, status, utcnow())
-        finding = Finding(ext, sandbox.provider_sandbox_id, sandbox_id,
-                          status.tenant if status else sandbox.tags.get("sandboxer_tenant"),
-                          action, reason)  # fmt: skip
+        finding = Finding(
+            ext,
+            sandbox.provider_sandbox_id,
+            sandbox_id,
+            status.tenant if status else sandbox.tags.get("sandboxer_tenant"),
+            action,
+            reason,
+        )
         if dry_run or action in ("keep", "wait"):
             return finding
         if action == "destroy":

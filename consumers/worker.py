@@ -43,12 +43,16 @@ def subscriptions(provisioner: Provisioner, settings: Settings) -> list[Subscrip
     server gives up (the handler itself fails the request at `max_deliver`); destroys
     wait for provisioning to settle, which is itself bounded, so they have no limit."""
     return [
-        Subscription(REQUESTS_STREAM, PROVISION_CONSUMER, PROVISION_SUBJECT,
-                     provisioner.on_provision, settings.max_deliver + 2),
-        Subscription(REQUESTS_STREAM, DESTROY_CONSUMER, DESTROY_SUBJECT,
-                     provisioner.on_destroy),
+        Subscription(
+            REQUESTS_STREAM,
+            PROVISION_CONSUMER,
+            PROVISION_SUBJECT,
+            provisioner.on_provision,
+            settings.max_deliver + 2,
+        ),
+        Subscription(REQUESTS_STREAM, DESTROY_CONSUMER, DESTROY_SUBJECT, provisioner.on_destroy),
         advisory_subscription(provisioner.js, settings),
-    ]  # fmt: skip
+    ]
 
 
 def advisory_subscription(js: JetStreamContext, settings: Settings) -> Subscription:
@@ -60,11 +64,17 @@ def advisory_subscription(js: JetStreamContext, settings: Settings) -> Subscript
         async def give_up(exc: Exception) -> None:
             log.error("max-deliveries advisory not turned into a dead letter: %s", exc)
 
-        await settle("max-deliveries advisory", lambda: on_max_deliveries(js, data, watched),
-                     delivery, settings, give_up=give_up)  # fmt: skip
+        await settle(
+            "max-deliveries advisory",
+            lambda: on_max_deliveries(js, data, watched),
+            delivery,
+            settings,
+            give_up=give_up,
+        )
 
-    return Subscription(ADVISORY_STREAM, ADVISORY_CONSUMER,
-                        f"{MAX_DELIVERIES_ADVISORIES}.>", on_advisory)  # fmt: skip
+    return Subscription(
+        ADVISORY_STREAM, ADVISORY_CONSUMER, f"{MAX_DELIVERIES_ADVISORIES}.>", on_advisory
+    )
 
 
 async def build_provisioner(
@@ -92,9 +102,12 @@ async def build_provisioner(
         stack.callback(resolver.close)
     log.info(
         "worker: nats=%s deployment=%s extensions=%s in-flight<=%d openbao=%s",
-        settings.nats_url, settings.deployment, ",".join(adapters), settings.max_in_flight,
+        settings.nats_url,
+        settings.deployment,
+        ",".join(adapters),
+        settings.max_in_flight,
         bao.addr if bao else "off",
-    )  # fmt: skip
+    )
     return Provisioner(
         js=js,
         registry=registry,
@@ -139,6 +152,10 @@ async def run_worker(
             task = asyncio.create_task(reconcile_forever(provisioner, settings))
             stack.callback(task.cancel)
         await serve(
-            "worker", js, subscriptions(provisioner, settings), settings,
-            stop or asyncio.Event(), ready,
-        )  # fmt: skip
+            "worker",
+            js,
+            subscriptions(provisioner, settings),
+            settings,
+            stop or asyncio.Event(),
+            ready,
+        )

@@ -206,8 +206,9 @@ def dev(
         from sandboxer.devfakes import start_fake_providers
 
         try:
-            for line in start_fake_providers(stack, settings, state_dir,
-                                             e2b=fake_e2b, modal=fake_modal):  # fmt: skip
+            for line in start_fake_providers(
+                stack, settings, state_dir, e2b=fake_e2b, modal=fake_modal
+            ):
                 typer.echo(f"sandboxer dev: {line}", err=True)
         except (RuntimeError, TimeoutError, FileNotFoundError, ImportError) as exc:
             stack.close()
@@ -378,8 +379,9 @@ def extensions(as_json: JsonOpt = False) -> None:
             typer.echo(manifest.model_dump_json())
         else:
             rates = ", ".join(f"{k}={v}" for k, v in manifest.pricing.rates.items())
-            typer.echo(f"{manifest.id}  {manifest.adapter}  {manifest.pricing.pricing_model}"
-                       f"  {rates}")  # fmt: skip
+            typer.echo(
+                f"{manifest.id}  {manifest.adapter}  {manifest.pricing.pricing_model}  {rates}"
+            )
 
 
 @app.command()
@@ -457,9 +459,13 @@ def credits_balance(
             return await Ledger(client.js).balance(tenant)
 
     balance = _run(go())
-    figures = {"tenant": tenant, "balance_usd": f"{balance.balance:.6f}",
-               "held_usd": f"{balance.held:.6f}", "available_usd": f"{balance.available:.6f}",
-               "open_holds": len(balance.holds)}  # fmt: skip
+    figures = {
+        "tenant": tenant,
+        "balance_usd": f"{balance.balance:.6f}",
+        "held_usd": f"{balance.held:.6f}",
+        "available_usd": f"{balance.available:.6f}",
+        "open_holds": len(balance.holds),
+    }
     if as_json:
         typer.echo(json.dumps(figures))
     else:
@@ -485,8 +491,10 @@ def credits_ledger(
             typer.echo(entry.model_dump_json())
         else:
             sign = {"grant": "+", "debit": "-"}.get(entry.kind, " ")
-            typer.echo(f"{entry.at.isoformat()}  {entry.kind:<7}  {sign}{entry.amount_usd:.6f}"
-                       f"  {entry.entry_id}  {entry.note}".rstrip())  # fmt: skip
+            typer.echo(
+                f"{entry.at.isoformat()}  {entry.kind:<7}  {sign}{entry.amount_usd:.6f}"
+                f"  {entry.entry_id}  {entry.note}".rstrip()
+            )
 
 
 @app.command()
@@ -519,9 +527,12 @@ def replay(
         _die("give --since or --from-seq, and --until or --to-seq, not both")
     try:
         stream_of(subject)
-        span = Range(from_seq=from_seq, to_seq=to_seq,
-                     since=parse_time(since) if since else None,
-                     until=parse_time(until) if until else None)  # fmt: skip
+        span = Range(
+            from_seq=from_seq,
+            to_seq=to_seq,
+            since=parse_time(since) if since else None,
+            until=parse_time(until) if until else None,
+        )
     except ValueError as exc:
         _die(str(exc))
 
@@ -531,8 +542,15 @@ def replay(
     async def go() -> Any:
         async with Client(Settings.from_env().nats_url) as client:
             await ensure_topology(client.js)
-            return await run_replay(client.js, subject, span, tenant=tenant, dry_run=dry_run,
-                                    include_replays=include_replays, progress=progress)  # fmt: skip
+            return await run_replay(
+                client.js,
+                subject,
+                span,
+                tenant=tenant,
+                dry_run=dry_run,
+                include_replays=include_replays,
+                progress=progress,
+            )
 
     typer.echo(_run(go()).line())
 
@@ -573,11 +591,16 @@ def reconcile(
         return
     for f in findings:
         verb = "would " if dry_run and f.action not in ("keep", "wait") else ""
-        typer.echo(f"{f.extension_id:<14} {f.provider_sandbox_id:<28} {f.sandbox_id or '-':<28} "
-                   f"{verb}{f.action:<8} {f.reason}")  # fmt: skip
+        typer.echo(
+            f"{f.extension_id:<14} {f.provider_sandbox_id:<28} {f.sandbox_id or '-':<28} "
+            f"{verb}{f.action:<8} {f.reason}"
+        )
     acted = sum(f.action not in ("keep", "wait") for f in findings)
-    typer.echo(f"{len(findings)} sandbox(es) of deployment {settings.deployment}; "
-               f"{acted} {'to act on' if dry_run else 'acted on'}", err=True)  # fmt: skip
+    typer.echo(
+        f"{len(findings)} sandbox(es) of deployment {settings.deployment}; "
+        f"{acted} {'to act on' if dry_run else 'acted on'}",
+        err=True,
+    )
 
 
 def _dead_letter(letter_id: int) -> Any:
@@ -613,8 +636,10 @@ def dlq_ls(
             typer.echo(json.dumps(letter.summary()))
             continue
         o = letter.origin
-        typer.echo(f"{letter.id:>6}  {o.consumer:<22} {o.stream} seq {o.seq} ({o.subject}), "
-                   f"{o.deliveries} deliveries: {letter.reason[:160]}")  # fmt: skip
+        typer.echo(
+            f"{letter.id:>6}  {o.consumer:<22} {o.stream} seq {o.seq} ({o.subject}), "
+            f"{o.deliveries} deliveries: {letter.reason[:160]}"
+        )
 
 
 @dlq_app.command("show")
@@ -623,8 +648,9 @@ def dlq_show(letter_id: int, as_json: JsonOpt = False) -> None:
     letter = _dead_letter(letter_id)
     if as_json:
         body = letter.data.decode(errors="replace")
-        typer.echo(json.dumps({**letter.summary(), "headers": letter.original_headers,
-                               "body": body}))  # fmt: skip
+        typer.echo(
+            json.dumps({**letter.summary(), "headers": letter.original_headers, "body": body})
+        )
         return
     for key, value in letter.summary().items():
         typer.echo(f"{key:<11} {value}")
@@ -657,8 +683,10 @@ def dlq_retry(
             return int(await retry_dead_letter(client.js, letter, fixed))
 
     seq = _run(go())
-    typer.echo(f"dead letter {letter_id} published again on {letter.origin.subject} "
-               f"(seq {seq}) and dropped")  # fmt: skip
+    typer.echo(
+        f"dead letter {letter_id} published again on {letter.origin.subject} "
+        f"(seq {seq}) and dropped"
+    )
 
 
 @dlq_app.command("drop")
@@ -699,10 +727,12 @@ def route_explain(
     async def go() -> list[tuple[str, str]]:
         async with Client(Settings.from_env().nats_url) as client:
             settings = Settings.from_env()
-            adapters = registry.build_adapters({
-                ext: AdapterContext(manifest, client.js, settings.deployment, settings.replicas)
-                for ext, manifest in registry.extensions.items()
-            })  # fmt: skip
+            adapters = registry.build_adapters(
+                {
+                    ext: AdapterContext(manifest, client.js, settings.deployment, settings.replicas)
+                    for ext, manifest in registry.extensions.items()
+                }
+            )
             resolver = CredentialResolver(bao) if bao else None
             try:
                 return await Router(adapters, registry.extensions, resolver).explain(
@@ -745,8 +775,9 @@ def finhub_export(
         _die(f"{record} is not a UsageRecord: {exc}".replace("\n", " "))
 
     async def go() -> str:
-        client = FinHubClient(target, token=Settings.fin_hub_token(),
-                              timeout_s=settings.fin_hub_timeout_s)  # fmt: skip
+        client = FinHubClient(
+            target, token=Settings.fin_hub_token(), timeout_s=settings.fin_hub_timeout_s
+        )
         try:
             outcome = await client.post(usage)
         finally:

@@ -71,18 +71,24 @@ class Client:
         """Publish a ProvisionRequest; with `wait_s`, return its settled status."""
         sandbox_id = sandbox_id_for(request.tenant, request.request_id)
         return await self._request(
-            PROVISION_SUBJECT, request.model_dump_json().encode(), sandbox_id,
-            PROVISION_SETTLED, wait_s,
-        )  # fmt: skip
+            PROVISION_SUBJECT,
+            request.model_dump_json().encode(),
+            sandbox_id,
+            PROVISION_SETTLED,
+            wait_s,
+        )
 
     async def destroy(
         self, request: DestroyRequest, *, wait_s: float | None = None
     ) -> SandboxStatus | None:
         """Publish a DestroyRequest; with `wait_s`, return the sandbox's final status."""
         return await self._request(
-            DESTROY_SUBJECT, request.model_dump_json().encode(), request.sandbox_id,
-            DESTROY_SETTLED, wait_s,
-        )  # fmt: skip
+            DESTROY_SUBJECT,
+            request.model_dump_json().encode(),
+            request.sandbox_id,
+            DESTROY_SETTLED,
+            wait_s,
+        )
 
     async def status(self, sandbox_id: str) -> SandboxStatus | None:
         """The stored status of a sandbox, or None."""

@@ -92,9 +92,14 @@ def _entry(
     note: str = "",
 ) -> LedgerEntry:
     return LedgerEntry(
-        entry_id=entry_id, kind=kind, tenant=tenant, amount_usd=amount,
-        sandbox_id=sandbox_id, at=utcnow(), note=note,
-    )  # fmt: skip
+        entry_id=entry_id,
+        kind=kind,
+        tenant=tenant,
+        amount_usd=amount,
+        sandbox_id=sandbox_id,
+        at=utcnow(),
+        note=note,
+    )
 
 
 class Ledger:
@@ -233,9 +238,12 @@ class Ledger:
         while True:
             try:
                 message = await self._js.get_msg(
-                    LEDGER_STREAM, seq=last + 1, subject=ledger_subject(tenant),
-                    next=True, direct=True,
-                )  # fmt: skip
+                    LEDGER_STREAM,
+                    seq=last + 1,
+                    subject=ledger_subject(tenant),
+                    next=True,
+                    direct=True,
+                )
             except NotFoundError:
                 return
             last = message.seq or last + 1

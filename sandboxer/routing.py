@@ -79,8 +79,11 @@ class Router:
             return [*exc.skipped, ("-", "no_route: nothing eligible")]
         routes = profile.routes_for(tenant)
         chosen_at = routes.index(route.extension_id)
-        key = (f"{route.key.source} key {route.key.path} v{route.key.version}"
-               if route.key else "needs no key")  # fmt: skip
+        key = (
+            f"{route.key.source} key {route.key.path} v{route.key.version}"
+            if route.key
+            else "needs no key"
+        )
         pinned = " pinned for this tenant" if tenant in profile.pins else ""
         return [
             *route.skipped,
@@ -118,8 +121,14 @@ class Router:
                     )
                     continue
                 route = Route(extension_id, adapter, key, skipped)
-            log.debug("route %s for tenant %s: %s (%s key; skipped: %s)", profile.id, tenant,
-                      extension_id, route.credentials.source, skipped or "none")  # fmt: skip
+            log.debug(
+                "route %s for tenant %s: %s (%s key; skipped: %s)",
+                profile.id,
+                tenant,
+                extension_id,
+                route.credentials.source,
+                skipped or "none",
+            )
             return route
         reasons = ", ".join(f"{ext}: {why}" for ext, why in skipped)
         raise NoRoute(f"no eligible route in {profile.id} ({reasons})", skipped=skipped)
@@ -136,9 +145,12 @@ class Router:
             raise UnknownExtension(f"extension {status.extension_id} has no secret_ref")
         mount, _, path = status.credential_path.partition("/")
         key = await self._resolver.read(
-            mount, path, manifest.secret_ref.keys, status.credential_source,
+            mount,
+            path,
+            manifest.secret_ref.keys,
+            status.credential_source,
             version=status.credential_version,
-        )  # fmt: skip
+        )
         if key is None:
             raise ProviderUnavailable(f"the key at {status.credential_path} was deleted")
         return key.credentials

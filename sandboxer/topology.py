@@ -253,7 +253,13 @@ async def stored_messages(
             for message in await sub.fetch(min(512, left), timeout=10.0):
                 left -= 1
                 meta = message.metadata
-                yield StoredMessage(meta.sequence.stream, message.subject, message.data,
-                                    dict(message.headers or {}), meta.timestamp, left)  # fmt: skip
+                yield StoredMessage(
+                    meta.sequence.stream,
+                    message.subject,
+                    message.data,
+                    dict(message.headers or {}),
+                    meta.timestamp,
+                    left,
+                )
     finally:
         await sub.unsubscribe()

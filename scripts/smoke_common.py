@@ -23,14 +23,25 @@ def context(extension_id: str) -> tuple[Registry, AdapterContext]:
 
 
 async def exercise(
-    adapter: SandboxAdapter, key: Credentials, profile: Profile, *,
-    template: str | None = None, repeat_create: bool = False, gone: str = "destroyed",
-) -> None:  # fmt: skip
+    adapter: SandboxAdapter,
+    key: Credentials,
+    profile: Profile,
+    *,
+    template: str | None = None,
+    repeat_create: bool = False,
+    gone: str = "destroyed",
+) -> None:
     """Create, confirm running, find by tags, (create again,) tear down twice, price."""
     sandbox_id = sandbox_id_for("smoke", uuid.uuid4().hex)
-    spec = SandboxSpec(sandbox_id=sandbox_id, tenant="smoke", deployment=DEPLOYMENT,
-                       profile=profile, ttl_s=120, template=template,
-                       expires_at=utcnow() + timedelta(seconds=120))  # fmt: skip
+    spec = SandboxSpec(
+        sandbox_id=sandbox_id,
+        tenant="smoke",
+        deployment=DEPLOYMENT,
+        profile=profile,
+        ttl_s=120,
+        template=template,
+        expires_at=utcnow() + timedelta(seconds=120),
+    )
     print(f"deployment tag: {DEPLOYMENT}")
     try:
         made = await adapter.provision(spec, key)

@@ -25,9 +25,13 @@ async def smoke(api_key: str, template: str) -> None:
     registry, adapter_context = context("ext.e2b")
     adapter = E2BAdapter(adapter_context)
     print(f"api: {adapter.config.api_url}")
-    await exercise(adapter, Credentials("platform", {"api_key": api_key}),
-                   registry.profile("profile.e2b-burst"), template=template,
-                   repeat_create=True)  # fmt: skip
+    await exercise(
+        adapter,
+        Credentials("platform", {"api_key": api_key}),
+        registry.profile("profile.e2b-burst"),
+        template=template,
+        repeat_create=True,
+    )
 
 
 def main() -> int:

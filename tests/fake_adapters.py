@@ -46,8 +46,10 @@ class KeyedStubAdapter(SaasStubAdapter):
 
     async def _remember(self, provider_sandbox_id: str, op: str, credentials: Credentials) -> None:
         kv = await self._kv()
-        await kv.put(f"fingerprint.{provider_sandbox_id}.{op}",
-                     fingerprint(credentials.values["api_key"]).encode())  # fmt: skip
+        await kv.put(
+            f"fingerprint.{provider_sandbox_id}.{op}",
+            fingerprint(credentials.values["api_key"]).encode(),
+        )
 
     def _meter_fields(self) -> dict[str, Any]:
         return {"cpu_count": 2, "memory_mb": 2048}

@@ -90,8 +90,9 @@ async def provision(
     client: Client, tenant: str, profile: str, *, wait_s: float = 30, **fields: Any
 ) -> SandboxStatus:
     """Ask for a sandbox under a new request id; its settled status."""
-    request = ProvisionRequest(request_id=uuid.uuid4().hex, tenant=tenant, profile=profile,
-                               **fields)  # fmt: skip
+    request = ProvisionRequest(
+        request_id=uuid.uuid4().hex, tenant=tenant, profile=profile, **fields
+    )
     status = await client.provision(request, wait_s=wait_s)
     assert status is not None, "no answer"
     return status
@@ -99,8 +100,9 @@ async def provision(
 
 async def destroy(client: Client, status: SandboxStatus, *, wait_s: float = 30) -> SandboxStatus:
     """Destroy a sandbox under a new request id; its `destroyed` status."""
-    request = DestroyRequest(request_id=uuid.uuid4().hex, tenant=status.tenant,
-                             sandbox_id=status.sandbox_id)  # fmt: skip
+    request = DestroyRequest(
+        request_id=uuid.uuid4().hex, tenant=status.tenant, sandbox_id=status.sandbox_id
+    )
     done = await client.destroy(request, wait_s=wait_s)
     assert done is not None and done.state is SandboxState.DESTROYED, done
     return done
@@ -109,10 +111,14 @@ async def destroy(client: Client, status: SandboxStatus, *, wait_s: float = 30) 
 async def sandboxer(settings: Settings, *args: str) -> tuple[int, str, str]:
     """Run the `sandboxer` command against the test's NATS: (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sandboxer", *args,
+        sys.executable,
+        "-m",
+        "sandboxer",
+        *args,
         env={**os.environ, "SANDBOXER_NATS_URL": settings.nats_url},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -127,7 +133,8 @@ async def reconcile(settings: Settings, js: JetStreamContext, **kwargs: Any) -> 
 
 async def provision_by_cli(settings: Settings, tenant: str, profile: str) -> SandboxStatus:
     """`sandboxer provision --tenant T --profile P --wait --json`: it must exit 0."""
-    code, out, err = await sandboxer(settings, "provision", "--tenant", tenant,
-                                     "--profile", profile, "--wait", "--json")  # fmt: skip
+    code, out, err = await sandboxer(
+        settings, "provision", "--tenant", tenant, "--profile", profile, "--wait", "--json"
+    )
     assert code == 0, err
     return SandboxStatus.model_validate_json(out.splitlines()[-1])

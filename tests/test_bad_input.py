@@ -46,15 +46,22 @@ async def test_unattributable_garbage_is_dropped_not_redelivered(
         ({**GOOD, "request_id": "r-ttl", "ttl_s": 999999}, ErrorCode.INVALID_REQUEST),
         ({**GOOD, "request_id": "r-ttl-range", "ttl_s": 1}, ErrorCode.INVALID_REQUEST),
         ({**GOOD, "request_id": "r-extra", "color": "red"}, ErrorCode.INVALID_REQUEST),
-        ({**GOOD, "request_id": "r-meta", "metadata": {f"k{i}": "v" for i in range(50)}},
-         ErrorCode.INVALID_REQUEST),
-        ({**GOOD, "request_id": "r-profile", "profile": "profile.nope"},
-         ErrorCode.UNKNOWN_PROFILE),
+        (
+            {**GOOD, "request_id": "r-meta", "metadata": {f"k{i}": "v" for i in range(50)}},
+            ErrorCode.INVALID_REQUEST,
+        ),
+        ({**GOOD, "request_id": "r-profile", "profile": "profile.nope"}, ErrorCode.UNKNOWN_PROFILE),
         ({**GOOD, "request_id": "r-version", "schema_version": 2}, ErrorCode.INVALID_REQUEST),
     ],
-    ids=["ttl-too-long", "ttl-below-min", "unknown-field", "too-much-metadata",
-         "unknown-profile", "future-schema"],
-)  # fmt: skip
+    ids=[
+        "ttl-too-long",
+        "ttl-below-min",
+        "unknown-field",
+        "too-much-metadata",
+        "unknown-profile",
+        "future-schema",
+    ],
+)
 async def test_attributable_bad_request_gets_failed_status(
     client: Client, js: JetStreamContext, body: dict[str, object], code: ErrorCode
 ) -> None:

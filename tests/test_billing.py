@@ -33,15 +33,21 @@ def stopped_event(n: int, tenant: str = "acme", usd: str = "0.000123") -> bytes:
     started = datetime(2026, 1, 1, tzinfo=UTC)
     return json.dumps(
         {
-            "event_id": f"{sandbox_id}.stopped", "kind": "stopped",
-            "extension_id": "ext.saas-stub", "sandbox_id": sandbox_id, "tenant": tenant,
-            "profile": "profile.burst-sandbox", "provider_sandbox_id": f"stub-{n}",
+            "event_id": f"{sandbox_id}.stopped",
+            "kind": "stopped",
+            "extension_id": "ext.saas-stub",
+            "sandbox_id": sandbox_id,
+            "tenant": tenant,
+            "profile": "profile.burst-sandbox",
+            "provider_sandbox_id": f"stub-{n}",
             "started_at": started.isoformat(),
             "stopped_at": (started + timedelta(seconds=12.3)).isoformat(),
-            "duration_s": "12.300", "estimate_usd": "0.009000", "actual_usd": usd,
+            "duration_s": "12.300",
+            "estimate_usd": "0.009000",
+            "actual_usd": usd,
             "usd_per_second": "0.000010",
         }
-    ).encode()  # fmt: skip
+    ).encode()
 
 
 async def until(check: Callable[[], Any], timeout_s: float = 20.0) -> None:
@@ -179,9 +185,12 @@ async def test_billing_killed_between_debit_and_usage_record(
 
 
 async def test_money_adds_up_from_provision_to_fin_hub(
-    worker: Any, start_billing: Start, settings: Settings, js: JetStreamContext,
+    worker: Any,
+    start_billing: Start,
+    settings: Settings,
+    js: JetStreamContext,
     fin_hub: FakeFinHub,
-) -> None:  # fmt: skip
+) -> None:
     await start_billing(fin_hub_url=fin_hub.url)
     before = await Ledger(js).balance("acme")
     requests = [
@@ -214,20 +223,32 @@ async def test_money_adds_up_from_provision_to_fin_hub(
 
 async def test_finhub_export_by_hand(tmp_path: Path, fin_hub: FakeFinHub) -> None:
     record = UsageRecord(
-        record_id="usage-sbx-" + "a" * 24, sandbox_id="sbx-" + "a" * 24,
-        extension_id="ext.saas-stub", tenant="acme", duration_s=Decimal("60"),
-        actual_usd=Decimal("0.0006"), provider_cost_usd=Decimal("0.0006"),
+        record_id="usage-sbx-" + "a" * 24,
+        sandbox_id="sbx-" + "a" * 24,
+        extension_id="ext.saas-stub",
+        tenant="acme",
+        duration_s=Decimal("60"),
+        actual_usd=Decimal("0.0006"),
+        provider_cost_usd=Decimal("0.0006"),
         started_at=datetime(2026, 1, 1, tzinfo=UTC),
         stopped_at=datetime(2026, 1, 1, 0, 1, tzinfo=UTC),
-    )  # fmt: skip
+    )
     path = tmp_path / "record.json"
     path.write_text(record.model_dump_json())
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sandboxer", "finhub", "export", "--record", str(path),
-        "--url", fin_hub.url,
+        sys.executable,
+        "-m",
+        "sandboxer",
+        "finhub",
+        "export",
+        "--record",
+        str(path),
+        "--url",
+        fin_hub.url,
         env={**os.environ, "SANDBOXER_FIN_HUB_TOKEN": "s3cret-token"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     assert proc.returncode == 0, err
     assert b"delivered" in out and b"s3cret" not in out + err
@@ -236,8 +257,17 @@ async def test_finhub_export_by_hand(tmp_path: Path, fin_hub: FakeFinHub) -> Non
 
     fin_hub.script.reject.add(record.record_id)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sandboxer", "finhub", "export", "--record", str(path),
-        "--url", fin_hub.url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "sandboxer",
+        "finhub",
+        "export",
+        "--record",
+        str(path),
+        "--url",
+        fin_hub.url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, err = await proc.communicate()
     assert proc.returncode == 1 and b"rejected" in err and b"422" in err

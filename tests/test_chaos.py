@@ -53,10 +53,10 @@ class Scale:
     r6_per_subject: int
 
 
-FULL = Scale(r1_sandboxes=5000, r2_rounds=10, r2_per_round=1000, r3_sandboxes=1000,
-             r6_per_subject=250)  # fmt: skip
-SMOKE = Scale(r1_sandboxes=100, r2_rounds=2, r2_per_round=60, r3_sandboxes=60,
-              r6_per_subject=40)  # fmt: skip
+FULL = Scale(
+    r1_sandboxes=5000, r2_rounds=10, r2_per_round=1000, r3_sandboxes=1000, r6_per_subject=250
+)
+SMOKE = Scale(r1_sandboxes=100, r2_rounds=2, r2_per_round=60, r3_sandboxes=60, r6_per_subject=40)
 SCALE = FULL if os.environ.get("SANDBOXER_CHAOS") == "full" else SMOKE
 
 
@@ -75,8 +75,9 @@ async def settled_count(client: Client, request_prefix: str) -> int:
     return sum(1 for s in statuses if s.request_id.startswith(prefix) and s.state.settled)
 
 
-async def wait_all(client: Client, ids: Iterable[str], state: SandboxState,
-                   timeout_s: float = 120) -> dict[str, Any]:  # fmt: skip
+async def wait_all(
+    client: Client, ids: Iterable[str], state: SandboxState, timeout_s: float = 120
+) -> dict[str, Any]:
     """Every sandbox of `ids` in `state` (or the statuses as they are at the timeout)."""
     wanted = set(ids)
     deadline = asyncio.get_running_loop().time() + timeout_s
@@ -100,8 +101,9 @@ def is_in(statuses: dict[str, Any], sandbox_id: str, state: SandboxState) -> boo
     return sandbox_id in statuses and statuses[sandbox_id].state is state
 
 
-async def drained(js: JetStreamContext, consumers: Iterable[tuple[str, str]],
-                  timeout_s: float = 120) -> int:  # fmt: skip
+async def drained(
+    js: JetStreamContext, consumers: Iterable[tuple[str, str]], timeout_s: float = 120
+) -> int:
     """Wait until the consumers have nothing pending or unacked; what is left."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
@@ -114,18 +116,22 @@ async def drained(js: JetStreamContext, consumers: Iterable[tuple[str, str]],
         await asyncio.sleep(0.1)
 
 
-REQUEST_CONSUMERS = [("SANDBOX_REQUESTS", "provisioner-provision"),
-                     ("SANDBOX_REQUESTS", "provisioner-destroy")]  # fmt: skip
+REQUEST_CONSUMERS = [
+    ("SANDBOX_REQUESTS", "provisioner-provision"),
+    ("SANDBOX_REQUESTS", "provisioner-destroy"),
+]
 BILLING_CONSUMERS = [("SANDBOX_METER", "billing-meter"), ("BILLING", "finhub-export")]
 
 
-async def publish_provisions(client: Client, tenants: list[str], count: int, tag: str
-                             ) -> list[str]:  # fmt: skip
+async def publish_provisions(client: Client, tenants: list[str], count: int, tag: str) -> list[str]:
     ids = []
     for i in range(count):
         tenant = tenants[i % len(tenants)]
-        await client.provision(ProvisionRequest(request_id=f"{tag}-{i}", tenant=tenant,
-                                                profile="profile.burst-sandbox"))  # fmt: skip
+        await client.provision(
+            ProvisionRequest(
+                request_id=f"{tag}-{i}", tenant=tenant, profile="profile.burst-sandbox"
+            )
+        )
         ids.append(sandbox_id_for(tenant, f"{tag}-{i}"))
     return ids
 
@@ -133,17 +139,23 @@ async def publish_provisions(client: Client, tenants: list[str], count: int, tag
 async def publish_destroys(client: Client, statuses: dict[str, Any], ids: list[str]) -> None:
     for sandbox_id in ids:
         status = statuses[sandbox_id]
-        await client.destroy(DestroyRequest(request_id=f"d-{sandbox_id}", tenant=status.tenant,
-                                            sandbox_id=sandbox_id))  # fmt: skip
+        await client.destroy(
+            DestroyRequest(
+                request_id=f"d-{sandbox_id}", tenant=status.tenant, sandbox_id=sandbox_id
+            )
+        )
 
 
 # -- R1 --------------------------------------------------------------------------------
 
 
 async def test_r1_replaying_every_request_duplicates_nothing(
-    start_worker: Callable[..., Any], start_billing: Callable[..., Any],
-    settings: Settings, js: JetStreamContext, funded: tuple[str, ...],
-) -> None:  # fmt: skip
+    start_worker: Callable[..., Any],
+    start_billing: Callable[..., Any],
+    settings: Settings,
+    js: JetStreamContext,
+    funded: tuple[str, ...],
+) -> None:
     with FakeFinHub() as hub:
         await start_worker()
         await start_billing(fin_hub_url=hub.url)
@@ -186,9 +198,11 @@ async def effects(js: JetStreamContext, tenants: Iterable[str]) -> tuple[int, in
 
 
 async def test_r2_workers_killed_at_random_lose_nothing_and_leave_no_orphan(
-    spawn_worker: Callable[..., subprocess.Popen[bytes]], settings: Settings,
-    js: JetStreamContext, funded: tuple[str, ...],
-) -> None:  # fmt: skip
+    spawn_worker: Callable[..., subprocess.Popen[bytes]],
+    settings: Settings,
+    js: JetStreamContext,
+    funded: tuple[str, ...],
+) -> None:
     chance = random.Random(7)
     # Slow creates and few in flight per worker: the work spreads over all three, so
     # whichever is killed has creates in flight.
@@ -222,11 +236,17 @@ async def test_r2_workers_killed_at_random_lose_nothing_and_leave_no_orphan(
             findings = await Reconciler(provisioner, grace_s=0).run("ext.saas-stub")
             orphans = sum(1 for f in findings if f.action != "keep")
             after = await Reconciler(provisioner, grace_s=0).run("ext.saas-stub", dry_run=True)
-    figure("R2 lost requests", lost, f"{total} provisions, {kills} SIGKILLs of 3 workers, "
-                                     f"{redelivered} redeliveries")  # fmt: skip
+    figure(
+        "R2 lost requests",
+        lost,
+        f"{total} provisions, {kills} SIGKILLs of 3 workers, {redelivered} redeliveries",
+    )
     figure("R2 doubled provider sandboxes", doubled)
-    figure("R2 orphans after reconcile", sum(1 for f in after if f.action != "keep"),
-           f"{orphans} found by the pass")  # fmt: skip
+    figure(
+        "R2 orphans after reconcile",
+        sum(1 for f in after if f.action != "keep"),
+        f"{orphans} found by the pass",
+    )
     assert lost == 0 and doubled == 0
     assert [f for f in after if f.action != "keep"] == []
 
@@ -278,9 +298,11 @@ async def until_topology(url: str, replicas: int, timeout_s: float = 60) -> None
 
 
 async def test_r3_a_cluster_losing_a_node_under_load_loses_and_doubles_nothing(
-    tmp_path: Path, settings: Settings, start_worker: Callable[..., Any],
+    tmp_path: Path,
+    settings: Settings,
+    start_worker: Callable[..., Any],
     start_billing: Callable[..., Any],
-) -> None:  # fmt: skip
+) -> None:
     with Cluster(tmp_path / "cluster") as cluster:
         await until_topology(cluster.url, replicas=3)
         # The test's short delivery budget (3 deliveries, 0.1..0.5 s apart) is far below
@@ -302,17 +324,20 @@ async def test_r3_a_cluster_losing_a_node_under_load_loses_and_doubles_nothing(
                 if i == 2 * n // 3:
                     cluster.nodes[1].start(timeout_s=30)
                 tenant = ("acme", "t1")[i % 2]
-                request = ProvisionRequest(request_id=f"r3-{i}", tenant=tenant,
-                                           profile="profile.burst-sandbox", ttl_s=60)  # fmt: skip
+                request = ProvisionRequest(
+                    request_id=f"r3-{i}", tenant=tenant, profile="profile.burst-sandbox", ttl_s=60
+                )
                 await publish_with_retry(client, request)
                 ids.append(sandbox_id_for(tenant, f"r3-{i}"))
             ready = await wait_all(client, ids, SandboxState.READY, timeout_s=180)
             lost = sum(1 for i in ids if not is_in(ready, i, SandboxState.READY))
             for sandbox_id in ids:
                 if sandbox_id in ready:
-                    destroy = DestroyRequest(request_id=f"d-{sandbox_id}",
-                                             tenant=ready[sandbox_id].tenant,
-                                             sandbox_id=sandbox_id)  # fmt: skip
+                    destroy = DestroyRequest(
+                        request_id=f"d-{sandbox_id}",
+                        tenant=ready[sandbox_id].tenant,
+                        sandbox_id=sandbox_id,
+                    )
                     await publish_with_retry(client, destroy)
             done = await wait_all(client, ids, SandboxState.DESTROYED, timeout_s=180)
             lost += sum(
@@ -323,14 +348,16 @@ async def test_r3_a_cluster_losing_a_node_under_load_loses_and_doubles_nothing(
             await worker.stop()  # before the cluster goes away
             await billing.stop()
     figure("R3 lost effects", lost, f"{n} provisions+destroys, node n1 SIGKILLed and back")
-    figure("R3 doubled effects", (sandboxes - n) + (debits - n) + (usage - n),
-           f"{sandboxes} sandboxes, {debits} debits, {usage} usage records")  # fmt: skip
+    figure(
+        "R3 doubled effects",
+        (sandboxes - n) + (debits - n) + (usage - n),
+        f"{sandboxes} sandboxes, {debits} debits, {usage} usage records",
+    )
     assert lost == 0 and (sandboxes, debits, usage) == (n, n, n)
 
 
 def vars_of(value: Settings) -> dict[str, Any]:
-    names = ("nats_url", "replicas", "ack_wait_s", "max_deliver", "retry_backoff_s",
-             "retry_cap_s")  # fmt: skip
+    names = ("nats_url", "replicas", "ack_wait_s", "max_deliver", "retry_backoff_s", "retry_cap_s")
     return {name: getattr(value, name) for name in names}
 
 
@@ -340,9 +367,12 @@ async def publish_with_retry(client: Client, request: ProvisionRequest | Destroy
     subject = "sandbox.provision" if isinstance(request, ProvisionRequest) else "sandbox.destroy"
     for attempt in range(60):
         try:
-            await client.js.publish(subject, request.model_dump_json().encode(), timeout=2,
-                                    headers={"Nats-Msg-Id": f"{subject}.{request.tenant}."
-                                                            f"{request.request_id}"})  # fmt: skip
+            await client.js.publish(
+                subject,
+                request.model_dump_json().encode(),
+                timeout=2,
+                headers={"Nats-Msg-Id": f"{subject}.{request.tenant}.{request.request_id}"},
+            )
             return
         except Exception:
             await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
@@ -361,13 +391,18 @@ _json = st.recursive(
 #: Bodies that name a tenant and a request id, so their failure can be answered, but are
 #: invalid anyway (an unknown field, a wrong type, an out-of-range TTL...).
 _attributable = st.fixed_dictionaries(
-    {"tenant": st.sampled_from(["acme", "t1"]),
-     "request_id": st.from_regex(r"\Ar6-[a-z0-9]{8}\Z"),
-     "color": _json},
-    optional={"profile": st.sampled_from(["profile.burst-sandbox", "profile.nope", ""]),
-              "ttl_s": st.integers(-5, 10**7) | st.text(max_size=4),
-              "metadata": _json, "schema_version": st.integers(-1, 3)},
-)  # fmt: skip
+    {
+        "tenant": st.sampled_from(["acme", "t1"]),
+        "request_id": st.from_regex(r"\Ar6-[a-z0-9]{8}\Z"),
+        "color": _json,
+    },
+    optional={
+        "profile": st.sampled_from(["profile.burst-sandbox", "profile.nope", ""]),
+        "ttl_s": st.integers(-5, 10**7) | st.text(max_size=4),
+        "metadata": _json,
+        "schema_version": st.integers(-1, 3),
+    },
+)
 _payload = st.one_of(
     st.binary(max_size=48),
     _json.map(lambda v: json.dumps(v).encode()),
@@ -378,8 +413,9 @@ _payload = st.one_of(
 def generated_payloads(count: int) -> list[bytes]:
     found: list[bytes] = []
 
-    @settings(max_examples=count, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=count, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(_payload)
     def collect(payload: bytes) -> None:
         found.append(payload)
@@ -389,16 +425,23 @@ def generated_payloads(count: int) -> list[bytes]:
 
 
 async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
-    start_worker: Callable[..., Any], start_billing: Callable[..., Any],
-    settings: Settings, js: JetStreamContext, funded: tuple[str, ...],
+    start_worker: Callable[..., Any],
+    start_billing: Callable[..., Any],
+    settings: Settings,
+    js: JetStreamContext,
+    funded: tuple[str, ...],
     caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     with FakeFinHub() as hub:
         worker = await start_worker()
         billing = await start_billing(fin_hub_url=hub.url)
         payloads = generated_payloads(SCALE.r6_per_subject)
-        subjects = ["sandbox.provision", "sandbox.destroy", "sandbox.meter.ext.saas-stub",
-                    "billing.usage"]  # fmt: skip
+        subjects = [
+            "sandbox.provision",
+            "sandbox.destroy",
+            "sandbox.meter.ext.saas-stub",
+            "billing.usage",
+        ]
         for subject in subjects:
             for payload in payloads:
                 await js.publish(subject, payload)
@@ -413,19 +456,27 @@ async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
                 attributable[sandbox_id_for(body["tenant"], body["request_id"])] = body
         async with Client(settings.nats_url) as client:
             statuses = await statuses_by_id(client)
-            unanswered = [i for i in attributable
-                          if i not in statuses or statuses[i].state is not SandboxState.FAILED
-                          or statuses[i].error is None]  # fmt: skip
-            probe = ProvisionRequest(request_id="r6-good", tenant="acme",
-                                     profile="profile.burst-sandbox")  # fmt: skip
+            unanswered = [
+                i
+                for i in attributable
+                if i not in statuses
+                or statuses[i].state is not SandboxState.FAILED
+                or statuses[i].error is None
+            ]
+            probe = ProvisionRequest(
+                request_id="r6-good", tenant="acme", profile="profile.burst-sandbox"
+            )
             good = await client.provision(probe, wait_s=20)
         crashes = sum(1 for w in (worker, billing) if w.crashed) + caplog.text.count(
             "handler crashed"
         )
     figure("R6 worker crashes", crashes, f"{len(payloads)} payloads x {len(subjects)} subjects")
     figure("R6 messages left in redelivery", left)
-    figure("R6 attributable payloads without a failed status", len(unanswered),
-           f"{len(attributable)} attributable")  # fmt: skip
+    figure(
+        "R6 attributable payloads without a failed status",
+        len(unanswered),
+        f"{len(attributable)} attributable",
+    )
     assert len(payloads) * len(subjects) >= (200 if SCALE is FULL else 4 * 40)
     assert crashes == 0 and left == 0 and unanswered == []
     assert good is not None and good.state is SandboxState.READY

@@ -20,9 +20,15 @@ runner = CliRunner()
 
 async def test_provision_wait_then_destroy(settings: Settings, worker: WorkerHandle) -> None:
     code, out, err = await sandboxer(
-        settings, "provision", "--tenant", "demo", "--profile", "profile.burst-sandbox",
-        "--wait", "--json",
-    )  # fmt: skip
+        settings,
+        "provision",
+        "--tenant",
+        "demo",
+        "--profile",
+        "profile.burst-sandbox",
+        "--wait",
+        "--json",
+    )
     assert code == 0, err
     status = json.loads(out)
     assert status["state"] == "ready" and status["extension_id"] == "ext.saas-stub"

@@ -26,8 +26,10 @@ async def test_grant_hold_debit_fold_into_balance(js: JetStreamContext) -> None:
     assert await ledger.hold("acme", sandbox(1), Decimal("0.009"))
     balance = await ledger.balance("acme")
     assert (balance.balance, balance.held, balance.available) == (
-        Decimal("10"), Decimal("0.009"), Decimal("9.991"),
-    )  # fmt: skip
+        Decimal("10"),
+        Decimal("0.009"),
+        Decimal("9.991"),
+    )
     assert await ledger.settle("acme", sandbox(1), Decimal("0.000046"))
     balance = await ledger.balance("acme")
     assert (balance.balance, balance.held) == (Decimal("9.999954"), Decimal("0"))

@@ -58,8 +58,12 @@ async def test_garbage_is_kept_with_its_headers_and_a_fixed_body_goes_through(
 async def test_an_invalid_request_can_be_fixed_under_its_own_request_id(
     client: Client, js: JetStreamContext
 ) -> None:
-    bad = {"request_id": "too-long", "tenant": "acme", "profile": "profile.burst-sandbox",
-           "ttl_s": 10**6}  # fmt: skip
+    bad = {
+        "request_id": "too-long",
+        "tenant": "acme",
+        "profile": "profile.burst-sandbox",
+        "ttl_s": 10**6,
+    }
     await js.publish("sandbox.provision", json.dumps(bad).encode())
     sandbox_id = sandbox_id_for("acme", "too-long")
     failed = await wait_for_state(client, sandbox_id, SandboxState.FAILED)
@@ -77,14 +81,17 @@ async def test_an_invalid_request_can_be_fixed_under_its_own_request_id(
 
 
 async def test_out_of_deliveries_is_kept_and_answered(
-    start_worker: Callable[..., Any], settings: Settings, js: JetStreamContext,
+    start_worker: Callable[..., Any],
+    settings: Settings,
+    js: JetStreamContext,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     monkeypatch.setenv("SANDBOXER_STUB_FAILURE_RATE", "1")
     await start_worker()
     async with Client(settings.nats_url) as client:
-        request = ProvisionRequest(request_id="down", tenant="acme",
-                                   profile="profile.burst-sandbox")  # fmt: skip
+        request = ProvisionRequest(
+            request_id="down", tenant="acme", profile="profile.burst-sandbox"
+        )
         failed = await client.provision(request, wait_s=20)
     assert failed is not None and failed.error is not None
     assert failed.error.code is ErrorCode.PROVIDER_UNAVAILABLE
@@ -108,10 +115,16 @@ async def test_rejection_is_an_answer_not_a_dead_letter(
 async def test_server_max_deliveries_become_dead_letters(worker: Any, js: JetStreamContext) -> None:
     """A consumer that never answers (its worker dies on every delivery) reaches
     max_deliver; the server's advisory is turned into a dead letter."""
-    await js.add_consumer("SANDBOX_REQUESTS", ConsumerConfig(
-        durable_name="crashy", filter_subject="sandbox.destroy", ack_wait=0.3,
-        max_deliver=2, ack_policy=AckPolicy.EXPLICIT,
-    ))  # fmt: skip
+    await js.add_consumer(
+        "SANDBOX_REQUESTS",
+        ConsumerConfig(
+            durable_name="crashy",
+            filter_subject="sandbox.destroy",
+            ack_wait=0.3,
+            max_deliver=2,
+            ack_policy=AckPolicy.EXPLICIT,
+        ),
+    )
     sub = await js.pull_subscribe_bind("crashy", stream="SANDBOX_REQUESTS")
     payload = json.dumps({"request_id": "d1", "tenant": "acme", "sandbox_id": "sbx-" + "0" * 24})
     ack = await js.publish("sandbox.destroy", payload.encode(), headers={"X-Trace": "t-7"})
@@ -127,9 +140,13 @@ async def test_server_max_deliveries_become_dead_letters(worker: Any, js: JetStr
 
 
 async def test_cli_lists_shows_retries_and_drops(
-    client: Client, js: JetStreamContext, settings: Settings, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+    client: Client,
+    js: JetStreamContext,
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     monkeypatch.setenv("SANDBOXER_NATS_URL", settings.nats_url)
     for garbage in (b'{"tenant": "acme"}', b"not json at all"):
         await js.publish("sandbox.provision", garbage)
@@ -142,8 +159,9 @@ async def test_cli_lists_shows_retries_and_drops(
     assert shown.exit_code == 0 and "not json at all" in shown.output
 
     fixed = tmp_path / "fixed.json"
-    fixed.write_text('{"tenant": "acme", "profile": "profile.burst-sandbox", '
-                     '"request_id": "cli-fixed"}')  # fmt: skip
+    fixed.write_text(
+        '{"tenant": "acme", "profile": "profile.burst-sandbox", "request_id": "cli-fixed"}'
+    )
     retried = await asyncio.to_thread(
         runner.invoke, app, ["dlq", "retry", str(first.id), "--body", str(fixed)]
     )

@@ -101,9 +101,14 @@ def test_cost_of_2_vcpu_512_mib_for_an_hour_is_exact(settings: Settings) -> None
 
 
 async def test_provision_and_destroy_through_the_worker(
-    e2b: E2B, start_worker: Callable[..., Any], start_billing: Callable[..., Any],
-    observer: Client, js: JetStreamContext, fresh_tenant: str, settings: Settings,
-) -> None:  # fmt: skip
+    e2b: E2B,
+    start_worker: Callable[..., Any],
+    start_billing: Callable[..., Any],
+    observer: Client,
+    js: JetStreamContext,
+    fresh_tenant: str,
+    settings: Settings,
+) -> None:
     await start_worker()
     await start_billing()
     status = await provision(
@@ -113,8 +118,11 @@ async def test_provision_and_destroy_through_the_worker(
     assert status.extension_id == "ext.e2b" and status.credential_source == "platform"
     made = e2b.fake.sandboxes[status.provider_sandbox_id or ""]
     assert len(made.sandbox_id) == 20 and made.template_id == "base"
-    tags = {"sandboxer_sandbox_id": status.sandbox_id, "sandboxer_tenant": fresh_tenant,
-            "sandboxer_deployment": "test"}  # fmt: skip
+    tags = {
+        "sandboxer_sandbox_id": status.sandbox_id,
+        "sandboxer_tenant": fresh_tenant,
+        "sandboxer_deployment": "test",
+    }
     assert made.metadata == {"team": "search", **tags}
     assert (made.end_at - made.started_at) == timedelta(seconds=600)
     assert status.estimate_usd == Decimal("0.018150")  # 600 s x 0.00003025
@@ -174,9 +182,13 @@ async def test_refused_create_falls_back_to_the_next_route(
 
 
 async def test_wrong_key_is_provider_rejected_and_never_printed(
-    e2b: E2B, start_worker: Callable[..., Any], observer: Client, fresh_tenant: str,
-    openbao: EmbeddedOpenBao, caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+    e2b: E2B,
+    start_worker: Callable[..., Any],
+    observer: Client,
+    fresh_tenant: str,
+    openbao: EmbeddedOpenBao,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     wrong = f"e2b_wrong_{uuid.uuid4().hex}"
     admin = hvac.Client(url=openbao.url, token=OPENBAO_ROOT_TOKEN)
     admin.secrets.kv.v2.create_or_update_secret(
@@ -197,8 +209,14 @@ async def test_unknown_template_keeps_e2b_error_code_in_the_message(
     e2b: E2B, settings: Settings, js: JetStreamContext
 ) -> None:
     adapter = adapter_for(settings, js)
-    e2b.fake.faults.append(Fault(status=409, should_retry="false", path="/v2/sandboxes",
-                                 error_code="idempotency_request_mismatch"))  # fmt: skip
+    e2b.fake.faults.append(
+        Fault(
+            status=409,
+            should_retry="false",
+            path="/v2/sandboxes",
+            error_code="idempotency_request_mismatch",
+        )
+    )
     spec = _spec("sbx-" + "1" * 24)
     key = Credentials("platform", {"api_key": e2b.api_key})
     with pytest.raises(ProviderFailed) as failed:
@@ -219,16 +237,26 @@ async def test_unknown_template_keeps_e2b_error_code_in_the_message(
 def _spec(sandbox_id: str, deployment: str = "test", template: str | None = None) -> SandboxSpec:
     profile = Registry.load(Settings().extensions_dir).profile("profile.e2b-burst")
     now = datetime.now(UTC)
-    return SandboxSpec(sandbox_id=sandbox_id, tenant="acme", deployment=deployment,
-                       profile=profile, ttl_s=300, expires_at=now + timedelta(seconds=300),
-                       template=template)  # fmt: skip
+    return SandboxSpec(
+        sandbox_id=sandbox_id,
+        tenant="acme",
+        deployment=deployment,
+        profile=profile,
+        ttl_s=300,
+        expires_at=now + timedelta(seconds=300),
+        template=template,
+    )
 
 
 async def test_worker_killed_after_create_is_adopted_by_reconcile(
-    e2b: E2B, spawn_worker: Callable[..., subprocess.Popen[bytes]],
-    start_worker: Callable[..., Any], observer: Client, js: JetStreamContext,
-    settings: Settings, fresh_tenant: str,
-) -> None:  # fmt: skip
+    e2b: E2B,
+    spawn_worker: Callable[..., subprocess.Popen[bytes]],
+    start_worker: Callable[..., Any],
+    observer: Client,
+    js: JetStreamContext,
+    settings: Settings,
+    fresh_tenant: str,
+) -> None:
     # The create succeeds; the worker is killed while it waits for the sandbox detail.
     e2b.fake.faults.append(Fault(method="GET", path="/sandboxes/", delay_s=30))
     doomed = spawn_worker()
@@ -310,26 +338,41 @@ async def test_provision_command_against_the_fake(
 
 def test_operator_smoke_script_runs_against_the_fake(e2b: E2B) -> None:
     script = Path(__file__).resolve().parent.parent / "scripts" / "smoke_e2b.py"
-    skipped = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                             env={**os.environ, "E2B_API_KEY": ""}, check=True)  # fmt: skip
+    skipped = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "E2B_API_KEY": ""},
+        check=True,
+    )
     assert skipped.stdout.strip() == "skipped: E2B_API_KEY is not set"
-    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         env={**os.environ, "E2B_API_KEY": e2b.api_key}, check=True)  # fmt: skip
+    ran = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "E2B_API_KEY": e2b.api_key},
+        check=True,
+    )
     assert "idempotent" in ran.stdout and "destroyed after" in ran.stdout
     assert e2b.api_key not in ran.stdout + ran.stderr
     assert len(e2b.fake.sandboxes) == 1 and e2b.fake.alive() == []
 
 
 async def test_a_template_bigger_than_its_profile_is_reported(
-    e2b: E2B, start_worker: Callable[..., Any], observer: Client, fresh_tenant: str,
+    e2b: E2B,
+    start_worker: Callable[..., Any],
+    observer: Client,
+    fresh_tenant: str,
     caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     e2b.fake.templates["base"] = (4, 1024)  # the profile says 2 vCPU, 512 MiB
     await start_worker()
     status = await provision(observer, fresh_tenant, "profile.e2b-burst")
     assert status.state is SandboxState.READY
     # 300 s x (4 x 0.000014 + 1 x 0.0000045) = 0.018150 billed, 0.009075 held
-    assert ("bills 0.018150 USD for the whole TTL but 0.009075 was held; profile "
-            "profile.e2b-burst understates") in caplog.text  # fmt: skip
+    assert (
+        "bills 0.018150 USD for the whole TTL but 0.009075 was held; profile "
+        "profile.e2b-burst understates"
+    ) in caplog.text
     done = await destroy(observer, status)
     assert done.actual_usd is not None  # the debit is exact regardless

@@ -25,8 +25,9 @@ async def test_sdk_create_get_list_kill(fake: FakeE2B) -> None:
     tags = {"sandboxer_deployment": "test", "sandboxer_tenant": "acme"}
     first = await AsyncSandbox.create(template="base", metadata=tags, timeout=120, **opts(fake))
     second = await AsyncSandbox.create(template="base", metadata=tags, **opts(fake))
-    await AsyncSandbox.create(template="base", metadata={"sandboxer_deployment": "other"},
-                              **opts(fake))  # fmt: skip
+    await AsyncSandbox.create(
+        template="base", metadata={"sandboxer_deployment": "other"}, **opts(fake)
+    )
     assert len(first.sandbox_id) == 20 and first.sandbox_id.isalnum()
 
     info = await AsyncSandbox.get_info(first.sandbox_id, **opts(fake))

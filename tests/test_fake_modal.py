@@ -29,20 +29,34 @@ async def client(fake: FakeModal) -> AsyncIterator[modal.Client]:
 async def test_client_creates_lists_and_terminates(fake: FakeModal, client: modal.Client) -> None:
     app = await modal.App.lookup.aio("sandboxer", create_if_missing=True, client=client)
     image = modal.Image.from_id("im-" + "a" * 22, client=client)
-    gpu = await modal.Sandbox.create.aio(app=app, image=image, gpu="H100", cpu=4.0, memory=16384,
-                                         timeout=600, tags={"team": "a", "kind": "gpu"},
-                                         client=client)  # fmt: skip
-    cpu = await modal.Sandbox.create.aio(app=app, image=modal.Image.from_registry("python:3.12"),
-                                         cpu=2.0, memory=2048, tags={"team": "a"},
-                                         client=client)  # fmt: skip
+    gpu = await modal.Sandbox.create.aio(
+        app=app,
+        image=image,
+        gpu="H100",
+        cpu=4.0,
+        memory=16384,
+        timeout=600,
+        tags={"team": "a", "kind": "gpu"},
+        client=client,
+    )
+    cpu = await modal.Sandbox.create.aio(
+        app=app,
+        image=modal.Image.from_registry("python:3.12"),
+        cpu=2.0,
+        memory=2048,
+        tags={"team": "a"},
+        client=client,
+    )
     made = fake.state.sandboxes[gpu.object_id]
     assert made.version == 1 and len(gpu.object_id) == 25  # V1 (GPU): sb- + 22
     assert made.gpu == ("H100", 1) and made.definition.resources.milli_cpu == 4000
     assert fake.state.sandboxes[cpu.object_id].version == 2  # CPU only: V2
     assert await gpu.poll.aio() is None and await cpu.poll.aio() is None  # running
 
-    listed = [s.object_id async for s in modal.Sandbox.list.aio(
-        app_id=app.app_id, tags={"team": "a"}, client=client)]  # fmt: skip
+    listed = [
+        s.object_id
+        async for s in modal.Sandbox.list.aio(app_id=app.app_id, tags={"team": "a"}, client=client)
+    ]
     assert sorted(listed) == sorted([gpu.object_id, cpu.object_id])
     again = await modal.Sandbox.from_id.aio(gpu.object_id, client=client)
     assert await again.get_tags.aio() == {"team": "a", "kind": "gpu"}

@@ -59,9 +59,10 @@ def modal_fake(openbao: EmbeddedOpenBao, monkeypatch: pytest.MonkeyPatch) -> Ite
     with FakeModal() as fake:
         fake.state.token_id, fake.state.token_secret = "ak-" + uuid.uuid4().hex, "as-secret"
         admin.secrets.kv.v2.create_or_update_secret(
-            path="sandboxer/platform/modal", mount_point="secret",
+            path="sandboxer/platform/modal",
+            mount_point="secret",
             secret={"token_id": fake.state.token_id, "token_secret": fake.state.token_secret},
-        )  # fmt: skip
+        )
         admin.secrets.kv.v2.delete_metadata_and_all_versions(
             path="sandboxer/platform/e2b", mount_point="secret"
         )
@@ -80,22 +81,32 @@ def test_cost_of_one_h100_for_600_s_is_the_manifest_formula(settings: Settings) 
     adapter = ModalAdapter(AdapterContext(registry.extensions["ext.modal"], None, "test"))  # type: ignore[arg-type]
     profile = registry.profile("profile.modal-gpu")  # 1 H100, 4 cores, 16 GiB
     # 600 s x (0.001097 H100 + 4 x 0.00003942 per core + 16 x 0.00000672 per GiB)
-    expected = Decimal("600") * (Decimal("0.001097") + 4 * Decimal("0.00003942")
-                                 + 16 * Decimal("0.00000672"))  # fmt: skip
+    expected = Decimal("600") * (
+        Decimal("0.001097") + 4 * Decimal("0.00003942") + 16 * Decimal("0.00000672")
+    )
     assert expected == Decimal("0.817320")
     assert adapter.estimate_cost(profile, 600) == expected
     start = datetime(2026, 1, 1, tzinfo=UTC)
-    sandbox = ProviderSandbox("sb-x", {}, False, start, {
-        "cpu_cores": "4", "memory_mb": 16384, "gpu_type": "H100", "gpu_count": 1})  # fmt: skip
+    sandbox = ProviderSandbox(
+        "sb-x",
+        {},
+        False,
+        start,
+        {"cpu_cores": "4", "memory_mb": 16384, "gpu_type": "H100", "gpu_count": 1},
+    )
     usage = adapter.meter_actual(sandbox, start + timedelta(seconds=600))
     assert usage.actual_usd == expected and usage.duration_s == Decimal("600.000")
     assert usage.meter_fields["gpu_type"] == "H100"
 
 
 async def test_gpu_sandbox_through_the_worker_is_debited_exactly(
-    modal_fake: Modal, start_worker: Callable[..., Any], start_billing: Callable[..., Any],
-    observer: Client, js: JetStreamContext, fresh_tenant: str,
-) -> None:  # fmt: skip
+    modal_fake: Modal,
+    start_worker: Callable[..., Any],
+    start_billing: Callable[..., Any],
+    observer: Client,
+    js: JetStreamContext,
+    fresh_tenant: str,
+) -> None:
     await start_worker()
     await start_billing()
     status = await provision(observer, fresh_tenant, "profile.modal-gpu")
@@ -141,21 +152,28 @@ async def test_cpu_sandbox_uses_v2_and_terminate_is_idempotent(
 
 
 async def test_quota_refusal_falls_back_to_the_next_route(
-    modal_fake: Modal, start_worker: Callable[..., Any], observer: Client, fresh_tenant: str,
+    modal_fake: Modal,
+    start_worker: Callable[..., Any],
+    observer: Client,
+    fresh_tenant: str,
     js: JetStreamContext,
-) -> None:  # fmt: skip
+) -> None:
     await start_worker()
-    modal_fake.fake.state.fail("SandboxCreateV2", Status.RESOURCE_EXHAUSTED,
-                               "Sandbox limit reached for workspace")  # fmt: skip
+    modal_fake.fake.state.fail(
+        "SandboxCreateV2", Status.RESOURCE_EXHAUSTED, "Sandbox limit reached for workspace"
+    )
     status = await provision(observer, fresh_tenant, "profile.burst-sandbox")
     assert status.state is SandboxState.READY and status.extension_id == "ext.saas-stub"
     assert modal_fake.fake.state.sandboxes == {} and len(await stub_sandboxes(js)) == 1
 
 
 async def test_deadline_after_create_never_falls_back(
-    modal_fake: Modal, start_worker: Callable[..., Any], observer: Client, fresh_tenant: str,
+    modal_fake: Modal,
+    start_worker: Callable[..., Any],
+    observer: Client,
+    fresh_tenant: str,
     js: JetStreamContext,
-) -> None:  # fmt: skip
+) -> None:
     await start_worker()
     # The create takes effect, then every answer of that call is lost (the client's
     # own four attempts): ambiguous. The next delivery finds the sandbox by its name.
@@ -169,9 +187,12 @@ async def test_deadline_after_create_never_falls_back(
 
 
 async def test_wrong_token_is_rejected_and_never_printed(
-    modal_fake: Modal, start_worker: Callable[..., Any], observer: Client, fresh_tenant: str,
+    modal_fake: Modal,
+    start_worker: Callable[..., Any],
+    observer: Client,
+    fresh_tenant: str,
     caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     modal_fake.fake.state.token_secret = "as-rotated-away"  # noqa: S105
     caplog.set_level("DEBUG")
     await start_worker()
@@ -182,15 +203,20 @@ async def test_wrong_token_is_rejected_and_never_printed(
 
 
 async def test_orphan_after_a_worker_kill_is_found_by_tags_and_adopted(
-    modal_fake: Modal, spawn_worker: Callable[..., subprocess.Popen[bytes]],
-    start_worker: Callable[..., Any], observer: Client, js: JetStreamContext,
-    settings: Settings, fresh_tenant: str,
-) -> None:  # fmt: skip
+    modal_fake: Modal,
+    spawn_worker: Callable[..., subprocess.Popen[bytes]],
+    start_worker: Callable[..., Any],
+    observer: Client,
+    js: JetStreamContext,
+    settings: Settings,
+    fresh_tenant: str,
+) -> None:
     # The create succeeds; the worker is killed while it checks the sandbox is running.
     modal_fake.fake.state.latency_s["SandboxWait"] = 30
     doomed = spawn_worker()
-    await observer.provision(ProvisionRequest(request_id="crash", tenant=fresh_tenant,
-                                            profile="profile.modal-gpu"))  # fmt: skip
+    await observer.provision(
+        ProvisionRequest(request_id="crash", tenant=fresh_tenant, profile="profile.modal-gpu")
+    )
     for _ in range(400):
         if modal_fake.fake.state.sandboxes:
             break
@@ -204,8 +230,12 @@ async def test_orphan_after_a_worker_kill_is_found_by_tags_and_adopted(
     [found] = await reconcile(settings, js, extension_id="ext.modal")
     assert (found.sandbox_id, found.action) == (sandbox_id, "adopt")
     adopted = await wait_for_state(observer, sandbox_id, SandboxState.READY)
-    assert adopted.meter_fields == {"cpu_cores": "4", "memory_mb": 16384, "gpu_type": "H100",
-                                    "gpu_count": 1}  # fmt: skip
+    assert adopted.meter_fields == {
+        "cpu_cores": "4",
+        "memory_mb": 16384,
+        "gpu_type": "H100",
+        "gpu_count": 1,
+    }
 
     await start_worker()
     await destroy(observer, adopted)
@@ -214,9 +244,12 @@ async def test_orphan_after_a_worker_kill_is_found_by_tags_and_adopted(
 
 
 async def test_provision_command_against_the_fake(
-    modal_fake: Modal, start_worker: Callable[..., Any], settings: Settings, fresh_tenant: str,
+    modal_fake: Modal,
+    start_worker: Callable[..., Any],
+    settings: Settings,
+    fresh_tenant: str,
     observer: Client,
-) -> None:  # fmt: skip
+) -> None:
     """The acceptance command: `sandboxer provision --profile profile.modal-gpu --wait`."""
     await start_worker()
     status = await provision_by_cli(settings, fresh_tenant, "profile.modal-gpu")
@@ -229,13 +262,18 @@ async def test_provision_command_against_the_fake(
 def test_operator_smoke_script_runs_against_the_fake(modal_fake: Modal) -> None:
     script = Path(__file__).resolve().parent.parent / "scripts" / "smoke_modal.py"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODAL_TOKEN")}
-    skipped = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                             env=env, check=True)  # fmt: skip
+    skipped = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, check=True
+    )
     assert skipped.stdout.strip() == "skipped: MODAL_TOKEN_ID and MODAL_TOKEN_SECRET are not set"
     state = modal_fake.fake.state
-    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
-                         env={**env, "MODAL_TOKEN_ID": state.token_id,
-                              "MODAL_TOKEN_SECRET": state.token_secret})  # fmt: skip
+    ran = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**env, "MODAL_TOKEN_ID": state.token_id, "MODAL_TOKEN_SECRET": state.token_secret},
+    )
     assert "found     by its tags" in ran.stdout and "terminated after" in ran.stdout
     assert state.token_secret not in ran.stdout + ran.stderr
     assert len(state.sandboxes) == 1 and state.alive() == []

@@ -40,25 +40,41 @@ async def test_failed_claims_orphans_expired_and_kept_sandboxes(
         # A provider sandbox whose request failed (say, an ambiguous create that ran out
         # of deliveries), and one nobody claimed at all.
         failed_id = sandbox_id_for("acme", "failed-after-create")
-        await statuses.create(SandboxStatus(
-            sandbox_id=failed_id, request_id="failed-after-create", tenant="acme",
-            profile="profile.burst-sandbox", extension_id="ext.saas-stub",
-            state=SandboxState.FAILED, created_at=utcnow(),
-            error=ErrorInfo(code=ErrorCode.PROVIDER_UNAVAILABLE, message="timed out"),
-        ))  # fmt: skip
+        await statuses.create(
+            SandboxStatus(
+                sandbox_id=failed_id,
+                request_id="failed-after-create",
+                tenant="acme",
+                profile="profile.burst-sandbox",
+                extension_id="ext.saas-stub",
+                state=SandboxState.FAILED,
+                created_at=utcnow(),
+                error=ErrorInfo(code=ErrorCode.PROVIDER_UNAVAILABLE, message="timed out"),
+            )
+        )
         registry = Registry.load(settings.extensions_dir)
         async with AsyncExitStack() as stack:
             provisioner = await build_provisioner(settings, js, stack)
             stub = provisioner.router.adapter("ext.saas-stub")
             for sandbox_id in (failed_id, sandbox_id_for("acme", "never-claimed")):
-                spec = SandboxSpec(sandbox_id=sandbox_id, tenant="acme", deployment="test",
-                                   profile=registry.profile("profile.burst-sandbox"), ttl_s=60,
-                                   expires_at=utcnow() + timedelta(seconds=60))  # fmt: skip
+                spec = SandboxSpec(
+                    sandbox_id=sandbox_id,
+                    tenant="acme",
+                    deployment="test",
+                    profile=registry.profile("profile.burst-sandbox"),
+                    ttl_s=60,
+                    expires_at=utcnow() + timedelta(seconds=60),
+                )
                 await stub.provision(spec, NO_CREDENTIALS)
             # Another deployment's sandbox: never listed.
-            other = SandboxSpec(sandbox_id=sandbox_id_for("acme", "theirs"), tenant="acme",
-                                deployment="staging", ttl_s=60, expires_at=utcnow(),
-                                profile=registry.profile("profile.burst-sandbox"))  # fmt: skip
+            other = SandboxSpec(
+                sandbox_id=sandbox_id_for("acme", "theirs"),
+                tenant="acme",
+                deployment="staging",
+                ttl_s=60,
+                expires_at=utcnow(),
+                profile=registry.profile("profile.burst-sandbox"),
+            )
             await stub.provision(other, NO_CREDENTIALS)
 
         dry = {f.sandbox_id: f.action for f in await reconcile(settings, js, dry_run=True)}
@@ -74,8 +90,11 @@ async def test_failed_claims_orphans_expired_and_kept_sandboxes(
         # The expired one goes through the normal destroy, so it is metered.
         done = await wait_for_state(client, expired.sandbox_id, SandboxState.DESTROYED)
         assert done.actual_usd is not None
-    alive = {s["tags"]["sandboxer_sandbox_id"] for s in await stub_sandboxes(js)
-             if s["terminated_at"] is None}  # fmt: skip
+    alive = {
+        s["tags"]["sandboxer_sandbox_id"]
+        for s in await stub_sandboxes(js)
+        if s["terminated_at"] is None
+    }
     assert alive == {kept.sandbox_id, sandbox_id_for("acme", "theirs")}
     assert {f.sandbox_id: f.action for f in await reconcile(settings, js)} == {
         kept.sandbox_id: "keep"

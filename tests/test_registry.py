@@ -38,19 +38,30 @@ def test_unknown_profile_is_a_coded_error() -> None:
 @pytest.mark.parametrize(
     ("file", "old", "new", "named"),
     [
-        ("ext.saas-stub.yaml", 'usd_per_second: "0.000010"', "usd_per_second: 0.1",
-         "pricing.rates.usd_per_second"),
-        ("ext.saas-stub.yaml", 'usd_per_second: "0.000010"', 'per_hour: "1"',
-         "pricing.rates.usd_per_second"),
-        ("ext.saas-stub.yaml", "pricing_model: metered", "pricing_model: flat",
-         "pricing.pricing_model"),
+        (
+            "ext.saas-stub.yaml",
+            'usd_per_second: "0.000010"',
+            "usd_per_second: 0.1",
+            "pricing.rates.usd_per_second",
+        ),
+        (
+            "ext.saas-stub.yaml",
+            'usd_per_second: "0.000010"',
+            'per_hour: "1"',
+            "pricing.rates.usd_per_second",
+        ),
+        (
+            "ext.saas-stub.yaml",
+            "pricing_model: metered",
+            "pricing_model: flat",
+            "pricing.pricing_model",
+        ),
         ("ext.saas-stub.yaml", "latency_s: 0", "latency_s: -1", "config.latency_s"),
-        ("ext.saas-stub.yaml", "adapters.saas_stub:SaasStubAdapter", "adapters.nope:X",
-         "adapter"),
+        ("ext.saas-stub.yaml", "adapters.saas_stub:SaasStubAdapter", "adapters.nope:X", "adapter"),
         ("profile.burst-sandbox.yaml", "default_s: 900", "default_s: 999999", "ttl"),
         ("profile.burst-sandbox.yaml", "routes: [", "routez: [", "routes"),
     ],
-)  # fmt: skip
+)
 def test_wrong_manifest_names_file_and_field(
     ext_dir: Path, file: str, old: str, new: str, named: str
 ) -> None:
@@ -93,10 +104,13 @@ async def test_router_without_any_adapter_is_no_route() -> None:
 
 async def test_a_pinned_tenant_gets_its_extension_or_no_route() -> None:
     profile = Profile(
-        kind="profile", id="profile.pinned", pricing_model="metered",
-        routes=["ext.a", "ext.b"], ttl=TtlLimits(default_s=60, max_s=600),
+        kind="profile",
+        id="profile.pinned",
+        pricing_model="metered",
+        routes=["ext.a", "ext.b"],
+        ttl=TtlLimits(default_s=60, max_s=600),
         pins={"vip": "ext.b", "stuck": "ext.a"},
-    )  # fmt: skip
+    )
     a, b = object(), object()
     router = Router({"ext.a": a, "ext.b": b})  # type: ignore[dict-item]
     assert (await router.choose(profile, "anyone")).adapter is a
@@ -108,9 +122,13 @@ async def test_a_pinned_tenant_gets_its_extension_or_no_route() -> None:
 def test_pins_must_name_a_route() -> None:
     with pytest.raises(ValueError, match=r"pins name extensions not in routes: ext\.c"):
         Profile(
-            kind="profile", id="profile.pinned", pricing_model="metered",
-            routes=["ext.a"], ttl=TtlLimits(default_s=60, max_s=600), pins={"vip": "ext.c"},
-        )  # fmt: skip
+            kind="profile",
+            id="profile.pinned",
+            pricing_model="metered",
+            routes=["ext.a"],
+            ttl=TtlLimits(default_s=60, max_s=600),
+            pins={"vip": "ext.c"},
+        )
 
 
 async def test_an_adapter_without_its_optional_package_is_left_out(
@@ -122,8 +140,10 @@ async def test_an_adapter_without_its_optional_package_is_left_out(
         "pricing: {pricing_model: metered, rates: {usd_per_second: '0.000001'}}\n"
     )
     registry = Registry.load(ext_dir)
-    contexts = {ext: AdapterContext(manifest, None, "test")  # type: ignore[arg-type]
-                for ext, manifest in registry.extensions.items()}  # fmt: skip
+    contexts = {
+        ext: AdapterContext(manifest, None, "test")  # type: ignore[arg-type]
+        for ext, manifest in registry.extensions.items()
+    }
     adapters = registry.build_adapters(contexts)
     assert "ext.needs-missing" not in adapters and "ext.saas-stub" in adapters
     assert "ext.needs-missing skipped: it needs the 'sandboxer_no_such_package'" in caplog.text

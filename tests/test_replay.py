@@ -28,14 +28,16 @@ async def provision_and_destroy(client: Client, count: int, destroyed: int) -> l
     ids = []
     for i in range(count):
         tenant = "acme" if i % 2 else "t1"
-        request = ProvisionRequest(request_id=f"r{i}", tenant=tenant,
-                                   profile="profile.burst-sandbox")  # fmt: skip
+        request = ProvisionRequest(
+            request_id=f"r{i}", tenant=tenant, profile="profile.burst-sandbox"
+        )
         status = await client.provision(request, wait_s=20)
         assert status is not None and status.state is SandboxState.READY
         ids.append(status.sandbox_id)
         if i < destroyed:
-            destroy = DestroyRequest(request_id=f"d{i}", tenant=tenant,
-                                     sandbox_id=status.sandbox_id)  # fmt: skip
+            destroy = DestroyRequest(
+                request_id=f"d{i}", tenant=tenant, sandbox_id=status.sandbox_id
+            )
             done = await client.destroy(destroy, wait_s=20)
             assert done is not None and done.state is SandboxState.DESTROYED
     return ids
@@ -60,9 +62,11 @@ async def settle_all(js: JetStreamContext) -> None:
 
 
 async def test_replaying_everything_twice_changes_nothing(
-    start_worker: Callable[..., Any], start_billing: Callable[..., Any],
-    settings: Settings, js: JetStreamContext,
-) -> None:  # fmt: skip
+    start_worker: Callable[..., Any],
+    start_billing: Callable[..., Any],
+    settings: Settings,
+    js: JetStreamContext,
+) -> None:
     await start_worker()
     await start_billing()
     async with Client(settings.nats_url) as client:
@@ -117,12 +121,14 @@ async def test_ranges_and_tenants(
     assert (only_acme.replayed, only_acme.skipped_tenants) == (4, 4)
     # The stream also holds TTL schedules between the provisions: count what is there.
     seqs = [seq async for seq, _, _ in read_subject(js, "SANDBOX_REQUESTS", "sandbox.provision")]
-    middle = await replay(js, "sandbox.provision", Range(from_seq=seqs[2], to_seq=seqs[4]),
-                          dry_run=True)  # fmt: skip
+    middle = await replay(
+        js, "sandbox.provision", Range(from_seq=seqs[2], to_seq=seqs[4]), dry_run=True
+    )
     assert (middle.first_seq, middle.last_seq, middle.replayed) == (seqs[2], seqs[4], 3)
 
-    code, out, _ = await sandboxer(settings, "replay", "--subject", "sandbox.provision",
-                                   "--since", "1h", "--dry-run")  # fmt: skip
+    code, out, _ = await sandboxer(
+        settings, "replay", "--subject", "sandbox.provision", "--since", "1h", "--dry-run"
+    )
     assert code == 0
     assert out.startswith(
         f"would replay 8 message(s) of sandbox.provision (seq {seqs[0]}..{seqs[-1]})"

@@ -44,9 +44,12 @@ def admin(openbao: EmbeddedOpenBao) -> hvac.Client:
 
 @pytest.fixture
 async def keyed_worker(
-    tmp_path: Path, platform_path: str, openbao: EmbeddedOpenBao,
-    start_worker: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
-) -> Any:  # fmt: skip
+    tmp_path: Path,
+    platform_path: str,
+    openbao: EmbeddedOpenBao,
+    start_worker: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Any:
     """A worker whose profile.burst-sandbox starts with a keyed `ext.e2b` stand-in."""
     extensions = tmp_path / "extensions"
     shutil.copytree(default_extensions_dir(), extensions)
@@ -74,9 +77,11 @@ def put(admin: hvac.Client, path: str, api_key: str) -> None:
 async def provision(settings: Settings, tenant: str) -> SandboxStatus:
     async with Client(settings.nats_url) as client:
         status = await client.provision(
-            ProvisionRequest(request_id=uuid.uuid4().hex, tenant=tenant,
-                             profile="profile.burst-sandbox"), wait_s=20,
-        )  # fmt: skip
+            ProvisionRequest(
+                request_id=uuid.uuid4().hex, tenant=tenant, profile="profile.burst-sandbox"
+            ),
+            wait_s=20,
+        )
     assert status is not None and status.state is SandboxState.READY, status
     return status
 
@@ -84,9 +89,11 @@ async def provision(settings: Settings, tenant: str) -> SandboxStatus:
 async def destroy(settings: Settings, status: SandboxStatus) -> SandboxStatus:
     async with Client(settings.nats_url) as client:
         done = await client.destroy(
-            DestroyRequest(request_id=uuid.uuid4().hex, tenant=status.tenant,
-                           sandbox_id=status.sandbox_id), wait_s=20,
-        )  # fmt: skip
+            DestroyRequest(
+                request_id=uuid.uuid4().hex, tenant=status.tenant, sandbox_id=status.sandbox_id
+            ),
+            wait_s=20,
+        )
     assert done is not None and done.state is SandboxState.DESTROYED, done
     return done
 
@@ -98,9 +105,12 @@ async def used_key(js: JetStreamContext, status: SandboxStatus, op: str) -> str:
 
 
 async def test_platform_key_routes_to_the_first_extension(
-    keyed_worker: Any, settings: Settings, js: JetStreamContext, admin: hvac.Client,
+    keyed_worker: Any,
+    settings: Settings,
+    js: JetStreamContext,
+    admin: hvac.Client,
     platform_path: str,
-) -> None:  # fmt: skip
+) -> None:
     put(admin, platform_path, "platform-key-placeholder")
     status = await provision(settings, "acme")
     assert status.extension_id == "ext.e2b" and status.credential_source == "platform"
@@ -115,9 +125,12 @@ async def test_platform_key_routes_to_the_first_extension(
 
 
 async def test_tenant_key_wins_and_is_recorded_as_byok(
-    keyed_worker: Any, settings: Settings, js: JetStreamContext, admin: hvac.Client,
+    keyed_worker: Any,
+    settings: Settings,
+    js: JetStreamContext,
+    admin: hvac.Client,
     platform_path: str,
-) -> None:  # fmt: skip
+) -> None:
     put(admin, platform_path, "platform-key-placeholder")
     put(admin, byok_path("t1", "ext.e2b"), "t1-own-key-placeholder")
     status = await provision(settings, "t1")
@@ -137,25 +150,33 @@ async def test_no_key_anywhere_falls_back_to_the_stub(
 
 
 async def test_key_rotated_between_create_and_destroy(
-    keyed_worker: Any, settings: Settings, js: JetStreamContext, admin: hvac.Client,
+    keyed_worker: Any,
+    settings: Settings,
+    js: JetStreamContext,
+    admin: hvac.Client,
     platform_path: str,
-) -> None:  # fmt: skip
+) -> None:
     put(admin, platform_path, "key-v1-placeholder")
     first = await provision(settings, "acme")
     second = await provision(settings, "acme")
     put(admin, platform_path, "key-v2-placeholder")  # rotation
     await destroy(settings, first)  # the version recorded at create still exists
     assert await used_key(js, first, "destroy") == fingerprint("key-v1-placeholder")
-    admin.secrets.kv.v2.destroy_secret_versions(path=platform_path, versions=[1],
-                                                mount_point="secret")  # fmt: skip
+    admin.secrets.kv.v2.destroy_secret_versions(
+        path=platform_path, versions=[1], mount_point="secret"
+    )
     await destroy(settings, second)  # v1 is gone: the current key is used
     assert await used_key(js, second, "destroy") == fingerprint("key-v2-placeholder")
 
 
 async def test_no_secret_value_anywhere_in_nats_or_logs(
-    keyed_worker: Any, settings: Settings, js: JetStreamContext, admin: hvac.Client,
-    platform_path: str, caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+    keyed_worker: Any,
+    settings: Settings,
+    js: JetStreamContext,
+    admin: hvac.Client,
+    platform_path: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     secrets = ["leak-canary-platform-7f3a", "leak-canary-byok-91c2"]
     put(admin, platform_path, secrets[0])
     put(admin, byok_path("t1", "ext.e2b"), secrets[1])
@@ -174,17 +195,31 @@ async def test_no_secret_value_anywhere_in_nats_or_logs(
 
 
 async def test_route_explain_shows_the_decision_and_no_key(
-    keyed_worker: Any, settings: Settings, admin: hvac.Client, platform_path: str,
+    keyed_worker: Any,
+    settings: Settings,
+    admin: hvac.Client,
+    platform_path: str,
     openbao: EmbeddedOpenBao,
-) -> None:  # fmt: skip
+) -> None:
     async def explain(tenant: str) -> str:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sandboxer", "route", "explain",
-            "--tenant", tenant, "--profile", "profile.burst-sandbox",
-            env={**os.environ, "SANDBOXER_NATS_URL": settings.nats_url,
-                 "SANDBOXER_EXTENSIONS_DIR": str(keyed_worker.settings.extensions_dir)},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "sandboxer",
+            "route",
+            "explain",
+            "--tenant",
+            tenant,
+            "--profile",
+            "profile.burst-sandbox",
+            env={
+                **os.environ,
+                "SANDBOXER_NATS_URL": settings.nats_url,
+                "SANDBOXER_EXTENSIONS_DIR": str(keyed_worker.settings.extensions_dir),
+            },
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await proc.communicate()
         assert proc.returncode == 0, err
         return out.decode()
@@ -204,10 +239,16 @@ async def test_route_explain_shows_the_decision_and_no_key(
 
 
 async def test_openbao_outage_delays_requests_and_loses_none(
-    tmp_path: Path, platform_path: str, openbao: EmbeddedOpenBao, admin: hvac.Client,
-    start_worker: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, settings: Settings,
-    caplog: pytest.LogCaptureFixture, keyed_worker: Any,
-) -> None:  # fmt: skip
+    tmp_path: Path,
+    platform_path: str,
+    openbao: EmbeddedOpenBao,
+    admin: hvac.Client,
+    start_worker: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+    keyed_worker: Any,
+) -> None:
     put(admin, platform_path, "outage-canary-key")
     await keyed_worker.stop()
     monkeypatch.setenv("SANDBOXER_BAO_TIMEOUT_S", "0.3")
@@ -236,9 +277,12 @@ async def test_openbao_outage_delays_requests_and_loses_none(
 
 
 async def test_byok_sandbox_holds_and_debits_no_credits(
-    keyed_worker: Any, start_billing: Callable[..., Any], settings: Settings,
-    js: JetStreamContext, admin: hvac.Client,
-) -> None:  # fmt: skip
+    keyed_worker: Any,
+    start_billing: Callable[..., Any],
+    settings: Settings,
+    js: JetStreamContext,
+    admin: hvac.Client,
+) -> None:
     tenant = "t1"  # funded, so a hold would have been possible
     put(admin, byok_path(tenant, "ext.e2b"), "byok-billing-placeholder")
     await start_billing(fin_hub_url=None)
@@ -249,9 +293,10 @@ async def test_byok_sandbox_holds_and_debits_no_credits(
 
     async def recorded() -> list[dict[str, Any]]:
         return [
-            body for _, body in await stream_messages(js, "BILLING", "billing.usage")
+            body
+            for _, body in await stream_messages(js, "BILLING", "billing.usage")
             if body["sandbox_id"] == status.sandbox_id
-        ]  # fmt: skip
+        ]
 
     for _ in range(200):
         if await recorded():
@@ -265,9 +310,13 @@ async def test_byok_sandbox_holds_and_debits_no_credits(
 
 
 async def test_a_refusal_before_creation_falls_back_to_the_next_route(
-    keyed_worker: Any, start_worker: Callable[..., Any], settings: Settings,
-    js: JetStreamContext, admin: hvac.Client, platform_path: str,
-) -> None:  # fmt: skip
+    keyed_worker: Any,
+    start_worker: Callable[..., Any],
+    settings: Settings,
+    js: JetStreamContext,
+    admin: hvac.Client,
+    platform_path: str,
+) -> None:
     put(admin, platform_path, "fallback-placeholder")
     await keyed_worker.stop()
     manifest = keyed_worker.settings.extensions_dir / "ext.e2b.yaml"
@@ -277,12 +326,18 @@ async def test_a_refusal_before_creation_falls_back_to_the_next_route(
     status = await provision(settings, "acme")
     assert status.extension_id == "ext.saas-stub" and status.credential_source == "none"
     assert status.estimate_usd == Decimal("0.009000")  # the stub's price, not E2B's
-    stub_records = [r for r in await stub_sandboxes(js)
-                    if r["tags"]["sandboxer_sandbox_id"] == status.sandbox_id]  # fmt: skip
+    stub_records = [
+        r
+        for r in await stub_sandboxes(js)
+        if r["tags"]["sandboxer_sandbox_id"] == status.sandbox_id
+    ]
     assert len(stub_records) == 1  # one sandbox, made by the route that accepted
     ledger = Ledger(js)
-    holds = [(e.entry_id, e.amount_usd) for e in await ledger.entries("acme")
-             if e.sandbox_id == status.sandbox_id]  # fmt: skip
+    holds = [
+        (e.entry_id, e.amount_usd)
+        for e in await ledger.entries("acme")
+        if e.sandbox_id == status.sandbox_id
+    ]
     assert holds == [
         (f"hold-{status.sandbox_id}", Decimal("0.018000")),  # ext.e2b, route 1
         (f"hold-{status.sandbox_id}-r3", Decimal("0.009000")),  # ext.saas-stub, route 3

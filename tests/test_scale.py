@@ -37,8 +37,9 @@ async def test_three_workers_and_two_billing_processes_share_the_work(
     n = 300
     async with Client(settings.nats_url) as client:
         for i in range(n):
-            await client.provision(ProvisionRequest(request_id=f"s{i}", tenant="acme",
-                                                    profile="profile.burst-sandbox"))  # fmt: skip
+            await client.provision(
+                ProvisionRequest(request_id=f"s{i}", tenant="acme", profile="profile.burst-sandbox")
+            )
         ids = [sandbox_id_for("acme", f"s{i}") for i in range(n)]
 
         async def all_in(state: SandboxState) -> bool:
@@ -52,8 +53,9 @@ async def test_three_workers_and_two_billing_processes_share_the_work(
 
         # A worker and a billing process are stopped with SIGTERM while destroys run.
         for i in range(n):
-            await client.destroy(DestroyRequest(request_id=f"d{i}", tenant="acme",
-                                                sandbox_id=ids[i]))  # fmt: skip
+            await client.destroy(
+                DestroyRequest(request_id=f"d{i}", tenant="acme", sandbox_id=ids[i])
+            )
         workers[0].send_signal(signal.SIGTERM)
         billers[0].send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(workers[0].wait, 60) == 0  # drained, clean exit

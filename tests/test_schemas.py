@@ -117,13 +117,21 @@ def test_money_rejects_floats_and_inexact_amounts(amount: object) -> None:
 def test_status_never_accepts_naive_timestamps() -> None:
     with pytest.raises(ValidationError):
         SandboxStatus(
-            sandbox_id="sbx-" + "a" * 24, request_id="r", tenant="t", profile="p",
-            state=SandboxState.READY, created_at=datetime(2026, 1, 1),
-        )  # fmt: skip
+            sandbox_id="sbx-" + "a" * 24,
+            request_id="r",
+            tenant="t",
+            profile="p",
+            state=SandboxState.READY,
+            created_at=datetime(2026, 1, 1),
+        )
     ok = SandboxStatus(
-        sandbox_id="sbx-" + "a" * 24, request_id="r", tenant="t", profile="p",
-        state=SandboxState.READY, created_at=datetime(2026, 1, 1, tzinfo=UTC),
-    )  # fmt: skip
+        sandbox_id="sbx-" + "a" * 24,
+        request_id="r",
+        tenant="t",
+        profile="p",
+        state=SandboxState.READY,
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
     assert ok.credential_source == "none"
 
 
@@ -132,9 +140,17 @@ def test_exported_json_schemas_describe_every_contract(tmp_path: Path) -> None:
     names = sorted(p.name for p in paths)
     assert names == sorted(
         f"{n}.schema.json"
-        for n in ("ProvisionRequest", "DestroyRequest", "SandboxStatus", "MeterEvent",
-                  "UsageRecord", "LedgerEntry", "ExtensionManifest", "Profile")
-    )  # fmt: skip
+        for n in (
+            "ProvisionRequest",
+            "DestroyRequest",
+            "SandboxStatus",
+            "MeterEvent",
+            "UsageRecord",
+            "LedgerEntry",
+            "ExtensionManifest",
+            "Profile",
+        )
+    )
     provision = json.loads((tmp_path / "ProvisionRequest.schema.json").read_text())
     assert set(provision["required"]) == {"request_id", "tenant", "profile"}
     meter = json.loads((tmp_path / "MeterEvent.schema.json").read_text())

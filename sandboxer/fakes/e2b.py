@@ -57,14 +57,26 @@ class FakeSandbox:
         return self.killed_at is None and now < self.end_at
 
     def summary(self) -> dict[str, Any]:
-        return {"templateID": self.template_id, "sandboxID": self.sandbox_id,
-                "clientID": "fake-client", "envdVersion": "0.4.0",
-                "envdAccessToken": None, "domain": None}  # fmt: skip
+        return {
+            "templateID": self.template_id,
+            "sandboxID": self.sandbox_id,
+            "clientID": "fake-client",
+            "envdVersion": "0.4.0",
+            "envdAccessToken": None,
+            "domain": None,
+        }
 
     def detail(self) -> dict[str, Any]:
-        return {**self.summary(), "startedAt": _iso(self.started_at), "endAt": _iso(self.end_at),
-                "cpuCount": self.cpu_count, "memoryMB": self.memory_mb, "diskSizeMB": 1024,
-                "state": "running", "metadata": self.metadata}  # fmt: skip
+        return {
+            **self.summary(),
+            "startedAt": _iso(self.started_at),
+            "endAt": _iso(self.end_at),
+            "cpuCount": self.cpu_count,
+            "memoryMB": self.memory_mb,
+            "diskSizeMB": 1024,
+            "state": "running",
+            "metadata": self.metadata,
+        }
 
 
 def _route(method: str, path: str) -> str:
@@ -136,10 +148,19 @@ class FakeE2B(LoopbackHTTP):
         if fault is not None and fault.delay_s:
             time.sleep(fault.delay_s)
         if fault is not None and fault.status is not None:
-            headers = {k: v for k, v in (("Retry-After", fault.retry_after),
-                                         ("Should-Retry", fault.should_retry)) if v}  # fmt: skip
-            error = {"code": fault.status, "message": "injected",
-                     **({"error_code": fault.error_code} if fault.error_code else {})}  # fmt: skip
+            headers = {
+                k: v
+                for k, v in (
+                    ("Retry-After", fault.retry_after),
+                    ("Should-Retry", fault.should_retry),
+                )
+                if v
+            }
+            error = {
+                "code": fault.status,
+                "message": "injected",
+                **({"error_code": fault.error_code} if fault.error_code else {}),
+            }
             return self._send(http, fault.status, error, headers)
         if http.headers.get("X-API-KEY") not in self.api_keys:
             return self._send(http, 401, {"code": 401, "message": "Invalid API key"})
@@ -150,8 +171,12 @@ class FakeE2B(LoopbackHTTP):
         return self._send(http, status, payload, headers)
 
     @staticmethod
-    def _send(http: BaseHTTPRequestHandler, status: int, payload: Any,
-              headers: dict[str, str] | None = None) -> None:  # fmt: skip
+    def _send(
+        http: BaseHTTPRequestHandler,
+        status: int,
+        payload: Any,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         data = b"" if status == 204 else json.dumps(payload).encode()
         http.send_response(status)
         for name, value in (headers or {}).items():
@@ -162,8 +187,9 @@ class FakeE2B(LoopbackHTTP):
         http.end_headers()
         http.wfile.write(data)
 
-    def _act(self, method: str, path: str, query: str, body: bytes, headers: Any
-             ) -> tuple[int, Any, dict[str, str]]:  # fmt: skip
+    def _act(
+        self, method: str, path: str, query: str, body: bytes, headers: Any
+    ) -> tuple[int, Any, dict[str, str]]:
         now = datetime.now(UTC)
         segments = path.strip("/").split("/")
         with self._lock:
@@ -186,14 +212,22 @@ class FakeE2B(LoopbackHTTP):
                     return 204, None, {}
         return 404, {"code": 404, "message": f"no route {method} {path}"}, {}
 
-    def _create(self, request: dict[str, Any], key: str | None, now: datetime
-                ) -> tuple[int, Any, dict[str, str]]:  # fmt: skip
+    def _create(
+        self, request: dict[str, Any], key: str | None, now: datetime
+    ) -> tuple[int, Any, dict[str, str]]:
         canonical = json.dumps(request, sort_keys=True)
         if key is not None and key in self.idempotency:
             seen_body, sandbox_id = self.idempotency[key]
             if seen_body != canonical:
-                return 409, {"code": 409, "message": "idempotency key reused with another body",
-                             "error_code": "idempotency_request_mismatch"}, {}  # fmt: skip
+                return (
+                    409,
+                    {
+                        "code": 409,
+                        "message": "idempotency key reused with another body",
+                        "error_code": "idempotency_request_mismatch",
+                    },
+                    {},
+                )
             return 201, self.sandboxes[sandbox_id].summary(), {}
         if "templateID" not in request:
             return 400, {"code": 400, "message": "templateID is required"}, {}
@@ -207,12 +241,15 @@ class FakeE2B(LoopbackHTTP):
         timeout = min(int(request.get("timeout", 300)), self.max_timeout_s)
         sandbox_id = "".join(random.choices(string.ascii_lowercase + string.digits, k=20))
         sandbox = FakeSandbox(
-            sandbox_id=sandbox_id, template_id=request["templateID"],
+            sandbox_id=sandbox_id,
+            template_id=request["templateID"],
             metadata=dict(request.get("metadata") or {}),
             env_vars=dict(request.get("envVars") or {}),
-            started_at=now, end_at=now + timedelta(seconds=timeout),
-            cpu_count=cpu_count, memory_mb=memory_mb,
-        )  # fmt: skip
+            started_at=now,
+            end_at=now + timedelta(seconds=timeout),
+            cpu_count=cpu_count,
+            memory_mb=memory_mb,
+        )
         self.sandboxes[sandbox_id] = sandbox
         if key is not None:
             self.idempotency[key] = (canonical, sandbox_id)
@@ -225,12 +262,15 @@ class FakeE2B(LoopbackHTTP):
         limit = int(params.get("limit", ["100"])[0])
         offset = int(params.get("nextToken", ["0"])[0] or 0)
         matching = [
-            s for s in sorted(self.sandboxes.values(), key=lambda s: s.started_at)
+            s
+            for s in sorted(self.sandboxes.values(), key=lambda s: s.started_at)
             if s.alive(now) and "running" in states and wanted.items() <= s.metadata.items()
-        ]  # fmt: skip
+        ]
         page = matching[offset : offset + limit]
         more = offset + limit < len(matching)
         headers = {"X-Next-Token": str(offset + limit)} if more else {}
-        items = [{k: v for k, v in s.detail().items() if k not in ("domain", "envdAccessToken")}
-                 for s in page]  # fmt: skip
+        items = [
+            {k: v for k, v in s.detail().items() if k not in ("domain", "envdAccessToken")}
+            for s in page
+        ]
         return 200, items, headers

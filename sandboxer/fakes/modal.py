@@ -106,8 +106,9 @@ class _Servicer(ModalClientBase):
         metadata = dict(stream.metadata or {})
         self.state.calls[name] += 1
         if (metadata.get("x-modal-token-id"), metadata.get("x-modal-token-secret")) != (
-            self.state.token_id, self.state.token_secret,
-        ):  # fmt: skip
+            self.state.token_id,
+            self.state.token_secret,
+        ):
             raise GRPCError(Status.UNAUTHENTICATED, "Token ID or secret is invalid")
         if name.endswith("V2") and not metadata.get("x-modal-auth-token"):
             raise GRPCError(Status.UNAUTHENTICATED, "missing x-modal-auth-token")
@@ -155,8 +156,9 @@ class _Servicer(ModalClientBase):
     async def EnvironmentGetOrCreate(self, stream: Stream[Any, Any]) -> None:
         request = await self._recv("EnvironmentGetOrCreate", stream)
         settings = api_pb2.EnvironmentSettings(image_builder_version="2025.06")
-        metadata = api_pb2.EnvironmentMetadata(name=request.deployment_name or "main",
-                                               settings=settings)  # fmt: skip
+        metadata = api_pb2.EnvironmentMetadata(
+            name=request.deployment_name or "main", settings=settings
+        )
         await stream.send_message(
             api_pb2.EnvironmentGetOrCreateResponse(environment_id=_id("en"), metadata=metadata)
         )
@@ -164,8 +166,9 @@ class _Servicer(ModalClientBase):
     async def ImageGetOrCreate(self, stream: Stream[Any, Any]) -> None:
         await self._recv("ImageGetOrCreate", stream)
         built = api_pb2.GenericResult(status=_GS.GENERIC_STATUS_SUCCESS)  # no build stream
-        await stream.send_message(api_pb2.ImageGetOrCreateResponse(image_id=_id("im"),
-                                                                   result=built))  # fmt: skip
+        await stream.send_message(
+            api_pb2.ImageGetOrCreateResponse(image_id=_id("im"), result=built)
+        )
 
     async def ImageFromId(self, stream: Stream[Any, Any]) -> None:
         request = await self._recv("ImageFromId", stream)
@@ -189,15 +192,20 @@ class _Servicer(ModalClientBase):
         if key and key in self.state.idempotency:  # the client's retry of one create
             return self._created(self.state.sandboxes[self.state.idempotency[key]])
         name = request.definition.name
-        if name and any(s.app_id == request.app_id and s.definition.name == name
-                        for s in self.state.alive()):  # fmt: skip
+        if name and any(
+            s.app_id == request.app_id and s.definition.name == name for s in self.state.alive()
+        ):
             raise GRPCError(Status.ALREADY_EXISTS, f"Sandbox with name '{name}' already exists")
         sandbox_id = _id("sb") if version == 1 else "sb-v2-" + _id("x")[2:]
         sandbox = FakeSandbox(
-            sandbox_id=sandbox_id, version=version, app_id=request.app_id,
-            definition=request.definition, tags={t.tag_name: t.tag_value for t in request.tags},
-            created_at=time.time(), task_id=_id("ta"),
-        )  # fmt: skip
+            sandbox_id=sandbox_id,
+            version=version,
+            app_id=request.app_id,
+            definition=request.definition,
+            tags={t.tag_name: t.tag_value for t in request.tags},
+            created_at=time.time(),
+            task_id=_id("ta"),
+        )
         self.state.sandboxes[sandbox_id] = sandbox
         if key:
             self.state.idempotency[key] = sandbox_id
@@ -211,15 +219,22 @@ class _Servicer(ModalClientBase):
     async def SandboxCreate(self, stream: Stream[Any, Any]) -> None:
         request = await self._recv("SandboxCreate", stream)
         sandbox = self._create(stream, request, 1)
-        await stream.send_message(api_pb2.SandboxCreateResponse(
-            sandbox_id=sandbox.sandbox_id, metadata=self._handle_metadata(sandbox)))  # fmt: skip
+        await stream.send_message(
+            api_pb2.SandboxCreateResponse(
+                sandbox_id=sandbox.sandbox_id, metadata=self._handle_metadata(sandbox)
+            )
+        )
 
     async def SandboxCreateV2(self, stream: Stream[Any, Any]) -> None:
         request = await self._recv("SandboxCreateV2", stream)
         sandbox = self._create(stream, request, 2)
-        await stream.send_message(api_pb2.SandboxCreateV2Response(
-            sandbox_id=sandbox.sandbox_id, task_id=sandbox.task_id,
-            metadata=self._handle_metadata(sandbox)))  # fmt: skip
+        await stream.send_message(
+            api_pb2.SandboxCreateV2Response(
+                sandbox_id=sandbox.sandbox_id,
+                task_id=sandbox.task_id,
+                metadata=self._handle_metadata(sandbox),
+            )
+        )
 
     async def _get_task_id(self, name: str, stream: Stream[Any, Any]) -> None:
         sandbox = self._sandbox((await self._recv(name, stream)).sandbox_id)
@@ -268,18 +283,25 @@ class _Servicer(ModalClientBase):
         page = []
         for sandbox in sorted(self.state.sandboxes.values(), key=lambda s: -s.created_at):
             self._sandbox(sandbox.sandbox_id)  # let an expired one stop first
-            if (request.app_id and sandbox.app_id != request.app_id) or (
-                request.before_timestamp and sandbox.created_at >= request.before_timestamp
-            ) or (not request.include_finished and not sandbox.running) or any(
-                sandbox.tags.get(k) != v for k, v in wanted.items()
-            ):  # fmt: skip
+            if (
+                (request.app_id and sandbox.app_id != request.app_id)
+                or (request.before_timestamp and sandbox.created_at >= request.before_timestamp)
+                or (not request.include_finished and not sandbox.running)
+                or any(sandbox.tags.get(k) != v for k, v in wanted.items())
+            ):
                 continue
-            page.append(api_pb2.SandboxInfo(
-                id=sandbox.sandbox_id, app_id=sandbox.app_id, created_at=sandbox.created_at,
-                tags=[api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sandbox.tags.items()],
-                task_info=api_pb2.TaskInfo(id=sandbox.task_id, result=sandbox.result),
-                metadata=self._handle_metadata(sandbox),
-            ))  # fmt: skip
+            page.append(
+                api_pb2.SandboxInfo(
+                    id=sandbox.sandbox_id,
+                    app_id=sandbox.app_id,
+                    created_at=sandbox.created_at,
+                    tags=[
+                        api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sandbox.tags.items()
+                    ],
+                    task_info=api_pb2.TaskInfo(id=sandbox.task_id, result=sandbox.result),
+                    metadata=self._handle_metadata(sandbox),
+                )
+            )
         # Newest first, 100 a page; the client asks again, older than the last, until empty.
         await stream.send_message(api_pb2.SandboxListResponse(sandboxes=page[:100]))
 
@@ -344,8 +366,9 @@ class FakeModal:
     def __init__(self, state: FakeModalState | None = None) -> None:
         self.state = state or FakeModalState()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="fake-modal")  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="fake-modal"
+        )
         self._server: Server | None = None
         self.port = 0
 
