@@ -1,6 +1,12 @@
-"""The adapter seam: one Protocol that every provider (E2B, Modal, the stub) implements
-and that tests plug fakes into. Adding a provider is one module, one manifest, one test
-file."""
+"""The adapter seam: one Protocol that every provider (E2B, Modal, the stub, a test's
+own) implements, and the values that cross it.
+
+A provider is one module with a class that subclasses `SandboxAdapter`, and one
+manifest in `extensions/` that names it (`adapter: package.module:Class`). Nothing
+else lists providers: the registry (`adapters/registry.py`) builds whatever the
+manifests name, the router walks a profile's routes, and the meter event of an
+extension is the common event plus the adapter's own `MeterFields`.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
-from nats.js import JetStreamContext
+from nats.aio.client import Client as Nats
 from pydantic import BaseModel
 
+from sandboxer.settings import Settings
 from schemas import CredentialSource, ExtensionManifest, Profile
 
 #: Tags put on every provider sandbox, so reconciliation can find it after a crash.
 TAG_SANDBOX_ID = "sandboxer_sandbox_id"
 TAG_TENANT = "sandboxer_tenant"
 TAG_DEPLOYMENT = "sandboxer_deployment"
+
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +72,8 @@ class ProviderSandbox:
     tags: Mapping[str, str]
     running: bool
     started_at: datetime
-    #: The extension's own MeterEvent fields (e.g. E2B's cpu_count and memory_mb).
+    #: What the price depends on, as the adapter's `MeterFields` describe it (E2B:
+    #: cpu_count and memory_mb); copied into the sandbox's meter events.
     meter_fields: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -78,37 +88,63 @@ class Usage:
     meter_fields: Mapping[str, Any] = field(default_factory=dict)
 
 
-def seconds_between(started_at: datetime, stopped_at: datetime) -> Decimal:
-    """Running seconds from start to stop, to the millisecond; never negative."""
-    duration = Decimal(str((stopped_at - started_at).total_seconds()))
-    return max(duration, Decimal(0)).quantize(Decimal("0.001"))
-
-
 @dataclass(frozen=True, slots=True)
 class AdapterContext:
-    """What an adapter is built from: its manifest and the deployment's connections."""
+    """What an adapter is built from: its manifest, the process's settings and, for a
+    provider that lives on NATS itself (the stub cloud), the process's connection."""
 
     manifest: ExtensionManifest
-    js: JetStreamContext
-    deployment: str
-    replicas: int = 1
+    settings: Settings
+    nats: Nats | None = None
+
+    @property
+    def deployment(self) -> str:
+        return self.settings.deployment
+
+    def rates(self, model: type[M]) -> M:
+        """The manifest's `pricing.rates`, validated by `model`."""
+        return model.model_validate(self.manifest.pricing.rates)
+
+    def config(self, model: type[M], env_prefix: str | None = None) -> M:
+        """The manifest's `config` validated by `model`, after the environment's
+        `<env_prefix><FIELD>` variables (read by Settings) override its fields."""
+        overrides = (
+            self.settings.config_overrides(env_prefix, list(model.model_fields))
+            if env_prefix
+            else {}
+        )
+        return model.model_validate({**self.manifest.config, **overrides})
 
 
 class SandboxAdapter(Protocol):
     """A cloud sandbox provider.
 
-    Implementations are built with `Adapter(context)`. `Rates` and `Config` are pydantic
-    models that validate the manifest's `pricing.rates` and `config` at start-up, so a
-    wrong manifest stops the service before any request is taken.
+    Subclass it and set the class attributes; the registry builds one instance per
+    process with `Adapter(context)`, after checking the manifest's `pricing.rates`
+    against `Rates` and its `config` against `Config`, so a wrong manifest stops the
+    service before any request is taken. An adapter whose `requires` package is not
+    installed is left out (its routes are skipped) instead of stopping the service.
 
     Errors: raise `ProviderRejected` when the provider provably created nothing,
-    `ProviderUnavailable` for transient failures (retried), never include a secret in
-    a message.
+    `ProviderUnavailable` for transient failures (retried), `ProviderFailed` when
+    something may exist but retrying will not help; never put a secret in a message
+    (`adapters.shared.redact`).
     """
 
+    #: The manifest id this class implements, `ext.<name>`.
     extension_id: ClassVar[str]
+    #: Validates `pricing.rates`; the price formula lives on it, next to the rates.
     Rates: ClassVar[type[BaseModel]]
+    #: Validates `config`.
     Config: ClassVar[type[BaseModel]]
+    #: The fields this extension adds to its meter events (what its price depends on).
+    MeterFields: ClassVar[type[BaseModel]]
+    #: An optional package the adapter needs (`pip install sandboxer[<it>]`).
+    requires: ClassVar[str | None] = None
+    #: Environment variables `<env_prefix><FIELD>` override `config` fields.
+    env_prefix: ClassVar[str | None] = None
+
+    def __init__(self, context: AdapterContext) -> None: ...
 
     async def provision(self, spec: SandboxSpec, credentials: Credentials) -> ProviderSandbox:
         """Create the sandbox, tagged with `spec.tags`. Idempotent on `spec.sandbox_id`:
@@ -118,7 +154,8 @@ class SandboxAdapter(Protocol):
     async def wait_ready(
         self, sandbox: ProviderSandbox, credentials: Credentials
     ) -> ProviderSandbox:
-        """Return once the sandbox accepts work; raise if it never will."""
+        """Return once the sandbox accepts work, with `started_at` and `meter_fields`;
+        raise if it never will."""
         ...
 
     async def teardown(self, provider_sandbox_id: str, credentials: Credentials) -> None:
@@ -144,4 +181,4 @@ class SandboxAdapter(Protocol):
 
     async def aclose(self) -> None:
         """Release connections and clients."""
-        ...
+        return None

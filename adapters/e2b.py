@@ -15,10 +15,8 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import os
-import random
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlencode
@@ -29,16 +27,18 @@ from adapters.base import (
     AdapterContext,
     Credentials,
     ProviderSandbox,
+    SandboxAdapter,
     SandboxSpec,
     Usage,
-    seconds_between,
 )
+from adapters.shared import ProviderConfig, backoff_s, metered_usage, redact
 from sandboxer.errors import (
     ProviderFailed,
     ProviderRejected,
     ProviderUnavailable,
     SandboxerError,
 )
+from sandboxer.money import gib
 from schemas import Profile, UsdRate, quantize_usd, utcnow
 
 if TYPE_CHECKING:  # imported when first used: a worker that never calls E2B saves ~8 MiB
@@ -52,7 +52,6 @@ RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 AMBIGUOUS_ERROR_CODES = frozenset({"idempotency_outcome_unknown", "idempotency_request_mismatch"})
 #: `error_code`s that only mean "not yet".
 TRANSIENT_ERROR_CODES = frozenset({"idempotency_in_progress", "sandbox_capacity_unavailable"})
-MIB_PER_GIB = Decimal(1024)
 
 
 class E2BRates(BaseModel):
@@ -65,25 +64,31 @@ class E2BRates(BaseModel):
 
     def per_second(self, cpu_count: int, memory_mb: int) -> Decimal:
         """USD per second of a sandbox with `cpu_count` vCPUs and `memory_mb` MiB."""
-        gib = Decimal(memory_mb) / MIB_PER_GIB
-        return cpu_count * self.usd_per_vcpu_second + gib * self.usd_per_gib_second
+        return cpu_count * self.usd_per_vcpu_second + gib(memory_mb) * self.usd_per_gib_second
 
     def cost(self, cpu_count: int, memory_mb: int, seconds: Decimal) -> Decimal:
         """The price of `seconds` of such a sandbox, exact to the micro-dollar."""
         return quantize_usd(self.per_second(cpu_count, memory_mb) * seconds)
 
 
-class E2BConfig(BaseModel):
-    """`config` of ext.e2b."""
+class E2BMeterFields(BaseModel):
+    """What an E2B sandbox is billed on: its allocated vCPUs and memory."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: The control plane; `SANDBOXER_E2B_API_URL` overrides it.
+    cpu_count: int = Field(ge=1)
+    memory_mb: int = Field(ge=1)
+
+
+class E2BConfig(ProviderConfig):
+    """`config` of ext.e2b; `SANDBOXER_E2B_<FIELD>` overrides a field
+    (`SANDBOXER_E2B_API_URL`, say). `max_timeout_s` is the plan's longest sandbox
+    life (Hobby 1 h, Pro 24 h)."""
+
+    #: The control plane.
     api_url: str = "https://api.e2b.app"
     #: Template used when neither the request nor the profile names one.
     template: str = "base"
-    #: The plan's longest sandbox life (Hobby 1 h, Pro 24 h); longer TTLs are capped.
-    max_timeout_s: int = Field(default=3600, ge=1, le=24 * 3600)
     #: Environment variables set in every sandbox (never secrets: they are not redacted).
     env_vars: dict[str, str] = Field(default_factory=dict)
     request_timeout_s: float = Field(default=60.0, gt=0)
@@ -94,10 +99,6 @@ class E2BConfig(BaseModel):
     #: A `Retry-After` longer than this is not slept on inside a handler.
     max_retry_after_s: float = Field(default=30.0, ge=0)
     max_connections: int = Field(default=100, ge=1)
-
-    def with_env_overrides(self) -> E2BConfig:
-        url = os.environ.get("SANDBOXER_E2B_API_URL")
-        return self.model_copy(update={"api_url": url}) if url else self
 
 
 def _parse_time(value: str) -> datetime:
@@ -128,16 +129,18 @@ def _should_retry(response: httpx.Response) -> bool:
     return response.status_code in RETRYABLE_STATUSES
 
 
-class E2BAdapter:
+class E2BAdapter(SandboxAdapter):
     """E2B sandboxes over httpx."""
 
     extension_id: ClassVar[str] = "ext.e2b"
     Rates: ClassVar[type[BaseModel]] = E2BRates
     Config: ClassVar[type[BaseModel]] = E2BConfig
+    MeterFields: ClassVar[type[BaseModel]] = E2BMeterFields
+    env_prefix: ClassVar[str | None] = "SANDBOXER_E2B_"
 
     def __init__(self, context: AdapterContext) -> None:
-        self.rates = E2BRates.model_validate(context.manifest.pricing.rates)
-        self.config = E2BConfig.model_validate(context.manifest.config).with_env_overrides()
+        self.rates = context.rates(E2BRates)
+        self.config = context.config(E2BConfig, self.env_prefix)
         self._deployment = context.deployment
         self._client: httpx.AsyncClient | None = None
 
@@ -162,7 +165,7 @@ class E2BAdapter:
     async def provision(self, spec: SandboxSpec, credentials: Credentials) -> ProviderSandbox:
         body: dict[str, Any] = {
             "templateID": spec.template or self.config.template,
-            "timeout": self._timeout_s(spec.ttl_s),
+            "timeout": self.config.timeout_s(spec.ttl_s),
             "metadata": {**spec.metadata, **spec.tags},  # our tags win
         }
         if self.config.env_vars:
@@ -202,22 +205,18 @@ class E2BAdapter:
         await self._call("DELETE", path, credentials, missing_ok=True)
 
     def estimate_cost(self, profile: Profile, ttl_s: int) -> Decimal:
-        seconds = Decimal(self._timeout_s(ttl_s))
+        seconds = Decimal(self.config.timeout_s(ttl_s))
         return self.rates.cost(profile.resources.cpu, profile.resources.memory_mb, seconds)
 
     def meter_actual(self, sandbox: ProviderSandbox, stopped_at: datetime) -> Usage:
-        fields = sandbox.meter_fields
-        cpu_count, memory_mb = int(fields["cpu_count"]), int(fields["memory_mb"])
+        fields = E2BMeterFields.model_validate(sandbox.meter_fields)
         # E2B kills a sandbox at its timeout, so nothing is billed beyond the plan's cap.
-        longest = sandbox.started_at + timedelta(seconds=self.config.max_timeout_s)
-        stopped_at = min(stopped_at, longest)
-        duration = seconds_between(sandbox.started_at, stopped_at)
-        return Usage(
-            started_at=sandbox.started_at,
-            stopped_at=stopped_at,
-            duration_s=duration,
-            actual_usd=self.rates.cost(cpu_count, memory_mb, duration),
-            meter_fields={"cpu_count": cpu_count, "memory_mb": memory_mb},
+        return metered_usage(
+            sandbox,
+            stopped_at,
+            self.rates.per_second(fields.cpu_count, fields.memory_mb),
+            fields=fields.model_dump(),
+            max_s=self.config.max_timeout_s,
         )
 
     async def find(
@@ -252,9 +251,6 @@ class E2BAdapter:
         """The create's `Idempotency-Key`: one per sandbox and deployment, so that two
         deployments sharing a key never collide."""
         return f"sandboxer-{self._deployment}-{sandbox_id}"
-
-    def _timeout_s(self, ttl_s: int) -> int:
-        return min(ttl_s, self.config.max_timeout_s)
 
     @staticmethod
     def _sandbox(item: Mapping[str, Any]) -> ProviderSandbox:
@@ -295,15 +291,15 @@ class E2BAdapter:
             except httpx.TransportError as exc:
                 # The request may have been acted on; repeating it is safe (see above).
                 error: SandboxerError = ProviderUnavailable(
-                    f"ext.e2b: {what}: {type(exc).__name__}: {exc}".replace(key, "***")
+                    redact(f"ext.e2b: {what}: {type(exc).__name__}: {exc}", credentials)
                 )
                 delay = self._backoff_s(attempt)
             else:
                 if response.status_code < 300 or (missing_ok and response.status_code == 404):
                     return response
                 if not _should_retry(response):
-                    raise self._failure(response, what, key, creating=creating)
-                error = ProviderUnavailable(self._describe(response, what, key)[0])
+                    raise self._failure(response, what, credentials, creating=creating)
+                error = ProviderUnavailable(self._error_text(response, what, credentials)[0])
                 retry_after = _retry_after_s(response)
                 delay = self._backoff_s(attempt) if retry_after is None else retry_after
                 if delay > self.config.max_retry_after_s:
@@ -315,8 +311,7 @@ class E2BAdapter:
         raise AssertionError("unreachable")
 
     def _backoff_s(self, attempt: int) -> float:
-        ceiling = min(self.config.backoff_cap_s, self.config.backoff_s * 2 ** (attempt - 1))
-        return float(ceiling * random.uniform(0.5, 1.0))
+        return backoff_s(attempt, base_s=self.config.backoff_s, cap_s=self.config.backoff_cap_s)
 
     @staticmethod
     def _key(credentials: Credentials) -> str:
@@ -326,7 +321,9 @@ class E2BAdapter:
         return key
 
     @staticmethod
-    def _describe(response: httpx.Response, what: str, key: str) -> tuple[str, str | None]:
+    def _error_text(
+        response: httpx.Response, what: str, credentials: Credentials
+    ) -> tuple[str, str | None]:
         """`ext.e2b: POST /v2/sandboxes: 429 <E2B's message> (error_code=...)`, with the
         key blanked out should E2B ever echo it, and E2B's `error_code` if any."""
         try:
@@ -339,14 +336,14 @@ class E2BAdapter:
         code = body.get("error_code")
         suffix = f" (error_code={code})" if code else ""
         text = f"ext.e2b: {what}: {response.status_code} {message}{suffix}"
-        return text.replace(key, "***"), str(code) if code else None
+        return redact(text, credentials), str(code) if code else None
 
     def _failure(
-        self, response: httpx.Response, what: str, key: str, *, creating: bool
+        self, response: httpx.Response, what: str, credentials: Credentials, *, creating: bool
     ) -> SandboxerError:
         """The error for an answer that must not be retried here."""
         status = response.status_code
-        message, error_code = self._describe(response, what, key)
+        message, error_code = self._error_text(response, what, credentials)
         if error_code in TRANSIENT_ERROR_CODES:
             return ProviderUnavailable(message)
         if status in (401, 403):

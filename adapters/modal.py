@@ -22,7 +22,7 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -33,17 +33,19 @@ from adapters.base import (
     AdapterContext,
     Credentials,
     ProviderSandbox,
+    SandboxAdapter,
     SandboxSpec,
     Usage,
-    seconds_between,
 )
+from adapters.shared import ProviderConfig, metered_usage, redact
 from sandboxer.errors import (
     ProviderFailed,
     ProviderRejected,
     ProviderUnavailable,
     SandboxerError,
 )
-from schemas import Factor, Profile, UsdRate, quantize_usd, utcnow
+from sandboxer.money import gib
+from schemas import Factor, Profile, Seconds, UsdRate, quantize_usd, utcnow
 
 if TYPE_CHECKING:
     import modal
@@ -54,7 +56,6 @@ log = logging.getLogger("sandboxer.modal")
 for _noisy in ("hpack", "h2"):
     logging.getLogger(_noisy).setLevel(logging.INFO)
 
-MIB_PER_GIB = Decimal(1024)
 #: Tags on every Modal sandbox besides the three of every provider.
 TAG_CPU = "sandboxer_cpu_cores"
 TAG_MEMORY = "sandboxer_memory_mb"
@@ -84,7 +85,7 @@ class ModalRates(BaseModel):
     def per_second(self, cpu_cores: Decimal, memory_mb: int, gpu: str | None, gpus: int) -> Decimal:
         """USD per second of a sandbox with these resources (before any multiplier)."""
         price = cpu_cores * self.usd_per_cpu_core_second
-        price += Decimal(memory_mb) / MIB_PER_GIB * self.usd_per_gib_second
+        price += gib(memory_mb) * self.usd_per_gib_second
         if gpu and gpus:
             price += gpus * self.gpu_rate(gpu)
         return price
@@ -99,10 +100,19 @@ class ModalRates(BaseModel):
             ) from None
 
 
-class ModalConfig(BaseModel):
-    """`config` of ext.modal."""
+class ModalMeterFields(BaseModel):
+    """What a Modal sandbox is billed on: CPU cores, memory and GPUs."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu_cores: Seconds
+    memory_mb: int = Field(ge=1)
+    gpu_type: str | None = Field(default=None, max_length=32)
+    gpu_count: int = Field(default=0, ge=0)
+
+
+class ModalConfig(ProviderConfig):
+    """`config` of ext.modal; `max_timeout_s` is Modal's longest sandbox life (24 h)."""
 
     #: The Modal app the sandboxes belong to (created if missing).
     app_name: str = Field(default="sandboxer", pattern=r"^[A-Za-z0-9._-]{1,63}$")
@@ -112,7 +122,6 @@ class ModalConfig(BaseModel):
     image: str = "python:3.12-slim"
     #: Seconds without activity after which Modal stops a sandbox; None: never.
     idle_timeout_s: int | None = Field(default=None, ge=1)
-    #: Modal's longest sandbox life (24 h); longer TTLs are capped.
     max_timeout_s: int = Field(default=24 * 3600, ge=1, le=24 * 3600)
     #: Modal's surcharge when a region is pinned (1.25 to 2.5); 1: none.
     region_multiplier: Factor = Decimal(1)
@@ -127,11 +136,8 @@ def _key_of(credentials: Credentials) -> tuple[str, str]:
     return token_id, secret
 
 
-def _describe(what: str, exc: BaseException, credentials: Credentials) -> str:
-    text = f"ext.modal: {what}: {type(exc).__name__}: {exc}"[:900]
-    for value in credentials.values.values():  # never a secret in a message
-        text = text.replace(value, "***")
-    return text
+def _error_text(what: str, exc: BaseException, credentials: Credentials) -> str:
+    return redact(f"ext.modal: {what}: {type(exc).__name__}: {exc}", credentials)[:900]
 
 
 def _translate(
@@ -140,7 +146,7 @@ def _translate(
     """Modal's exception as one of ours: refusals (safe to fall back) or ambiguous."""
     from modal import exception as mx
 
-    message = _describe(what, exc, credentials)
+    message = _error_text(what, exc, credentials)
     if isinstance(exc, mx.AuthError | mx.PermissionDeniedError):
         return ProviderRejected(f"{message}; the token was refused")
     if isinstance(exc, mx.ConflictError):  # made, then finished or refused: may exist
@@ -153,18 +159,19 @@ def _translate(
     return ProviderUnavailable(message)
 
 
-class ModalAdapter:
+class ModalAdapter(SandboxAdapter):
     """Modal sandboxes through the official client."""
 
     extension_id: ClassVar[str] = "ext.modal"
     Rates: ClassVar[type[BaseModel]] = ModalRates
     Config: ClassVar[type[BaseModel]] = ModalConfig
-    #: The optional dependency this adapter needs (`pip install sandboxer[modal]`).
-    requires: ClassVar[str] = "modal"
+    MeterFields: ClassVar[type[BaseModel]] = ModalMeterFields
+    requires: ClassVar[str | None] = "modal"
+    env_prefix: ClassVar[str | None] = "SANDBOXER_MODAL_"
 
     def __init__(self, context: AdapterContext) -> None:
-        self.rates = ModalRates.model_validate(context.manifest.pricing.rates)
-        self.config = ModalConfig.model_validate(context.manifest.config)
+        self.rates = context.rates(ModalRates)
+        self.config = context.config(ModalConfig, self.env_prefix)
         self._clients: OrderedDict[str, modal.Client] = OrderedDict()
         self._apps: dict[str, modal.App] = {}
         self._lock = asyncio.Lock()
@@ -194,7 +201,7 @@ class ModalAdapter:
                 gpu=gpu,
                 cpu=float(resources.cpu),
                 memory=resources.memory_mb,
-                timeout=self._timeout_s(spec.ttl_s),
+                timeout=self.config.timeout_s(spec.ttl_s),
                 idle_timeout=self.config.idle_timeout_s,
                 tags=tags,
                 client=client,
@@ -243,33 +250,24 @@ class ModalAdapter:
 
     def estimate_cost(self, profile: Profile, ttl_s: int) -> Decimal:
         resources = profile.resources
-        seconds = Decimal(self._timeout_s(ttl_s))
+        seconds = Decimal(self.config.timeout_s(ttl_s))
         per_second = self.rates.per_second(
             Decimal(resources.cpu), resources.memory_mb, resources.gpu, self._gpu_count(profile)
         )
         return quantize_usd(per_second * self.config.region_multiplier * seconds)
 
     def meter_actual(self, sandbox: ProviderSandbox, stopped_at: datetime) -> Usage:
-        fields = sandbox.meter_fields
-        cores, memory_mb = Decimal(str(fields["cpu_cores"])), int(fields["memory_mb"])
-        gpu, gpus = fields.get("gpu_type"), int(fields.get("gpu_count") or 0)
-        # Modal stops a sandbox at its timeout: nothing is billed beyond the cap.
-        stopped_at = min(
-            stopped_at, sandbox.started_at + timedelta(seconds=self.config.max_timeout_s)
+        fields = ModalMeterFields.model_validate(sandbox.meter_fields)
+        per_second = self.rates.per_second(
+            fields.cpu_cores, fields.memory_mb, fields.gpu_type, fields.gpu_count
         )
-        duration = seconds_between(sandbox.started_at, stopped_at)
-        per_second = self.rates.per_second(cores, memory_mb, gpu, gpus)
-        return Usage(
-            started_at=sandbox.started_at,
-            stopped_at=stopped_at,
-            duration_s=duration,
-            actual_usd=quantize_usd(per_second * self.config.region_multiplier * duration),
-            meter_fields={
-                "cpu_cores": cores,
-                "memory_mb": memory_mb,
-                "gpu_type": gpu,
-                "gpu_count": gpus,
-            },
+        # Modal stops a sandbox at its timeout: nothing is billed beyond the cap.
+        return metered_usage(
+            sandbox,
+            stopped_at,
+            per_second * self.config.region_multiplier,
+            fields=fields.model_dump(),
+            max_s=self.config.max_timeout_s,
         )
 
     async def find(
@@ -354,9 +352,6 @@ class ModalAdapter:
         if name.startswith("im-"):
             return modal.Image.from_id(name, client=client)
         return modal.Image.from_registry(name)
-
-    def _timeout_s(self, ttl_s: int) -> int:
-        return min(ttl_s, self.config.max_timeout_s)
 
     @staticmethod
     def _gpu_count(profile: Profile) -> int:

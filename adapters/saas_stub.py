@@ -1,16 +1,16 @@
 """`ext.saas-stub`: a simulated metered cloud, for local runs, tests and the benchmark.
 
-Its sandboxes live in their own KV bucket (`sandboxer-stub`), outside any worker, so a
-crashed worker's half-made sandbox can be found again and tests can count sandboxes
-across crashes. Latency and failures can be injected through the manifest's `config` or
-`SANDBOXER_STUB_*` variables.
+Its sandboxes live in their own KV bucket (`sandboxer-stub`), outside any worker (reached
+over the process's NATS connection, `AdapterContext.nats`), so a crashed worker's
+half-made sandbox can be found again and tests can count sandboxes across crashes.
+Latency and failures can be injected through the manifest's `config` or
+`SANDBOXER_STUB_<FIELD>` variables.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import random
 from collections.abc import Mapping
 from datetime import datetime
@@ -26,10 +26,11 @@ from adapters.base import (
     AdapterContext,
     Credentials,
     ProviderSandbox,
+    SandboxAdapter,
     SandboxSpec,
     Usage,
-    seconds_between,
 )
+from adapters.shared import metered_usage
 from sandboxer.errors import ProviderRejected, ProviderUnavailable
 from sandboxer.topology import ensure_bucket, kv_entries
 from schemas import Profile, UsdRate, quantize_usd, utcnow
@@ -65,14 +66,13 @@ class StubConfig(BaseModel):
     #: The first N create attempts of each sandbox fail transiently.
     fail_first: int = Field(default=0, ge=0)
 
-    def with_env_overrides(self) -> StubConfig:
-        """The config with `SANDBOXER_STUB_<FIELD>` variables applied."""
-        changes: dict[str, Any] = {}
-        for name in type(self).model_fields:
-            raw = os.environ.get(f"SANDBOXER_STUB_{name.upper()}")
-            if raw not in (None, ""):
-                changes[name] = raw
-        return type(self).model_validate({**self.model_dump(), **changes})
+
+class StubMeterFields(BaseModel):
+    """What a stub sandbox's price depends on: the rate it started under."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    usd_per_second: UsdRate
 
 
 class _Record(BaseModel):
@@ -90,28 +90,31 @@ def _provider_id(sandbox_id: str) -> str:
     return "stub-" + hashlib.sha256(sandbox_id.encode()).hexdigest()[:20]
 
 
-class SaasStubAdapter:
+class SaasStubAdapter(SandboxAdapter):
     """A metered cloud that lives in a KV bucket."""
 
     extension_id: ClassVar[str] = "ext.saas-stub"
     Rates: ClassVar[type[BaseModel]] = StubRates
     Config: ClassVar[type[BaseModel]] = StubConfig
+    MeterFields: ClassVar[type[BaseModel]] = StubMeterFields
+    env_prefix: ClassVar[str | None] = "SANDBOXER_STUB_"
 
     def __init__(self, context: AdapterContext) -> None:
-        self._js = context.js
-        self._replicas = context.replicas
-        self.rates = StubRates.model_validate(context.manifest.pricing.rates)
-        self.config = StubConfig.model_validate(context.manifest.config).with_env_overrides()
+        self.rates = context.rates(StubRates)
+        self.config = context.config(StubConfig, self.env_prefix)
+        self._replicas = context.settings.replicas
+        self._js = context.nats.jetstream(timeout=10.0) if context.nats else None
         self._bucket: KeyValue | None = None
 
     async def _kv(self) -> KeyValue:
+        """The stub cloud's bucket, created at first use."""
+        if self._js is None:
+            raise ProviderUnavailable("ext.saas-stub: this process has no NATS connection")
         if self._bucket is None:
-            self._bucket = await ensure_bucket(
-                self._js,
-                KeyValueConfig(
-                    bucket=STUB_BUCKET, storage=StorageType.FILE, replicas=self._replicas
-                ),
+            config = KeyValueConfig(
+                bucket=STUB_BUCKET, storage=StorageType.FILE, replicas=self._replicas
             )
+            self._bucket = await ensure_bucket(self._js, config)
         return self._bucket
 
     async def provision(self, spec: SandboxSpec, credentials: Credentials) -> ProviderSandbox:
@@ -196,20 +199,14 @@ class SaasStubAdapter:
         # The rate the sandbox started under, not today's: a price change never reprices
         # a running sandbox.
         fields = dict(sandbox.meter_fields) or self._meter_fields()
-        rate = StubRates(usd_per_second=fields.get("usd_per_second", self.rates.usd_per_second))
-        duration = seconds_between(sandbox.started_at, stopped_at)
-        return Usage(
-            started_at=sandbox.started_at,
-            stopped_at=stopped_at,
-            duration_s=duration,
-            actual_usd=rate.cost(duration),
-            meter_fields=fields,
-        )
+        rate = Decimal(fields.get("usd_per_second", self.rates.usd_per_second))
+        return metered_usage(sandbox, stopped_at, rate, fields=fields)
 
     async def find(
         self, tags: Mapping[str, str], credentials: Credentials
     ) -> list[ProviderSandbox]:
         await self._kv()
+        assert self._js is not None
         found = []
         async for _key, value in kv_entries(self._js, STUB_BUCKET, "sbx.>"):
             record = _Record.model_validate_json(value)

@@ -32,7 +32,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from consumers.app import _message_itself
 from sandboxer.credits import Ledger
-from sandboxer.embedded import EmbeddedNats
+from sandboxer.dev.servers import EmbeddedNats
 from sandboxer.ids import sandbox_id_for
 from sandboxer.topology import BILLING_CONSUMER, METER_STREAM, ensure_topology
 

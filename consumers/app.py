@@ -14,7 +14,6 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-import nats
 from faststream import AckPolicy
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.message import NatsMessage
@@ -24,6 +23,7 @@ from nats.js.api import DeliverPolicy
 
 from consumers.deadletter import Origin, dead_letter
 from consumers.delivery import Delivery, InFlight
+from sandboxer.connect import close_nats, connect_nats
 from sandboxer.settings import Settings
 from sandboxer.topology import ensure_topology
 
@@ -90,8 +90,8 @@ class _FastStreamDelivery:
 async def connect(settings: Settings, name: str, stack: AsyncExitStack) -> JetStreamContext:
     """A JetStream context on a connection that reconnects forever and is drained when
     `stack` closes, with every stream and bucket in place."""
-    nc = await nats.connect(settings.nats_servers, max_reconnect_attempts=-1, name=name)
-    stack.push_async_callback(nc.drain)
+    nc = await connect_nats(settings, name)
+    stack.push_async_callback(close_nats, nc)
     js = nc.jetstream(timeout=10.0)
     await ensure_topology(js, replicas=settings.replicas)
     return js

@@ -29,7 +29,12 @@ from datetime import datetime
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from sandboxer.topology import DEAD_LETTER_STREAM, DLQ_SUBJECT_PREFIX, stored_messages
+from sandboxer.topology import (
+    DEAD_LETTER_STREAM,
+    DLQ_SUBJECT_PREFIX,
+    republishable_headers,
+    stored_messages,
+)
 from schemas import utcnow
 
 log = logging.getLogger("sandboxer.deadletter")
@@ -45,8 +50,6 @@ H_MSG_ID = "Sandboxer-Dlq-Msg-Id"
 #: On a message published by `dlq retry`: the dead letter it came from. A provision
 #: carrying it may reopen its `failed` claim (an operator asked for another try).
 H_RETRY = "Sandboxer-Retry"
-#: Headers that are JetStream's own and must not be copied onto a new message.
-_SERVER_HEADERS = ("Nats-Msg-Id", "Nats-Expected-", "Nats-Schedule", "Nats-Scheduler")
 MAX_REASON = 1000
 
 
@@ -95,10 +98,6 @@ class DeadLetter:
         }
 
 
-def _copyable(headers: Mapping[str, str] | None) -> dict[str, str]:
-    return {k: v for k, v in (headers or {}).items() if not k.startswith(_SERVER_HEADERS)}
-
-
 def _one_line(reason: str) -> str:
     return " ".join(reason.split())[:MAX_REASON]
 
@@ -124,7 +123,7 @@ async def dead_letter(
         f"{DLQ_SUBJECT_PREFIX}.{origin.consumer}",
         data,
         headers={
-            **_copyable(headers),
+            **republishable_headers(headers),
             "Nats-Msg-Id": f"dlq.{origin.consumer}.{origin.stream}.{origin.seq}",
             H_REASON: _one_line(reason),
             H_STREAM: origin.stream,
@@ -183,7 +182,7 @@ async def retry_dead_letter(
     ack = await js.publish(
         letter.origin.subject,
         letter.data if body is None else body,
-        headers={**_copyable(letter.original_headers), H_RETRY: f"dlq/{letter.id}"},
+        headers={**republishable_headers(letter.original_headers), H_RETRY: f"dlq/{letter.id}"},
     )
     await js.delete_msg(DEAD_LETTER_STREAM, letter.id)
     log.warning(

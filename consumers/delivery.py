@@ -1,8 +1,11 @@
 """What a handler needs of one JetStream delivery, and the decisions it can take.
 
-Handlers never ack by hand: they return (done, ack), raise `Retry` (nak with a delay) or
-let an error through (the wrapper decides between retry and a final `failed`). A single
-keep-alive loop tells JetStream that long provider calls are still in progress.
+A handler ends each delivery once: its work runs inside `settle`, which acks when the
+work returns, naks when it raises `Retry` or a retryable error, and otherwise records
+the failure and acks or dead-letters; the only direct answers are `dead_letter` for a
+message that does not validate and `ack` for one with nothing to do (a `started` meter
+event, for billing). A single keep-alive loop tells JetStream that long provider calls
+are still in progress.
 """
 
 from __future__ import annotations
@@ -10,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 import nats.errors
 import nats.js.errors
+from pydantic import ValidationError
 
-from sandboxer.errors import SandboxerError
+from adapters.shared import backoff_s
+from sandboxer.errors import SandboxerError, validation_problems
 from sandboxer.settings import Settings
 
 log = logging.getLogger("sandboxer.delivery")
@@ -49,18 +53,20 @@ class Delivery(Protocol):
     async def in_progress(self) -> None: ...
 
 
+async def reject_invalid(delivery: Delivery, what: str, exc: ValidationError) -> str:
+    """Keep a message that does not validate as a dead letter (retrying cannot fix it),
+    with what is wrong; returns that."""
+    reason = validation_problems(exc)
+    await delivery.dead_letter(f"invalid {what}: {reason}")
+    return reason
+
+
 class Retry(Exception):
     """Deliver this message again after `delay_s` seconds."""
 
     def __init__(self, delay_s: float, reason: str) -> None:
         super().__init__(reason)
         self.delay_s = delay_s
-
-
-def backoff_s(attempt: int, *, base_s: float, cap_s: float) -> float:
-    """Capped exponential backoff with full jitter for delivery `attempt` (1-based)."""
-    ceiling = min(cap_s, base_s * 2 ** max(0, attempt - 1))
-    return random.uniform(ceiling / 2, ceiling)
 
 
 #: How long one delivery keeps repeating its work while JetStream is unavailable (a
@@ -156,9 +162,9 @@ class KeepAlive:
         self._active: set[Delivery] = set()
         self._task: asyncio.Task[None] | None = None
 
-    def hold(self, delivery: Delivery) -> _Held:
+    def watch(self, delivery: Delivery) -> _Watched:
         """Keep `delivery` from being redelivered while the `async with` block runs."""
-        return _Held(self, delivery)
+        return _Watched(self, delivery)
 
     def _add(self, delivery: Delivery) -> None:
         self._active.add(delivery)
@@ -184,8 +190,8 @@ class KeepAlive:
                 await self._task
 
 
-class _Held:
-    """`async with keepalive.hold(delivery)`: a slotted object, not a generator-based
+class _Watched:
+    """`async with keepalive.watch(delivery)`: a slotted object, not a generator-based
     context manager, because 10,000 slow provider calls each hold one."""
 
     __slots__ = ("_delivery", "_keepalive")

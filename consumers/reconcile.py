@@ -33,11 +33,12 @@ from typing import Literal
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from adapters.base import TAG_DEPLOYMENT, TAG_SANDBOX_ID, Credentials, ProviderSandbox
-from consumers.provisioner import Provisioner
-from sandboxer.ids import ttl_destroy_request_id
-from sandboxer.topology import DESTROY_SUBJECT
-from schemas import DestroyRequest, SandboxState, SandboxStatus, utcnow
+from adapters.base import TAG_DEPLOYMENT, TAG_SANDBOX_ID, TAG_TENANT, Credentials, ProviderSandbox
+from adapters.routing import Router
+from consumers.destroy import Expiry
+from consumers.metering import Metering
+from sandboxer.statuses import StatusStore
+from schemas import SandboxState, SandboxStatus, utcnow
 
 log = logging.getLogger("sandboxer.reconcile")
 
@@ -59,13 +60,26 @@ class Finding:
 class Reconciler:
     """Runs one reconciliation pass over every (or one) loaded extension."""
 
-    def __init__(self, provisioner: Provisioner, *, grace_s: float = 120.0) -> None:
-        self._p = provisioner
+    def __init__(
+        self,
+        router: Router,
+        statuses: StatusStore,
+        metering: Metering,
+        expiry: Expiry,
+        *,
+        deployment: str,
+        grace_s: float = 120.0,
+    ) -> None:
+        self._router = router
+        self._statuses = statuses
+        self._metering = metering
+        self._expiry = expiry
+        self._deployment = deployment
         self._grace = timedelta(seconds=grace_s)
 
     async def run(self, extension_id: str | None = None, *, dry_run: bool = False) -> list[Finding]:
         """Reconcile and return what was found; with `dry_run`, change nothing."""
-        router = self._p.router
+        router = self._router
         extensions = [extension_id] if extension_id else router.extension_ids
         byok = await self._byok_accounts()
         findings: list[Finding] = []
@@ -80,7 +94,7 @@ class Reconciler:
                     ext,
                 )
             for credentials in accounts:
-                tags = {TAG_DEPLOYMENT: self._p.settings.deployment}
+                tags = {TAG_DEPLOYMENT: self._deployment}
                 for sandbox in await adapter.find(tags, credentials):
                     if sandbox.provider_sandbox_id in seen:
                         continue
@@ -103,7 +117,7 @@ class Reconciler:
         """One status per tenant key in use, by extension: BYOK sandboxes live in the
         tenants' own provider accounts, which the platform key cannot list."""
         by_path: dict[str, SandboxStatus] = {}
-        async for status in self._p.statuses.all():
+        async for status in self._statuses.all():
             if (
                 status.credential_source == "byok"
                 and status.credential_path
@@ -117,38 +131,38 @@ class Reconciler:
 
     async def _accounts(self, ext: str, byok: Iterable[SandboxStatus]) -> list[Credentials]:
         found = []
-        platform = await self._p.router.platform_credentials(ext)
+        platform = await self._router.platform_credentials(ext)
         if platform is not None:
             found.append(platform)
         for status in byok:
-            found.append(await self._p.router.credentials(status))
+            found.append(await self._router.credentials(status))
         return found
 
     async def _one(
         self, ext: str, sandbox: ProviderSandbox, credentials: Credentials, dry_run: bool
     ) -> Finding:
         sandbox_id = sandbox.tags.get(TAG_SANDBOX_ID)
-        found = await self._p.statuses.get(sandbox_id) if sandbox_id else None
+        found = await self._statuses.get(sandbox_id) if sandbox_id else None
         status = found[0] if found else None
         action, reason = self._judge(ext, sandbox, status, utcnow())
         finding = Finding(
             ext,
             sandbox.provider_sandbox_id,
             sandbox_id,
-            status.tenant if status else sandbox.tags.get("sandboxer_tenant"),
+            status.tenant if status else sandbox.tags.get(TAG_TENANT),
             action,
             reason,
         )
         if dry_run or action in ("keep", "wait"):
             return finding
         if action == "destroy":
-            await self._p.router.adapter(ext).teardown(sandbox.provider_sandbox_id, credentials)
+            await self._router.adapter(ext).teardown(sandbox.provider_sandbox_id, credentials)
         elif action == "adopt":
             assert found is not None
             await self._adopt(ext, sandbox, *found)
         elif action == "expire":
             assert status is not None
-            await self._request_destroy(status)
+            await self._expiry.send_now(status)
         return finding
 
     def _judge(
@@ -178,21 +192,11 @@ class Reconciler:
     async def _adopt(
         self, ext: str, sandbox: ProviderSandbox, status: SandboxStatus, revision: int
     ) -> None:
-        credentials = await self._p.router.credentials(status)
-        ready = await self._p.router.adapter(ext).wait_ready(sandbox, credentials)
-        await self._p.mark_ready(status, revision, ready)
+        credentials = await self._router.credentials(status)
+        ready = await self._router.adapter(ext).wait_ready(sandbox, credentials)
+        await self._metering.mark_ready(status, revision, ready)
         if status.expires_at is not None and status.expires_at <= utcnow():
-            await self._request_destroy(status)
-
-    async def _request_destroy(self, status: SandboxStatus) -> None:
-        """The TTL destroy again: same request id, so it is the same request."""
-        request = DestroyRequest(
-            request_id=ttl_destroy_request_id(status.sandbox_id),
-            tenant=status.tenant,
-            sandbox_id=status.sandbox_id,
-            reason="ttl",
-        )
-        await self._p.js.publish(DESTROY_SUBJECT, request.model_dump_json().encode())
+            await self._expiry.send_now(status)
 
 
 async def take_turn(kv: KeyValue, key: str, period_s: float) -> bool:

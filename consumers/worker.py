@@ -10,17 +10,12 @@ from contextlib import AsyncExitStack
 
 from nats.js import JetStreamContext
 
-from adapters.base import AdapterContext, SandboxAdapter
 from consumers.app import Subscription, connect, serve
 from consumers.deadletter import on_max_deliveries
-from consumers.delivery import Delivery, KeepAlive, settle
-from consumers.provisioner import Provisioner
+from consumers.delivery import Delivery, settle
 from consumers.reconcile import Reconciler, take_turn
-from sandboxer.credits import Ledger
-from sandboxer.registry import Registry
-from sandboxer.routing import Router
-from sandboxer.settings import BaoSettings, Settings
-from sandboxer.state import StatusStore
+from consumers.wiring import WorkerParts, open_worker
+from sandboxer.settings import Settings
 from sandboxer.topology import (
     ADVISORY_CONSUMER,
     ADVISORY_STREAM,
@@ -38,7 +33,9 @@ from sandboxer.topology import (
 log = logging.getLogger("sandboxer.worker")
 
 
-def subscriptions(provisioner: Provisioner, settings: Settings) -> list[Subscription]:
+def subscriptions(
+    parts: WorkerParts, js: JetStreamContext, settings: Settings
+) -> list[Subscription]:
     """A crash on the last provision attempt still gets two more deliveries before the
     server gives up (the handler itself fails the request at `max_deliver`); destroys
     wait for provisioning to settle, which is itself bounded, so they have no limit."""
@@ -47,11 +44,13 @@ def subscriptions(provisioner: Provisioner, settings: Settings) -> list[Subscrip
             REQUESTS_STREAM,
             PROVISION_CONSUMER,
             PROVISION_SUBJECT,
-            provisioner.on_provision,
+            parts.provisioning.on_provision,
             settings.max_deliver + 2,
         ),
-        Subscription(REQUESTS_STREAM, DESTROY_CONSUMER, DESTROY_SUBJECT, provisioner.on_destroy),
-        advisory_subscription(provisioner.js, settings),
+        Subscription(
+            REQUESTS_STREAM, DESTROY_CONSUMER, DESTROY_SUBJECT, parts.destroying.on_destroy
+        ),
+        advisory_subscription(js, settings),
     ]
 
 
@@ -77,53 +76,12 @@ def advisory_subscription(js: JetStreamContext, settings: Settings) -> Subscript
     )
 
 
-async def build_provisioner(
-    settings: Settings, js: JetStreamContext, stack: AsyncExitStack
-) -> Provisioner:
-    """The provisioner with its adapters, router and OpenBao resolver (when `BAO_ADDR`
-    is set), whose connections `stack` closes."""
-    registry = Registry.load(settings.extensions_dir)
-    adapters: dict[str, SandboxAdapter] = registry.build_adapters(
-        {
-            ext_id: AdapterContext(manifest, js, settings.deployment, settings.replicas)
-            for ext_id, manifest in registry.extensions.items()
-        }
-    )
-    for adapter in adapters.values():
-        stack.push_async_callback(adapter.aclose)
-    keepalive = KeepAlive(every_s=max(0.5, settings.ack_wait_s / 3))
-    stack.push_async_callback(keepalive.aclose)
-    bao = BaoSettings.from_env()
-    resolver = None
-    if bao is not None:
-        from adapters.openbao import CredentialResolver  # hvac only when needed
-
-        resolver = CredentialResolver(bao)
-        stack.callback(resolver.close)
-    log.info(
-        "worker: nats=%s deployment=%s extensions=%s in-flight<=%d openbao=%s",
-        settings.nats_url,
-        settings.deployment,
-        ",".join(adapters),
-        settings.max_in_flight,
-        bao.addr if bao else "off",
-    )
-    return Provisioner(
-        js=js,
-        registry=registry,
-        router=Router(adapters, registry.extensions, resolver),
-        statuses=await StatusStore.open(js),
-        settings=settings,
-        keepalive=keepalive,
-        ledger=Ledger(js),
-    )
-
-
-async def reconcile_forever(provisioner: Provisioner, settings: Settings) -> None:
+async def reconcile_forever(
+    reconciler: Reconciler, js: JetStreamContext, settings: Settings
+) -> None:
     """One reconciliation pass per deployment every `reconcile_every_s`, by whichever
     worker takes the turn first; each worker looks at a random point of the period."""
-    reconciler = Reconciler(provisioner, grace_s=settings.reconcile_grace_s)
-    leases = await provisioner.js.key_value(LEASE_BUCKET)
+    leases = await js.key_value(LEASE_BUCKET)
     key = f"reconcile.{settings.deployment}"
     while True:
         await asyncio.sleep(random.uniform(0.5, 1.0) * settings.reconcile_every_s)
@@ -147,14 +105,15 @@ async def run_worker(
     `ready` is set once both consumers are pulling."""
     async with AsyncExitStack() as stack:
         js = await connect(settings, "sandboxer-worker", stack)
-        provisioner = await build_provisioner(settings, js, stack)
+        parts = await open_worker(settings, js, stack)
         if settings.reconcile_every_s > 0:
-            task = asyncio.create_task(reconcile_forever(provisioner, settings))
+            reconciler = parts.reconciler(settings, grace_s=settings.reconcile_grace_s)
+            task = asyncio.create_task(reconcile_forever(reconciler, js, settings))
             stack.callback(task.cancel)
         await serve(
             "worker",
             js,
-            subscriptions(provisioner, settings),
+            subscriptions(parts, js, settings),
             settings,
             stop or asyncio.Event(),
             ready,

@@ -12,7 +12,7 @@ from nats.js import JetStreamContext
 
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import servers_of
-from sandboxer.state import StatusStore
+from sandboxer.statuses import StatusStore
 from sandboxer.topology import DESTROY_SUBJECT, PROVISION_SUBJECT, status_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
 

@@ -29,21 +29,17 @@ from decimal import Decimal
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from sandboxer.errors import SandboxerError
+from sandboxer.connect import connection_of
+from sandboxer.errors import InsufficientCredits
+from sandboxer.money import hold_entry_id
 from sandboxer.topology import LEDGER_STREAM, ledger_subject, read_subject
-from schemas import ErrorCode, LedgerEntry, LedgerKind, utcnow
+from schemas import LedgerEntry, LedgerKind, utcnow
 
 #: Server error codes: the expected last sequence moved; the entry id exists already.
 _WRONG_LAST_SEQUENCE = 10071
 _ENTRY_EXISTS = 10077
 
 _MAX_CONFLICTS = 1000
-
-
-class InsufficientCredits(SandboxerError):
-    """The tenant's available balance does not cover the hold."""
-
-    code = ErrorCode.INSUFFICIENT_CREDITS
 
 
 @dataclass
@@ -126,7 +122,7 @@ class Ledger:
         """Reserve `amount` for a sandbox on its `route`-th route, or raise
         `InsufficientCredits`. A hold for a later route (after a fallback) replaces the
         sandbox's earlier hold. Idempotent: False if this hold exists (or existed)."""
-        entry_id = f"hold-{sandbox_id}" if route == 1 else f"hold-{sandbox_id}-r{route}"
+        entry_id = hold_entry_id(sandbox_id, route)
 
         def decide(balance: Balance) -> LedgerEntry | None:
             if balance.hold_ids.get(sandbox_id) == entry_id:
@@ -161,7 +157,7 @@ class Ledger:
         entry = _entry("debit", tenant, amount, f"debit-{sandbox_id}", sandbox_id)
         return await self._append(tenant, lambda balance: entry)
 
-    async def settle(self, tenant: str, sandbox_id: str, amount: Decimal) -> bool:
+    async def bill(self, tenant: str, sandbox_id: str, amount: Decimal) -> bool:
         """Debit a finished sandbox, then release its hold; True if this call debited.
 
         Debit first: between the two entries the cost is counted twice (debited and
@@ -252,7 +248,7 @@ class Ledger:
     async def _entries_after(self, tenant: str, last: int) -> AsyncIterator[tuple[int, bytes]]:
         """(sequence, data) of the tenant's entries after `last`, read with batched
         direct gets: one round trip per 256 entries, none of the cost of a consumer."""
-        nc = self._js._nc  # direct get batches answer with many messages on one inbox
+        nc = connection_of(self._js)  # direct get batches answer many messages on one inbox
         inbox = nc.new_inbox()
         answers = await nc.subscribe(inbox)
         try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from schemas import ErrorCode
+from pydantic import ValidationError
+
+from schemas import ErrorCode, ErrorInfo
 
 
 class SandboxerError(Exception):
@@ -25,6 +27,12 @@ class InvalidRequest(SandboxerError):
 
 class UnknownProfile(SandboxerError):
     code = ErrorCode.UNKNOWN_PROFILE
+
+
+class InsufficientCredits(SandboxerError):
+    """The tenant's available balance does not cover the hold."""
+
+    code = ErrorCode.INSUFFICIENT_CREDITS
 
 
 class UnknownExtension(SandboxerError):
@@ -67,6 +75,23 @@ class IdempotencyConflict(SandboxerError):
 
 class NotFound(SandboxerError):
     code = ErrorCode.NOT_FOUND
+
+
+def error_info(exc: Exception) -> ErrorInfo:
+    """What a `failed` status says about `exc`: its code and message, or only the type
+    of an unexpected error (its text may carry internals)."""
+    if isinstance(exc, SandboxerError):
+        return ErrorInfo(code=exc.code, message=str(exc)[:1024])
+    return ErrorInfo(code=ErrorCode.INTERNAL, message=f"internal error ({type(exc).__name__})")
+
+
+def validation_problems(exc: ValidationError, prefix: str = "") -> str:
+    """`field.path: what is wrong; ...` for each problem pydantic found, at most 900
+    characters (it goes into statuses, dead letters and logs)."""
+    return "; ".join(
+        f"{prefix}{'.'.join(str(p) for p in item['loc']) or 'body'}: {item['msg']}"
+        for item in exc.errors()
+    )[:900]
 
 
 class ManifestError(Exception):

@@ -6,7 +6,7 @@ share the durable consumers, and a NATS cluster with replicated streams scales i
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -82,6 +82,13 @@ def schedule_subject(sandbox_id: str) -> str:
 
 def ledger_subject(tenant: str, entry_id: str = "*") -> str:
     return f"{LEDGER_SUBJECT_PREFIX}.{tenant}.{entry_id}"
+
+
+def republishable_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """A stored message's headers fit to go on a new message: without the `Nats-*`
+    ones, which are the server's (an old `Nats-Msg-Id` would make the stream drop the
+    copy as a duplicate; schedule headers would schedule it again)."""
+    return {k: v for k, v in (headers or {}).items() if not k.startswith("Nats-")}
 
 
 def stream_configs(replicas: int) -> list[StreamConfig]:

@@ -1,11 +1,10 @@
 """The contract: every message sandboxer reads or writes, as pydantic v2 models.
 
-Pure data, no I/O. `sandboxer schemas export DIR` writes their JSON Schemas for
-publishers in other languages.
+Pure data, no I/O. `sandboxer schemas export DIR` writes their JSON Schemas (and one
+meter event schema per installed extension) for publishers in other languages.
 """
 
 from schemas._types import (
-    SCHEMA_VERSION,
     USD_QUANTUM,
     ExtensionId,
     Factor,
@@ -30,15 +29,7 @@ from schemas.manifest import (
     TtlLimits,
     TtlOutOfRange,
 )
-from schemas.meter import (
-    E2BMeterEvent,
-    MeterEvent,
-    MeterKind,
-    ModalMeterEvent,
-    StubMeterEvent,
-    meter_event_adapter,
-    meter_event_id,
-)
+from schemas.meter import MeterEvent, MeterKind, meter_event_id, meter_event_model
 from schemas.requests import DestroyRequest, ProvisionRequest
 from schemas.status import (
     CredentialSource,
@@ -49,11 +40,9 @@ from schemas.status import (
 )
 
 __all__ = [
-    "SCHEMA_VERSION",
     "USD_QUANTUM",
     "CredentialSource",
     "DestroyRequest",
-    "E2BMeterEvent",
     "ErrorCode",
     "ErrorInfo",
     "ExtensionId",
@@ -63,7 +52,6 @@ __all__ = [
     "LedgerKind",
     "MeterEvent",
     "MeterKind",
-    "ModalMeterEvent",
     "Pricing",
     "Profile",
     "ProfileId",
@@ -75,7 +63,6 @@ __all__ = [
     "SandboxStatus",
     "Seconds",
     "SecretRef",
-    "StubMeterEvent",
     "TenantId",
     "Timestamp",
     "TtlLimits",
@@ -83,8 +70,8 @@ __all__ = [
     "UsageRecord",
     "Usd",
     "UsdRate",
-    "meter_event_adapter",
     "meter_event_id",
+    "meter_event_model",
     "quantize_usd",
     "usage_record_id",
     "utcnow",

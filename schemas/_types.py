@@ -8,8 +8,6 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer, WithJsonSchema
 
-SCHEMA_VERSION = 1
-
 #: Exactness of every amount: one micro-dollar.
 USD_QUANTUM = Decimal("0.000001")
 

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel
 
 from schemas.billing import LedgerEntry, UsageRecord
 from schemas.manifest import ExtensionManifest, Profile
-from schemas.meter import meter_event_adapter
+from schemas.meter import MeterEvent, meter_event_model
 from schemas.requests import DestroyRequest, ProvisionRequest
 from schemas.status import SandboxStatus
 
-_MODELS: dict[str, type[BaseModel] | TypeAdapter[Any]] = {
+_MODELS: dict[str, type[BaseModel]] = {
     "ProvisionRequest": ProvisionRequest,
     "DestroyRequest": DestroyRequest,
     "SandboxStatus": SandboxStatus,
-    "MeterEvent": meter_event_adapter,
+    "MeterEvent": MeterEvent,
     "UsageRecord": UsageRecord,
     "LedgerEntry": LedgerEntry,
     "ExtensionManifest": ExtensionManifest,
@@ -26,24 +27,30 @@ _MODELS: dict[str, type[BaseModel] | TypeAdapter[Any]] = {
 }
 
 
-def json_schemas() -> dict[str, dict[str, Any]]:
-    """Each contract's JSON Schema (validation mode: what a publisher may send)."""
+def json_schemas(
+    meter_fields: Mapping[str, type[BaseModel]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Each contract's JSON Schema (validation mode: what a publisher may send), and
+    `MeterEvent.<extension_id>` for each extension of `meter_fields` (extension id ->
+    the adapter's `MeterFields`)."""
+    models = dict(_MODELS)
+    for extension_id, fields in sorted((meter_fields or {}).items()):
+        models[f"MeterEvent.{extension_id}"] = meter_event_model(extension_id, fields)
     schemas: dict[str, dict[str, Any]] = {}
-    for name, model in _MODELS.items():
-        if isinstance(model, TypeAdapter):
-            schema = model.json_schema()
-        else:
-            schema = model.model_json_schema()
+    for name, model in models.items():
+        schema = model.model_json_schema()
         schema.setdefault("title", name)
         schemas[name] = schema
     return schemas
 
 
-def export_json_schemas(directory: Path) -> list[Path]:
+def export_json_schemas(
+    directory: Path, meter_fields: Mapping[str, type[BaseModel]] | None = None
+) -> list[Path]:
     """Write `<Name>.schema.json` for every contract into `directory`; return the paths."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, schema in json_schemas().items():
+    for name, schema in json_schemas(meter_fields).items():
         path = directory / f"{name}.schema.json"
         path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
         written.append(path)

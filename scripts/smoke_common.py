@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import socket
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 
 from adapters.base import AdapterContext, Credentials, SandboxAdapter, SandboxSpec
+from adapters.registry import Registry
 from sandboxer.ids import sandbox_id_for
-from sandboxer.registry import Registry
 from sandboxer.settings import Settings
 from schemas import Profile, utcnow
 
@@ -17,9 +18,10 @@ DEPLOYMENT = f"smoke-{socket.gethostname()}"[:60]
 
 
 def context(extension_id: str) -> tuple[Registry, AdapterContext]:
-    """The registry, and the adapter context of `extension_id` (no NATS: not needed)."""
-    registry = Registry.load(Settings.from_env().extensions_dir)
-    return registry, AdapterContext(registry.extensions[extension_id], None, DEPLOYMENT)  # type: ignore[arg-type]
+    """The registry, and the adapter context of `extension_id`."""
+    settings = replace(Settings.from_env(), deployment=DEPLOYMENT)
+    registry = Registry.load(settings.extensions_dir)
+    return registry, AdapterContext(registry.extensions[extension_id], settings)
 
 
 async def exercise(

@@ -25,9 +25,10 @@ from consumers.billing import run_billing
 from consumers.worker import run_worker
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
-from sandboxer.embedded import EmbeddedNats, EmbeddedOpenBao
+from sandboxer.dev.servers import EmbeddedNats, EmbeddedOpenBao
 from sandboxer.settings import Settings
 from sandboxer.topology import ensure_topology
+from tests.helpers import as_started
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,7 +141,7 @@ async def _starter(settings: Settings, run: Service) -> AsyncIterator[Callable[.
     handles: list[WorkerHandle] = []
 
     async def start(**changes: object) -> WorkerHandle:
-        handle = WorkerHandle(replace(settings, **changes), run)  # type: ignore[arg-type]
+        handle = WorkerHandle(replace(as_started(settings), **changes), run)  # type: ignore[arg-type]
         await handle.start()
         handles.append(handle)
         return handle

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any, ClassVar
 
+from pydantic import BaseModel
+
 from adapters.base import Credentials, ProviderSandbox, SandboxSpec
+from adapters.e2b import E2BMeterFields
 from adapters.saas_stub import SaasStubAdapter
 from sandboxer.errors import ProviderRejected
 
@@ -28,6 +31,7 @@ class KeyedStubAdapter(SaasStubAdapter):
     and destroyed each sandbox."""
 
     extension_id: ClassVar[str] = "ext.e2b"
+    MeterFields: ClassVar[type[BaseModel]] = E2BMeterFields
 
     async def provision(self, spec: SandboxSpec, credentials: Credentials) -> ProviderSandbox:
         sandbox = await super().provision(spec, self._require_key(credentials))

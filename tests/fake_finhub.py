@@ -12,7 +12,7 @@ from decimal import Decimal
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from sandboxer.fakes.http import LoopbackHTTP
+from sandboxer.dev.fakes.http import LoopbackHTTP
 
 
 @dataclass

@@ -9,16 +9,32 @@ import sys
 import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from typing import Any
 
 from nats.js import JetStreamContext
 
-from consumers.reconcile import Finding, Reconciler
-from consumers.worker import build_provisioner
+from consumers.reconcile import Finding
+from consumers.wiring import open_worker
 from sandboxer.client import Client
 from sandboxer.settings import Settings
 from sandboxer.topology import kv_entries, read_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
+
+
+def as_started(settings: Settings) -> Settings:
+    """`settings` as a process started now has them: the test's own, plus what the
+    environment says of OpenBao, the adapters' config and fin-hub's token (tests set
+    those with `monkeypatch.setenv`, as an operator sets variables)."""
+    env = Settings.from_env()
+    return replace(
+        settings,
+        bao=env.bao,
+        adapter_env=env.adapter_env,
+        fault_inject=env.fault_inject,
+        fin_hub_token=env.fin_hub_token or settings.fin_hub_token,
+    )
+
 
 #: Figures of the chaos suite (tests/test_chaos.py), printed by tests/conftest.py:
 #: (name, value, detail).
@@ -127,8 +143,8 @@ async def sandboxer(settings: Settings, *args: str) -> tuple[int, str, str]:
 async def reconcile(settings: Settings, js: JetStreamContext, **kwargs: Any) -> list[Finding]:
     """One reconciliation pass (no grace), as `sandboxer reconcile` runs it."""
     async with AsyncExitStack() as stack:
-        provisioner = await build_provisioner(settings, js, stack)
-        return await Reconciler(provisioner, grace_s=0).run(**kwargs)
+        parts = await open_worker(as_started(settings), js, stack)
+        return await parts.reconciler(settings, grace_s=0).run(**kwargs)
 
 
 async def provision_by_cli(settings: Settings, tenant: str, profile: str) -> SandboxStatus:

@@ -10,7 +10,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from sandboxer.cli import app
-from sandboxer.embedded import free_port
+from sandboxer.dev.servers import free_port
 from sandboxer.settings import Settings
 from tests.conftest import ROOT, WorkerHandle
 from tests.helpers import sandboxer

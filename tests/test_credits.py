@@ -9,7 +9,8 @@ import pytest
 from nats.js import JetStreamContext
 
 from sandboxer.client import Client
-from sandboxer.credits import Balance, InsufficientCredits, Ledger
+from sandboxer.credits import Balance, Ledger
+from sandboxer.errors import InsufficientCredits
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings
 from schemas import ErrorCode, ProvisionRequest, SandboxState
@@ -30,7 +31,7 @@ async def test_grant_hold_debit_fold_into_balance(js: JetStreamContext) -> None:
         Decimal("0.009"),
         Decimal("9.991"),
     )
-    assert await ledger.settle("acme", sandbox(1), Decimal("0.000046"))
+    assert await ledger.bill("acme", sandbox(1), Decimal("0.000046"))
     balance = await ledger.balance("acme")
     assert (balance.balance, balance.held) == (Decimal("9.999954"), Decimal("0"))
     kinds = [(e.kind, e.entry_id) for e in await ledger.entries("acme")]
@@ -48,13 +49,13 @@ async def test_entries_are_written_once_ever_even_from_a_fresh_process(
     first = Ledger(js)
     assert await first.grant("acme", Decimal("5"), "g1")
     assert await first.hold("acme", sandbox(1), Decimal("1"))
-    assert await first.settle("acme", sandbox(1), Decimal("0.5"))
+    assert await first.bill("acme", sandbox(1), Decimal("0.5"))
     # A process started later (empty cache, duplicate window long gone for all it
     # knows) replays everything: the server refuses every entry id it has seen.
     later = Ledger(js)
     assert not await later.grant("acme", Decimal("5"), "g1")
     assert not await later.hold("acme", sandbox(1), Decimal("1"))
-    assert not await later.settle("acme", sandbox(1), Decimal("0.5"))
+    assert not await later.bill("acme", sandbox(1), Decimal("0.5"))
     assert not await later.release("acme", sandbox(1))
     assert (await later.balance("acme")).balance == Decimal("4.5")
     assert len(await later.entries("acme")) == 4

@@ -24,17 +24,18 @@ from nats.js import JetStreamContext
 
 from adapters.base import AdapterContext, Credentials, ProviderSandbox, SandboxSpec
 from adapters.e2b import E2BAdapter
+from adapters.registry import Registry
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
-from sandboxer.embedded import EmbeddedOpenBao
+from sandboxer.dev.fakes.e2b import FakeE2B, Fault
+from sandboxer.dev.servers import EmbeddedOpenBao
 from sandboxer.errors import ProviderFailed, ProviderRejected, ProviderUnavailable
-from sandboxer.fakes.e2b import FakeE2B, Fault
 from sandboxer.ids import sandbox_id_for
-from sandboxer.registry import Registry
 from sandboxer.settings import Settings
 from schemas import ErrorCode, ProvisionRequest, SandboxState
 from tests.conftest import OPENBAO_ROOT_TOKEN
 from tests.helpers import (
+    as_started,
     destroy,
     meter_events,
     provision,
@@ -75,7 +76,9 @@ def e2b(openbao: EmbeddedOpenBao, monkeypatch: pytest.MonkeyPatch) -> Iterator[E
 
 def adapter_for(settings: Settings, js: JetStreamContext, deployment: str = "test") -> E2BAdapter:
     manifest = Registry.load(settings.extensions_dir).extensions["ext.e2b"]
-    return E2BAdapter(AdapterContext(manifest, js, deployment))
+    return E2BAdapter(
+        AdapterContext(manifest, replace(as_started(settings), deployment=deployment))
+    )
 
 
 # -- money ---------------------------------------------------------------------------
@@ -83,7 +86,7 @@ def adapter_for(settings: Settings, js: JetStreamContext, deployment: str = "tes
 
 def test_cost_of_2_vcpu_512_mib_for_an_hour_is_exact(settings: Settings) -> None:
     registry = Registry.load(settings.extensions_dir)
-    adapter = E2BAdapter(AdapterContext(registry.extensions["ext.e2b"], None, "test"))  # type: ignore[arg-type]
+    adapter = E2BAdapter(AdapterContext(registry.extensions["ext.e2b"], settings))
     start = datetime(2026, 1, 1, tzinfo=UTC)
     sandbox = ProviderSandbox("abc", {}, False, start, {"cpu_count": 2, "memory_mb": 512})
     usage = adapter.meter_actual(sandbox, start + timedelta(seconds=3600))

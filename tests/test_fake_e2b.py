@@ -8,7 +8,7 @@ import pytest
 from e2b import AsyncSandbox, SandboxQuery
 from e2b.exceptions import AuthenticationException, RateLimitException
 
-from sandboxer.fakes.e2b import FakeE2B, Fault
+from sandboxer.dev.fakes.e2b import FakeE2B, Fault
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from grpclib import Status
 from modal.exception import AlreadyExistsError, AuthError, ResourceExhaustedError
 
-from sandboxer.fakes.modal import FakeModal
+from sandboxer.dev.fakes.modal import FakeModal
 
 
 @pytest.fixture

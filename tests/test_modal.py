@@ -26,12 +26,12 @@ from nats.js import JetStreamContext
 
 from adapters.base import AdapterContext, ProviderSandbox
 from adapters.modal import ModalAdapter
+from adapters.registry import Registry
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
-from sandboxer.embedded import EmbeddedOpenBao
-from sandboxer.fakes.modal import FakeModal
+from sandboxer.dev.fakes.modal import FakeModal
+from sandboxer.dev.servers import EmbeddedOpenBao
 from sandboxer.ids import sandbox_id_for
-from sandboxer.registry import Registry
 from sandboxer.settings import Settings
 from schemas import ProvisionRequest, SandboxState
 from tests.conftest import OPENBAO_ROOT_TOKEN
@@ -78,7 +78,7 @@ def modal_fake(openbao: EmbeddedOpenBao, monkeypatch: pytest.MonkeyPatch) -> Ite
 
 def test_cost_of_one_h100_for_600_s_is_the_manifest_formula(settings: Settings) -> None:
     registry = Registry.load(settings.extensions_dir)
-    adapter = ModalAdapter(AdapterContext(registry.extensions["ext.modal"], None, "test"))  # type: ignore[arg-type]
+    adapter = ModalAdapter(AdapterContext(registry.extensions["ext.modal"], settings))
     profile = registry.profile("profile.modal-gpu")  # 1 H100, 4 cores, 16 GiB
     # 600 s x (0.001097 H100 + 4 x 0.00003942 per core + 16 x 0.00000672 per GiB)
     expected = Decimal("600") * (

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.openbao import CredentialResolver, byok_path
-from sandboxer.embedded import EmbeddedOpenBao
+from sandboxer.dev.servers import EmbeddedOpenBao
 from sandboxer.errors import ProviderUnavailable
 from sandboxer.settings import BaoSettings
 from schemas import SecretRef

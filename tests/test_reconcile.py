@@ -14,13 +14,13 @@ import pytest
 from nats.js import JetStreamContext
 
 from adapters.base import NO_CREDENTIALS, SandboxSpec
+from adapters.registry import Registry
 from consumers.reconcile import take_turn
-from consumers.worker import build_provisioner
+from consumers.wiring import open_worker
 from sandboxer.client import Client
 from sandboxer.ids import sandbox_id_for
-from sandboxer.registry import Registry
 from sandboxer.settings import Settings
-from sandboxer.state import StatusStore
+from sandboxer.statuses import StatusStore
 from schemas import ErrorCode, ErrorInfo, SandboxState, SandboxStatus, utcnow
 from tests.helpers import provision, reconcile, stub_sandboxes, wait_for_state
 
@@ -54,8 +54,8 @@ async def test_failed_claims_orphans_expired_and_kept_sandboxes(
         )
         registry = Registry.load(settings.extensions_dir)
         async with AsyncExitStack() as stack:
-            provisioner = await build_provisioner(settings, js, stack)
-            stub = provisioner.router.adapter("ext.saas-stub")
+            parts = await open_worker(settings, js, stack)
+            stub = parts.providers.router.adapter("ext.saas-stub")
             for sandbox_id in (failed_id, sandbox_id_for("acme", "never-claimed")):
                 spec = SandboxSpec(
                     sandbox_id=sandbox_id,

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from adapters.base import AdapterContext
+from adapters.registry import Registry
+from adapters.routing import Router
 from sandboxer.errors import ManifestError, NoRoute, UnknownProfile
-from sandboxer.registry import Registry
-from sandboxer.routing import Router
-from sandboxer.settings import default_extensions_dir
+from sandboxer.settings import Settings, default_extensions_dir
 from schemas import Profile, TtlLimits
 
 
@@ -140,11 +139,7 @@ async def test_an_adapter_without_its_optional_package_is_left_out(
         "pricing: {pricing_model: metered, rates: {usd_per_second: '0.000001'}}\n"
     )
     registry = Registry.load(ext_dir)
-    contexts = {
-        ext: AdapterContext(manifest, None, "test")  # type: ignore[arg-type]
-        for ext, manifest in registry.extensions.items()
-    }
-    adapters = registry.build_adapters(contexts)
+    adapters = registry.build_adapters(Settings(extensions_dir=ext_dir))
     assert "ext.needs-missing" not in adapters and "ext.saas-stub" in adapters
     assert "ext.needs-missing skipped: it needs the 'sandboxer_no_such_package'" in caplog.text
     for adapter in adapters.values():

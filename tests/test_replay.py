@@ -9,9 +9,9 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
+from consumers.replay import Range, replay
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
-from sandboxer.replay import Range, replay
 from sandboxer.settings import Settings
 from sandboxer.topology import read_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState
@@ -77,10 +77,10 @@ async def test_replaying_everything_twice_changes_nothing(
     balance = (await Ledger(js).balance("acme")).balance
 
     dry = await replay(js, "sandbox.provision", Range(), dry_run=True)
-    assert (dry.replayed, dry.verdicts["applied"], dry.verdicts["new"]) == (12, 12, 0)
+    assert (dry.replayed, dry.effects["applied"], dry.effects["new"]) == (12, 12, 0)
     for subject in ("sandbox.provision", "sandbox.destroy", "sandbox.meter.>", "billing.usage"):
         summary = await replay(js, subject, Range())
-        assert summary.verdicts["new"] == 0, summary.line()
+        assert summary.effects["new"] == 0, summary.line()
         assert summary.replayed > 0
     await settle_all(js)
     assert await effects(js) == before
@@ -104,7 +104,7 @@ async def test_replay_applies_what_was_missed(
         for sandbox_id in ids[:3]:
             await kv.purge(sandbox_id)
         dry = await replay(js, "sandbox.provision", Range(), dry_run=True)
-        assert (dry.verdicts["new"], dry.verdicts["applied"]) == (3, 3)
+        assert (dry.effects["new"], dry.effects["applied"]) == (3, 3)
         await replay(js, "sandbox.provision", Range())
         for sandbox_id in ids:
             await wait_for_state(client, sandbox_id, SandboxState.READY)

@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from adapters.openbao import byok_path
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
-from sandboxer.embedded import EmbeddedOpenBao
+from sandboxer.dev.servers import EmbeddedOpenBao
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings, default_extensions_dir
 from sandboxer.topology import read_subject

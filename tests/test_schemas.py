@@ -8,15 +8,15 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas import (
     DestroyRequest,
+    MeterEvent,
     ProvisionRequest,
     SandboxState,
     SandboxStatus,
-    StubMeterEvent,
-    meter_event_adapter,
+    meter_event_model,
 )
 from schemas.export import export_json_schemas
 
@@ -86,24 +86,65 @@ def _event(**changes: object) -> dict[str, object]:
     }
 
 
-def test_meter_event_is_discriminated_by_extension_id() -> None:
-    event = meter_event_adapter.validate_python(_event())
-    assert isinstance(event, StubMeterEvent)
-    e2b_fields = {k: v for k, v in _event().items() if k != "usd_per_second"}
-    e2b = meter_event_adapter.validate_python(
-        {**e2b_fields, "extension_id": "ext.e2b", "cpu_count": 2, "memory_mb": 512}
-    )
-    assert e2b.extension_id == "ext.e2b"
-    with pytest.raises(ValidationError):  # an E2B event must say what it was billed for
-        meter_event_adapter.validate_python({**e2b_fields, "extension_id": "ext.e2b"})
+class GpuFields(BaseModel):
+    """What a made-up GPU cloud bills on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu_count: int = Field(ge=1)
+    gpu_type: str
+
+
+def _gpu_event(**changes: object) -> dict[str, object]:
+    common = {k: v for k, v in _event().items() if k != "usd_per_second"}
+    return {
+        **common,
+        "extension_id": "ext.gpu-cloud",
+        "gpu_count": 2,
+        "gpu_type": "H100",
+        **changes,
+    }
+
+
+def test_a_meter_event_validates_without_knowing_its_extension() -> None:
+    event = MeterEvent.model_validate(_gpu_event())
+    assert event.extension_id == "ext.gpu-cloud"
+    assert event.extension_fields == {"gpu_count": 2, "gpu_type": "H100"}
+    with pytest.raises(ValidationError):  # the common fields are still checked
+        MeterEvent.model_validate(_gpu_event(tenant="a.b"))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"nested": {"a": 1}},
+        {"ratio": 0.5},
+        {"Not-Snake": "x"},
+        {"long": "x" * 257},
+        {f"f{i}": i for i in range(17)},
+    ],
+)
+def test_extension_fields_are_few_flat_and_exact(extra: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
-        meter_event_adapter.validate_python(_event(extension_id="ext.unknown"))
+        MeterEvent.model_validate({**_event(), **extra})
+
+
+def test_an_extension_event_is_exactly_its_adapter_fields() -> None:
+    model = meter_event_model("ext.gpu-cloud", GpuFields)
+    event = model.model_validate(_gpu_event())
+    assert event.extension_fields == {} and event.model_dump()["gpu_count"] == 2
+    with pytest.raises(ValidationError):  # it must say what it was billed for
+        model.model_validate(_gpu_event(gpu_count=None))
+    with pytest.raises(ValidationError):  # and nothing another extension says
+        model.model_validate(_gpu_event(usd_per_second="0.000010"))
+    with pytest.raises(ValidationError):
+        model.model_validate(_gpu_event(extension_id="ext.e2b"))
 
 
 def test_money_is_exact_decimal_and_a_string_in_json() -> None:
-    event = meter_event_adapter.validate_python(_event())
+    event = MeterEvent.model_validate(_event())
     assert event.actual_usd == Decimal("0.000600")
-    encoded = json.loads(meter_event_adapter.dump_json(event))
+    encoded = json.loads(event.model_dump_json())
     assert encoded["actual_usd"] == "0.000600"
     assert encoded["duration_s"] == "60.000"
 
@@ -111,7 +152,7 @@ def test_money_is_exact_decimal_and_a_string_in_json() -> None:
 @pytest.mark.parametrize("amount", [0.1, "0.0000001", "NaN", "ten"])
 def test_money_rejects_floats_and_inexact_amounts(amount: object) -> None:
     with pytest.raises(ValidationError):
-        meter_event_adapter.validate_python(_event(actual_usd=amount))
+        MeterEvent.model_validate(_event(actual_usd=amount))
 
 
 def test_status_never_accepts_naive_timestamps() -> None:
@@ -136,7 +177,7 @@ def test_status_never_accepts_naive_timestamps() -> None:
 
 
 def test_exported_json_schemas_describe_every_contract(tmp_path: Path) -> None:
-    paths = export_json_schemas(tmp_path)
+    paths = export_json_schemas(tmp_path, {"ext.gpu-cloud": GpuFields})
     names = sorted(p.name for p in paths)
     assert names == sorted(
         f"{n}.schema.json"
@@ -149,11 +190,16 @@ def test_exported_json_schemas_describe_every_contract(tmp_path: Path) -> None:
             "LedgerEntry",
             "ExtensionManifest",
             "Profile",
+            "MeterEvent.ext.gpu-cloud",
         )
     )
     provision = json.loads((tmp_path / "ProvisionRequest.schema.json").read_text())
     assert set(provision["required"]) == {"request_id", "tenant", "profile"}
     meter = json.loads((tmp_path / "MeterEvent.schema.json").read_text())
-    assert meter["discriminator"]["propertyName"] == "extension_id"
+    assert meter["additionalProperties"] is True  # any extension's fields
+    gpu = json.loads((tmp_path / "MeterEvent.ext.gpu-cloud.schema.json").read_text())
+    assert gpu["additionalProperties"] is False
+    assert {"gpu_count", "gpu_type", "extension_id"} <= set(gpu["required"])
+    assert gpu["properties"]["extension_id"]["const"] == "ext.gpu-cloud"
     status = json.loads((tmp_path / "SandboxStatus.schema.json").read_text())
     assert "actual_usd" in status["properties"]

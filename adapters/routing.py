@@ -15,7 +15,7 @@ from schemas import ExtensionManifest, Profile, SandboxStatus
 if TYPE_CHECKING:  # hvac is imported only where OpenBao is configured
     from adapters.openbao import CredentialResolver, ResolvedKey
 
-log = logging.getLogger("sandboxer.routing")
+log = logging.getLogger("adapters.routing")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
-from sandboxer.fakes.http import LoopbackHTTP
+from sandboxer.dev.fakes.http import LoopbackHTTP
 
 
 @dataclass

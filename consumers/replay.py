@@ -31,14 +31,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError
-from nats.js.kv import KeyValue
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from sandboxer.ids import sandbox_id_for
-from sandboxer.state import StatusStore
+from sandboxer.markers import BillingMarkers
+from sandboxer.statuses import StatusStore
 from sandboxer.topology import (
-    BILLING_BUCKET,
     BILLING_STREAM,
     DESTROY_SUBJECT,
     EXPORT_CONSUMER,
@@ -48,19 +47,21 @@ from sandboxer.topology import (
     REQUESTS_STREAM,
     USAGE_SUBJECT,
     StoredMessage,
+    republishable_headers,
     stored_messages,
 )
 from schemas import (
     DestroyRequest,
+    MeterEvent,
     ProvisionRequest,
     SandboxState,
     UsageRecord,
-    meter_event_adapter,
     usage_record_id,
 )
 
 H_REPLAY = "Sandboxer-Replay"
-Verdict = Literal["applied", "new", "no-op", "invalid"]
+#: What a replayed message will do when its consumer sees it.
+Effect = Literal["applied", "new", "no-op", "invalid"]
 
 #: The subjects that can be replayed, and the stream that keeps them.
 REPLAYABLE = {
@@ -122,14 +123,12 @@ class Summary:
     replayed: int = 0
     skipped_replays: int = 0
     skipped_tenants: int = 0
-    verdicts: Counter[str] = field(default_factory=Counter)
+    effects: Counter[str] = field(default_factory=Counter)
 
     def line(self) -> str:
         span = f"seq {self.first_seq}..{self.last_seq}" if self.first_seq else "nothing stored"
         verb = "would replay" if self.dry_run else "replayed"
-        counts = ", ".join(
-            f"{self.verdicts[v]} {v}" for v in ("applied", "new", "no-op", "invalid")
-        )
+        counts = ", ".join(f"{self.effects[e]} {e}" for e in ("applied", "new", "no-op", "invalid"))
         return (
             f"{verb} {self.replayed} message(s) of {self.subject} ({span}): {counts}; "
             f"skipped {self.skipped_replays} earlier replay(s), "
@@ -140,12 +139,12 @@ class Summary:
 class Judge:
     """What each message's consumer will find, read from the same state it reads."""
 
-    def __init__(self, statuses: StatusStore, markers: KeyValue, exporting: bool) -> None:
+    def __init__(self, statuses: StatusStore, markers: BillingMarkers, exporting: bool) -> None:
         self._statuses = statuses
         self._markers = markers
         self._exporting = exporting
 
-    async def tenant_and_verdict(self, subject: str, data: bytes) -> tuple[str | None, Verdict]:
+    async def tenant_and_effect(self, subject: str, data: bytes) -> tuple[str | None, Effect]:
         try:
             if subject == PROVISION_SUBJECT:
                 request = ProvisionRequest.model_validate_json(data)
@@ -162,11 +161,12 @@ class Judge:
                 record = UsageRecord.model_validate_json(data)
                 if not self._exporting:  # no exporter: records just stay on the stream
                     return record.tenant, "no-op"
-                return record.tenant, await self._marker(f"exported.{record.record_id}")
-            event = meter_event_adapter.validate_json(data)
+                return record.tenant, _effect(await self._markers.exported(record.record_id))
+            event = MeterEvent.model_validate_json(data)
             if event.kind != "stopped":
                 return event.tenant, "no-op"
-            return event.tenant, await self._marker(f"usage.{usage_record_id(event.sandbox_id)}")
+            published = await self._markers.published(usage_record_id(event.sandbox_id))
+            return event.tenant, _effect(published)
         except ValidationError:
             try:
                 tenant = json.loads(data).get("tenant")
@@ -174,18 +174,14 @@ class Judge:
                 tenant = None
             return (tenant if isinstance(tenant, str) else None), "invalid"
 
-    async def _marker(self, key: str) -> Verdict:
-        try:
-            await self._markers.get(key)
-        except KeyNotFoundError:
-            return "new"
-        return "applied"
+
+def _effect(applied: bool) -> Effect:
+    return "applied" if applied else "new"
 
 
 def republish_headers(stored: StoredMessage, stream: str) -> dict[str, str]:
     """The original headers without JetStream's own, marked as a replay."""
-    kept = {k: v for k, v in stored.headers.items() if not k.startswith("Nats-")}
-    return {**kept, H_REPLAY: f"{stream}/{stored.seq}"}
+    return {**republishable_headers(stored.headers), H_REPLAY: f"{stream}/{stored.seq}"}
 
 
 async def replay(
@@ -207,7 +203,7 @@ async def replay(
         exporting = True
     except NotFoundError:
         exporting = False
-    judge = Judge(await StatusStore.open(js), await js.key_value(BILLING_BUCKET), exporting)
+    judge = Judge(await StatusStore.open(js), await BillingMarkers.open(js), exporting)
     summary = Summary(subject, dry_run)
     seen = 0
     messages = stored_messages(js, stream, subject, from_seq=span.from_seq, since=span.since)
@@ -223,11 +219,11 @@ async def replay(
             if H_REPLAY in stored.headers and not include_replays:
                 summary.skipped_replays += 1
                 continue
-            owner, verdict = await judge.tenant_and_verdict(stored.subject, stored.data)
+            owner, effect = await judge.tenant_and_effect(stored.subject, stored.data)
             if tenant is not None and owner != tenant:
                 summary.skipped_tenants += 1
                 continue
-            summary.verdicts[verdict] += 1
+            summary.effects[effect] += 1
             summary.replayed += 1
             if not dry_run:
                 await js.publish(

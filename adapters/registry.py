@@ -1,31 +1,31 @@
 """Loads and validates `extensions/` at start-up: a wrong file stops the service with a
-message naming the file and the field, before any request is taken."""
+message naming the file and the field, before any request is taken. It builds one
+adapter per extension manifest, from whatever module the manifest names: no list of
+providers exists anywhere else."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from nats.aio.client import Client as Nats
+from pydantic import ValidationError
 
 from adapters.base import AdapterContext, SandboxAdapter
-from sandboxer.errors import ManifestError, UnknownProfile
-from schemas import ExtensionManifest, Profile
+from sandboxer.errors import ManifestError, UnknownProfile, validation_problems
+from sandboxer.settings import Settings
+from schemas import ExtensionManifest, MeterEvent, Profile, meter_event_model
 
-log = logging.getLogger("sandboxer.registry")
+log = logging.getLogger("adapters.registry")
 
 
-def _describe(path: Path, error: ValidationError, prefix: str = "") -> str:
-    problems = "; ".join(
-        f"{prefix}{'.'.join(str(p) for p in item['loc']) or '<root>'}: {item['msg']}"
-        for item in error.errors()
-    )
-    return f"{path}: {problems}"
+def _problems(path: Path, error: ValidationError, prefix: str = "") -> str:
+    return f"{path}: {validation_problems(error, prefix)}"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -42,24 +42,28 @@ def load_adapter_class(manifest: ExtensionManifest, path: Path) -> type[SandboxA
     """Import the manifest's adapter class and check its rates and config against it."""
     module_name, _, class_name = manifest.adapter.partition(":")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
+        found: Any = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
         raise ManifestError(f"{path}: adapter: cannot import {manifest.adapter}: {exc}") from None
-    for attr, data, where in (
-        ("Rates", manifest.pricing.rates, "pricing.rates."),
-        ("Config", manifest.config, "config."),
+    # The seam is a Protocol that adapters subclass (it gives them its defaults).
+    if not (isinstance(found, type) and SandboxAdapter in found.__mro__):
+        raise ManifestError(
+            f"{path}: adapter: {manifest.adapter} does not subclass adapters.base.SandboxAdapter"
+        )
+    cls = cast(type[SandboxAdapter], found)
+    for model, data, where in (
+        (cls.Rates, manifest.pricing.rates, "pricing.rates."),
+        (cls.Config, manifest.config, "config."),
     ):
-        model = cast(type[BaseModel], getattr(cls, attr))
         try:
             model.model_validate(data)
         except ValidationError as exc:
-            raise ManifestError(_describe(path, exc, where)) from None
-    if getattr(cls, "extension_id", None) != manifest.id:
+            raise ManifestError(_problems(path, exc, where)) from None
+    if cls.extension_id != manifest.id:
         raise ManifestError(
-            f"{path}: id: {manifest.id} but {manifest.adapter} implements "
-            f"{getattr(cls, 'extension_id', '?')}"
+            f"{path}: id: {manifest.id} but {manifest.adapter} implements {cls.extension_id}"
         )
-    return cast(type[SandboxAdapter], cls)
+    return cls
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class Registry:
     extensions: dict[str, ExtensionManifest]
     adapter_classes: dict[str, type[SandboxAdapter]]
     profiles: dict[str, Profile]
+    _meter_events: dict[str, type[MeterEvent]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, directory: Path) -> Registry:
@@ -85,7 +90,7 @@ class Registry:
             try:
                 item = model.model_validate(data)
             except ValidationError as exc:
-                raise ManifestError(_describe(path, exc)) from None
+                raise ManifestError(_problems(path, exc)) from None
             if path.stem != item.id:
                 raise ManifestError(f"{path}: id: {item.id!r} does not match the file name")
             if isinstance(item, Profile):
@@ -104,20 +109,38 @@ class Registry:
         except KeyError:
             raise UnknownProfile(f"unknown profile {profile_id!r}") from None
 
-    def build_adapters(self, context_for: dict[str, AdapterContext]) -> dict[str, SandboxAdapter]:
-        """One adapter instance per extension, built from its context. An adapter whose
-        optional dependency (`requires`) is not installed is left out, with a warning:
-        routing then treats its extension as not installed."""
+    def meter_event_model(self, extension_id: str) -> type[MeterEvent]:
+        """The exact meter event of an extension (common fields and its own)."""
+        model = self._meter_events.get(extension_id)
+        if model is None:
+            cls = self.adapter_classes[extension_id]
+            model = self._meter_events[extension_id] = meter_event_model(
+                extension_id, cls.MeterFields
+            )
+        return model
+
+    def build_adapters(
+        self, settings: Settings, nats: Nats | None = None
+    ) -> dict[str, SandboxAdapter]:
+        """One adapter instance per extension. An adapter whose optional dependency
+        (`requires`) is not installed is left out, with a warning: routing then treats
+        its extension as not installed. A `config` override from the environment that
+        does not validate stops the service like a wrong manifest."""
         adapters = {}
         for ext_id, cls in self.adapter_classes.items():
-            requires = getattr(cls, "requires", None)
-            if requires and importlib.util.find_spec(requires) is None:
+            if cls.requires and importlib.util.find_spec(cls.requires) is None:
                 log.warning(
                     "%s skipped: it needs the %r package (pip install sandboxer[%s])",
                     ext_id,
-                    requires,
-                    requires,
+                    cls.requires,
+                    cls.requires,
                 )
                 continue
-            adapters[ext_id] = cls(context_for[ext_id])  # type: ignore[call-arg]
+            context = AdapterContext(self.extensions[ext_id], settings, nats)
+            try:
+                context.config(cls.Config, cls.env_prefix)
+            except ValidationError as exc:
+                where = f"{ext_id}: config from {cls.env_prefix}* variables"
+                raise ManifestError(_problems(Path(where), exc, "config.")) from None
+            adapters[ext_id] = cls(context)
         return adapters

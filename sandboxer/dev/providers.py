@@ -1,31 +1,38 @@
 """`sandboxer dev --fake-e2b --fake-modal`: the providers faked on loopback, with a dev
 OpenBao (in memory) holding the platform keys their manifests' `secret_ref` name, and
-the worker pointed at all of them. For trying the cloud adapters offline; never used
-in production."""
+the worker's settings pointed at all of them. For trying the cloud adapters offline;
+never used in production.
+
+The worker is configured through the `Settings` this returns. Modal's client is the
+exception: it reads its server URL only from its own `MODAL_SERVER_URL` variable, so
+that one (and `MODAL_DISABLE_API_PROXY`, to keep 127.0.0.1 off any proxy) is set in
+this process's environment."""
 
 from __future__ import annotations
 
 import os
 import secrets
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import hvac
 
-from sandboxer.embedded import EmbeddedOpenBao
-from sandboxer.registry import Registry
-from sandboxer.settings import Settings
+from adapters.registry import Registry
+from sandboxer.dev.servers import EmbeddedOpenBao
+from sandboxer.settings import BaoSettings, Settings
 
 
 def start_fake_providers(
     stack: ExitStack, settings: Settings, state_dir: Path, *, e2b: bool, modal: bool
-) -> list[str]:
-    """Start what is asked for (closed with `stack`); one line each about what runs."""
+) -> tuple[Settings, list[str]]:
+    """Start what is asked for (closed with `stack`); the settings that use them, and a
+    line about each."""
     registry = Registry.load(settings.extensions_dir)
     token = secrets.token_hex(16)
     bao = stack.enter_context(EmbeddedOpenBao(state_dir / "openbao", root_token=token))
     admin = hvac.Client(url=bao.url, token=token)
-    os.environ.update(BAO_ADDR=bao.url, BAO_TOKEN=token)
+    adapter_env = dict(settings.adapter_env)
     said = [f"dev OpenBao on {bao.url} (in memory) holds the platform keys"]
 
     def keep(extension_id: str, values: dict[str, str]) -> str:
@@ -37,23 +44,23 @@ def start_fake_providers(
         return f"{ref.mount}/{ref.path}"
 
     if e2b:
-        from sandboxer.fakes.e2b import FakeE2B
+        from sandboxer.dev.fakes.e2b import FakeE2B
 
         api_key = "e2b_" + secrets.token_hex(20)
         fake_e2b = stack.enter_context(FakeE2B(api_keys={api_key}))
-        os.environ["SANDBOXER_E2B_API_URL"] = fake_e2b.url
-        said.append(
-            f"fake E2B API on {fake_e2b.url}; its key at {keep('ext.e2b', {'api_key': api_key})}"
-        )
+        adapter_env["SANDBOXER_E2B_API_URL"] = fake_e2b.url
+        where = keep("ext.e2b", {"api_key": api_key})
+        said.append(f"fake E2B API on {fake_e2b.url}; its key at {where}")
     if modal:
-        from sandboxer.fakes.modal import FakeModal, FakeModalState
+        from sandboxer.dev.fakes.modal import FakeModal, FakeModalState
 
         state = FakeModalState(
             token_id="ak-" + secrets.token_hex(8), token_secret="as-" + secrets.token_hex(16)
         )
         fake_modal = stack.enter_context(FakeModal(state))
         os.environ["MODAL_SERVER_URL"] = fake_modal.url
-        os.environ["MODAL_DISABLE_API_PROXY"] = "1"  # 127.0.0.1 never through a proxy
+        os.environ["MODAL_DISABLE_API_PROXY"] = "1"
         where = keep("ext.modal", {"token_id": state.token_id, "token_secret": state.token_secret})
         said.append(f"fake Modal API (gRPC) on {fake_modal.url}; its token at {where}")
-    return said
+    changed = replace(settings, bao=BaoSettings(addr=bao.url, token=token), adapter_env=adapter_env)
+    return changed, said

@@ -1,0 +1,77 @@
+"""The fin-hub exporter: POSTs each usage record on `billing.usage` to fin-hub, and acks
+only after fin-hub took it (a 2xx, or 409: it has it), so an outage of hours loses
+nothing. Taken records are marked `exported.<id>` and skipped ever after; records
+fin-hub refuses for good are marked and kept as dead letters with fin-hub's answer."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AsyncExitStack
+from functools import partial
+
+from pydantic import ValidationError
+
+from adapters.finhub import FinHubClient, FinHubRejected, FinHubUnavailable, Verdict
+from consumers.app import Subscription
+from consumers.delivery import Delivery, reject_invalid, settle
+from sandboxer.markers import BillingMarkers
+from sandboxer.settings import Settings
+from sandboxer.topology import BILLING_STREAM, EXPORT_CONSUMER, USAGE_SUBJECT
+from schemas import UsageRecord
+
+log = logging.getLogger("sandboxer.export")
+
+
+class Exporter:
+    """POSTs usage records to fin-hub; acks only after fin-hub took them."""
+
+    def __init__(self, fin_hub: FinHubClient, markers: BillingMarkers, settings: Settings) -> None:
+        self._fin_hub = fin_hub
+        self._markers = markers
+        self._settings = settings
+
+    async def on_usage(self, data: bytes, delivery: Delivery) -> None:
+        try:
+            record = UsageRecord.model_validate_json(data)
+        except ValidationError as exc:
+            await reject_invalid(delivery, "UsageRecord", exc)
+            return
+        await settle(
+            f"export {record.record_id}",
+            partial(self._export, record),
+            delivery,
+            self._settings,
+            give_up=partial(self._failed_for_good, record),
+            retry_transient_forever=True,
+        )
+
+    @staticmethod
+    async def _failed_for_good(record: UsageRecord, exc: Exception) -> None:
+        log.error("export of %s failed for good: %s", record.record_id, exc)
+
+    async def _export(self, record: UsageRecord) -> None:
+        if await self._markers.exported(record.record_id):
+            return
+        outcome = await self._fin_hub.post(record)
+        if outcome.verdict is Verdict.DELIVERED:
+            await self._markers.mark_exported(record.record_id, outcome.status)
+            return
+        if outcome.verdict is Verdict.RETRY:
+            # Retried by `settle` with backoff and without limit: an outage of hours
+            # only delays the record.
+            raise FinHubUnavailable(f"fin-hub: {outcome.detail}")
+        await self._markers.mark_refused(record.record_id, outcome.status)
+        raise FinHubRejected(f"fin-hub refused {record.record_id} for good: {outcome.detail}")
+
+
+async def exporter_subscription(
+    settings: Settings, markers: BillingMarkers, stack: AsyncExitStack
+) -> Subscription:
+    """The exporter's durable consumer on `billing.usage`, its client closed by `stack`."""
+    assert settings.fin_hub_url is not None
+    fin_hub = FinHubClient(
+        settings.fin_hub_url, token=settings.fin_hub_token, timeout_s=settings.fin_hub_timeout_s
+    )
+    stack.push_async_callback(fin_hub.aclose)
+    exporter = Exporter(fin_hub, markers, settings)
+    return Subscription(BILLING_STREAM, EXPORT_CONSUMER, USAGE_SUBJECT, exporter.on_usage)

@@ -1,0 +1,202 @@
+"""The provision path: a `sandbox.provision` delivery becomes a claim, a credit hold, a
+TTL schedule, a provider sandbox, a `started` meter event and a `ready` status.
+
+Every step is safe to repeat, because JetStream delivers at least once: the claim is
+created once (`consumers/claims.py`); the hold's entry id is written once; the TTL
+schedule is replaced by publishing it again; adapters create idempotently on the
+sandbox id; the meter event has a deterministic id and goes out before the state
+change it announces (`consumers/metering.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import NoReturn
+
+from pydantic import ValidationError
+
+from adapters.base import ProviderSandbox, SandboxAdapter, SandboxSpec
+from adapters.routing import Router
+from consumers.claims import Claims, route_fields
+from consumers.deadletter import H_RETRY
+from consumers.delivery import Delivery, KeepAlive, Retry, reject_invalid, settle
+from consumers.destroy import Expiry
+from consumers.metering import Metering
+from sandboxer import money
+from sandboxer.credits import Ledger
+from sandboxer.errors import NoRoute, ProviderRejected, SandboxerError, error_info
+from sandboxer.ids import sandbox_id_for
+from sandboxer.settings import Settings
+from schemas import Profile, ProvisionRequest, SandboxState, SandboxStatus
+
+log = logging.getLogger("sandboxer.provision")
+
+
+class Provisioning:
+    """Handles `sandbox.provision` deliveries. Holds no state of its own (but which
+    holds it has checked against the provider's price, to warn once)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        claims: Claims,
+        router: Router,
+        ledger: Ledger,
+        expiry: Expiry,
+        keepalive: KeepAlive,
+        metering: Metering,
+    ) -> None:
+        self._settings = settings
+        self._claims = claims
+        self._router = router
+        self._ledger = ledger
+        self._expiry = expiry
+        self._keepalive = keepalive
+        self._metering = metering
+        self._holds_checked: set[tuple[object, ...]] = set()
+
+    async def on_provision(self, data: bytes, delivery: Delivery) -> None:
+        """Handle one delivery of a ProvisionRequest, acking, retrying or failing it."""
+        try:
+            request = ProvisionRequest.model_validate_json(data)
+        except ValidationError as exc:
+            await self._claims.answer_invalid(data, exc)
+            await reject_invalid(delivery, "ProvisionRequest", exc)
+            return
+        sandbox_id = sandbox_id_for(request.tenant, request.request_id)
+        # partial, not closures: 10,000 handlers in flight each hold these.
+        await settle(
+            f"provision {sandbox_id}",
+            partial(self._provision, request, sandbox_id, delivery),
+            delivery,
+            self._settings,
+            give_up=partial(self._give_up, request, sandbox_id),
+            rejections_answered=True,
+        )
+
+    async def _provision(
+        self, request: ProvisionRequest, sandbox_id: str, delivery: Delivery
+    ) -> None:
+        digest = request.digest()
+        reopen = H_RETRY in delivery.headers  # an operator's `sandboxer dlq retry`
+        status, revision = await self._claims.claim(request, sandbox_id, digest, reopen=reopen)
+        if status.request_digest != digest:
+            await self._claims.answer_conflict(request, status)
+            return
+        if status.state is not SandboxState.PROVISIONING:
+            # A redelivery or replay of a request that is already settled: answer again.
+            await self._claims.announce(status)
+            return
+
+        assert status.extension_id is not None and status.expires_at is not None
+        adapter = self._router.adapter(status.extension_id)
+        profile = self._claims.registry.profile(status.profile)
+        credentials = await self._router.credentials(status)
+        spec = SandboxSpec(
+            sandbox_id=sandbox_id,
+            tenant=request.tenant,
+            deployment=self._settings.deployment,
+            profile=profile,
+            ttl_s=profile.resolve_ttl(request.ttl_s),
+            expires_at=status.expires_at,
+            template=request.template or profile.template,
+            metadata=request.metadata,
+        )
+        # Credits are held before the provider is called: a tenant that cannot pay for
+        # the whole TTL gets `insufficient_credits` and no sandbox.
+        await self._hold(profile, status)
+        # Scheduled before the provider is called, so even a sandbox whose worker dies
+        # mid-create is destroyed at expiry.
+        await self._expiry.schedule(status)
+        async with self._keepalive.watch(delivery):
+            try:
+                sandbox = await adapter.provision(spec, credentials)
+            except ProviderRejected as rejected:
+                await self._fall_back(request, status, revision, profile, rejected)
+            try:
+                sandbox = await adapter.wait_ready(sandbox, credentials)
+            except SandboxerError as exc:
+                if not exc.retryable:  # it will never be ready: do not leave it running
+                    await adapter.teardown(sandbox.provider_sandbox_id, credentials)
+                raise
+
+        self._check_hold(status, adapter, sandbox)
+        await self._metering.mark_ready(status, revision, sandbox)
+
+    async def _hold(self, profile: Profile, status: SandboxStatus) -> None:
+        """Hold the estimate for the sandbox's route (nothing for BYOK)."""
+        if not money.pays_with_credits(status.credential_source):
+            return
+        assert status.estimate_usd is not None
+        route = money.route_number(profile, status.tenant, status.extension_id)
+        await self._ledger.hold(status.tenant, status.sandbox_id, status.estimate_usd, route)
+
+    def _check_hold(
+        self, status: SandboxStatus, adapter: SandboxAdapter, sandbox: ProviderSandbox
+    ) -> None:
+        """Warn when the provider will bill more for the whole TTL than was held: the
+        profile's resources understate what the provider made (an E2B template bigger
+        than the profile says, say). The debit stays exact; the hold was just short.
+        Checked once per extension, profile and resources, off the steady-state path."""
+        seen = (status.extension_id, status.profile, tuple(sorted(sandbox.meter_fields.items())))
+        if not money.pays_with_credits(status.credential_source) or seen in self._holds_checked:
+            return
+        if len(self._holds_checked) > 10_000:
+            self._holds_checked.clear()
+        self._holds_checked.add(seen)
+        assert status.expires_at is not None and status.estimate_usd is not None
+        lifetime = status.expires_at - status.created_at
+        full_ttl_usd = adapter.meter_actual(sandbox, sandbox.started_at + lifetime).actual_usd
+        if full_ttl_usd > status.estimate_usd:
+            log.warning(
+                "provision %s: %s bills %s USD for the whole TTL but %s was held; "
+                "profile %s understates the sandbox's resources",
+                status.sandbox_id,
+                status.extension_id,
+                full_ttl_usd,
+                status.estimate_usd,
+                status.profile,
+            )
+
+    async def _fall_back(
+        self,
+        request: ProvisionRequest,
+        status: SandboxStatus,
+        revision: int,
+        profile: Profile,
+        rejected: ProviderRejected,
+    ) -> NoReturn:
+        """The provider refused before creating anything: move the claim to the next
+        eligible route, with a hold for that route's estimate, and deliver the request
+        again to try there. Never called for ambiguous errors (timeouts, lost
+        connections): a sandbox might exist, and a second one elsewhere would be billed
+        twice."""
+        try:
+            route = await self._router.choose(profile, request.tenant, after=status.extension_id)
+        except NoRoute:
+            raise rejected from None
+        ttl_s = profile.resolve_ttl(request.ttl_s)
+        moved = status.with_changes(**route_fields(route, profile, ttl_s))
+        log.warning(
+            "provision %s: %s refused before creating (%s); falling back to %s",
+            status.sandbox_id,
+            status.extension_id,
+            rejected,
+            route.extension_id,
+        )
+        if money.pays_with_credits(moved.credential_source):
+            await self._hold(profile, moved)  # replaces the first route's hold
+        else:
+            await self._ledger.release(request.tenant, status.sandbox_id)
+        await self._claims.replace(moved, revision)
+        raise Retry(0.0, f"falling back to {route.extension_id}")
+
+    async def _give_up(self, request: ProvisionRequest, sandbox_id: str, exc: Exception) -> None:
+        """Record the final failure of a provision as a `failed` status."""
+        error = error_info(exc)
+        log.warning("provision %s failed: %s: %s", sandbox_id, error.code, error.message)
+        # No sandbox, no bill: give the credits back (a no-op if none were held).
+        await self._ledger.release(request.tenant, sandbox_id)
+        await self._claims.fail(request, sandbox_id, error)

@@ -1,0 +1,121 @@
+"""How the apps are put together: one place builds the registry, the adapters, the
+OpenBao resolver and the router, and the worker's parts on top of them. Workers,
+`sandboxer route explain` and `sandboxer reconcile` all use it, so they route alike."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from nats.aio.client import Client as Nats
+from nats.js import JetStreamContext
+
+from adapters.registry import Registry
+from adapters.routing import Router
+from consumers.claims import Claims
+from consumers.delivery import KeepAlive
+from consumers.destroy import Destroying, Expiry
+from consumers.metering import Metering
+from consumers.provision import Provisioning
+from consumers.reconcile import Reconciler
+from sandboxer.connect import connection_of
+from sandboxer.credits import Ledger
+from sandboxer.settings import Settings
+from sandboxer.statuses import StatusStore
+
+log = logging.getLogger("sandboxer.wiring")
+
+
+@dataclass(frozen=True)
+class Providers:
+    """The validated extensions and the router over their adapters."""
+
+    registry: Registry
+    router: Router
+
+
+async def open_providers(
+    settings: Settings, stack: AsyncExitStack, nats: Nats | None = None
+) -> Providers:
+    """Load `extensions/`, build one adapter per extension (on the process's NATS
+    connection `nats`, if it has one) and the OpenBao resolver (when configured);
+    `stack` closes them."""
+    registry = Registry.load(settings.extensions_dir)
+    adapters = registry.build_adapters(settings, nats)
+    for adapter in adapters.values():
+        stack.push_async_callback(adapter.aclose)
+    resolver = None
+    if settings.bao is not None:
+        from adapters.openbao import CredentialResolver  # hvac only when needed
+
+        resolver = CredentialResolver(settings.bao)
+        stack.callback(resolver.close)
+    return Providers(registry, Router(adapters, registry.extensions, resolver))
+
+
+@dataclass(frozen=True)
+class WorkerParts:
+    """The handlers of a worker and what they share."""
+
+    providers: Providers
+    statuses: StatusStore
+    metering: Metering
+    expiry: Expiry
+    provisioning: Provisioning
+    destroying: Destroying
+
+    def reconciler(self, settings: Settings, *, grace_s: float) -> Reconciler:
+        return Reconciler(
+            self.providers.router,
+            self.statuses,
+            self.metering,
+            self.expiry,
+            deployment=settings.deployment,
+            grace_s=grace_s,
+        )
+
+
+async def open_worker(
+    settings: Settings, js: JetStreamContext, stack: AsyncExitStack
+) -> WorkerParts:
+    """Everything a worker (or a reconciliation pass) needs, closed by `stack`."""
+    providers = await open_providers(settings, stack, connection_of(js))
+    statuses = await StatusStore.open(js)
+    keepalive = KeepAlive(every_s=max(0.5, settings.ack_wait_s / 3))
+    stack.push_async_callback(keepalive.aclose)
+    metering = Metering(js, providers.registry, statuses)
+    expiry = Expiry(js)
+    claims = Claims(providers.registry, providers.router, statuses)
+    ledger = Ledger(js)
+    log.info(
+        "worker: nats=%s deployment=%s extensions=%s in-flight<=%d openbao=%s",
+        settings.nats_url,
+        settings.deployment,
+        ",".join(providers.router.extension_ids),
+        settings.max_in_flight,
+        settings.bao.addr if settings.bao else "off",
+    )
+    return WorkerParts(
+        providers=providers,
+        statuses=statuses,
+        metering=metering,
+        expiry=expiry,
+        provisioning=Provisioning(
+            settings=settings,
+            claims=claims,
+            router=providers.router,
+            ledger=ledger,
+            expiry=expiry,
+            keepalive=keepalive,
+            metering=metering,
+        ),
+        destroying=Destroying(
+            settings=settings,
+            statuses=statuses,
+            router=providers.router,
+            keepalive=keepalive,
+            metering=metering,
+            expiry=expiry,
+        ),
+    )

@@ -1,0 +1,133 @@
+"""What every `sandboxer` command shares: the command groups, one-line failures, and
+how statuses are printed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+import uvloop
+from nats.errors import NoServersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
+from adapters.registry import Registry
+from sandboxer.client import Client
+from sandboxer.errors import ManifestError
+from sandboxer.settings import Settings, SettingsError
+from schemas import SandboxState, SandboxStatus
+
+app = typer.Typer(
+    name="sandboxer",
+    help="Event-driven sandbox broker on NATS JetStream.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+schemas_app = typer.Typer(help="The message contract.", no_args_is_help=True)
+app.add_typer(schemas_app, name="schemas")
+credits_app = typer.Typer(help="Prepaid credits of tenants.", no_args_is_help=True)
+app.add_typer(credits_app, name="credits")
+finhub_app = typer.Typer(help="The fin-hub export.", no_args_is_help=True)
+app.add_typer(finhub_app, name="finhub")
+route_app = typer.Typer(help="How requests are routed.", no_args_is_help=True)
+app.add_typer(route_app, name="route")
+dlq_app = typer.Typer(
+    help="Dead letters: messages a consumer gave up on (sandbox.dlq.<consumer>).",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app, name="dlq")
+
+T = TypeVar("T")
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+LogLevelOpt = Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")]
+
+
+def die(reason: str) -> NoReturn:
+    """Say why on one line of stderr, and exit 1."""
+    typer.echo(f"sandboxer: {reason}", err=True)
+    raise typer.Exit(1)
+
+
+def settings() -> Settings:
+    """The settings of this process, or one line naming the variable that is wrong."""
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        die(str(exc))
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a client coroutine, turning connection trouble into one clear line."""
+    url = settings().nats_url
+    try:
+        return asyncio.run(coro)
+    except (NoServersError, OSError) as exc:
+        die(f"cannot reach NATS at {url} ({exc}); is `sandboxer dev` running?")
+    except (NoStreamResponseError, ServiceUnavailableError):
+        die(f"no sandboxer streams on {url}; start a worker first")
+    except (TimeoutError, NatsTimeout):
+        die("timed out waiting for an answer")
+    except ManifestError as exc:
+        die(str(exc))
+
+
+def run_service(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a long-lived service on uvloop: it halves the event loop's share of the CPU
+    that every message costs (see docs/architecture.md, "Throughput")."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def load_registry() -> Registry:
+    """The validated `extensions/`, or one line naming the wrong file and field."""
+    try:
+        return Registry.load(settings().extensions_dir)
+    except ManifestError as exc:
+        die(str(exc))
+
+
+def print_status(status: SandboxStatus, as_json: bool) -> None:
+    if as_json:
+        typer.echo(status.model_dump_json())
+        return
+    line = f"{status.sandbox_id}  {status.state}"
+    if status.extension_id:
+        line += f"  {status.extension_id}"
+    if status.provider_sandbox_id:
+        line += f"  provider_id={status.provider_sandbox_id}"
+    if status.expires_at and status.state is SandboxState.READY:
+        line += f"  expires_at={status.expires_at.isoformat()}"
+    if status.actual_usd is not None:
+        line += f"  actual_usd={status.actual_usd}"
+    elif status.estimate_usd is not None:
+        line += f"  estimate_usd={status.estimate_usd}"
+    if status.error:
+        line += f"  error={status.error.code}: {status.error.message}"
+    typer.echo(line)
+
+
+def exit_for(status: SandboxStatus | None, as_json: bool) -> None:
+    """Print a request's answer; exit 1 if it failed."""
+    if status is None:
+        return
+    print_status(status, as_json)
+    if status.state is SandboxState.FAILED:
+        raise typer.Exit(1)
+
+
+def nats_client() -> Client:
+    """A client of the NATS this process is configured for (`async with`)."""
+    return Client(settings().nats_url)

@@ -1,0 +1,136 @@
+"""Commands for money: `credits grant|balance|ledger` and `finhub export`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sandboxer.cli._common import JsonOpt, credits_app, die, finhub_app, nats_client, run, settings
+from sandboxer.credits import Balance, Ledger
+from schemas import USD_QUANTUM, LedgerEntry, UsageRecord
+
+
+def _amount(raw: str) -> Decimal:
+    try:
+        amount = Decimal(raw)
+    except InvalidOperation:
+        die(f"not an amount: {raw!r} (use a decimal like 12.50)")
+    if not amount.is_finite() or amount <= 0 or amount != amount.quantize(USD_QUANTUM):
+        die(f"amount must be positive with at most 6 decimals: {raw}")
+    return amount
+
+
+@credits_app.command("grant")
+def credits_grant(
+    tenant: Annotated[str, typer.Argument(help="Tenant to credit.")],
+    amount: Annotated[str, typer.Argument(help="USD, e.g. 25 or 12.50.")],
+    grant_id: Annotated[
+        str | None, typer.Option(help="Idempotency key (default: a new one).")
+    ] = None,
+    note: Annotated[str, typer.Option(help="Why, for the ledger.")] = "",
+) -> None:
+    """Add prepaid credits. The same --grant-id is applied once, however often sent."""
+    usd = _amount(amount)
+    key = grant_id or uuid.uuid4().hex
+
+    async def go() -> bool:
+        async with nats_client() as client:
+            return await Ledger(client.js).grant(tenant, usd, key, note)
+
+    try:
+        applied = run(go())
+    except ValueError as exc:
+        die(f"invalid grant: {exc}".replace("\n", " "))
+    typer.echo(f"grant-{key}: {'granted' if applied else 'already granted'} {usd} USD to {tenant}")
+
+
+@credits_app.command("balance")
+def credits_balance(
+    tenant: Annotated[str, typer.Argument(help="Tenant to look up.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Balance, open holds and what is available for new sandboxes."""
+
+    async def go() -> Balance:
+        async with nats_client() as client:
+            return await Ledger(client.js).balance(tenant)
+
+    balance = run(go())
+    figures = {
+        "tenant": tenant,
+        "balance_usd": f"{balance.balance:.6f}",
+        "held_usd": f"{balance.held:.6f}",
+        "available_usd": f"{balance.available:.6f}",
+        "open_holds": len(balance.holds),
+    }
+    if as_json:
+        typer.echo(json.dumps(figures))
+    else:
+        typer.echo(
+            f"{tenant}  balance {figures['balance_usd']}  held {figures['held_usd']} "
+            f"({len(balance.holds)} open)  available {figures['available_usd']} USD"
+        )
+
+
+@credits_app.command("ledger")
+def credits_ledger(
+    tenant: Annotated[str, typer.Argument(help="Tenant to look up.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """The tenant's journal, newest first."""
+
+    async def go() -> list[LedgerEntry]:
+        async with nats_client() as client:
+            return await Ledger(client.js).entries(tenant)
+
+    for entry in reversed(run(go())):
+        if as_json:
+            typer.echo(entry.model_dump_json())
+        else:
+            sign = {"grant": "+", "debit": "-"}.get(entry.kind, " ")
+            typer.echo(
+                f"{entry.at.isoformat()}  {entry.kind:<7}  {sign}{entry.amount_usd:.6f}"
+                f"  {entry.entry_id}  {entry.note}".rstrip()
+            )
+
+
+@finhub_app.command("export")
+def finhub_export(
+    record: Annotated[Path, typer.Option(help="A UsageRecord as JSON.")],
+    url: Annotated[
+        str | None, typer.Option(help="fin-hub endpoint (default: $SANDBOXER_FIN_HUB_URL).")
+    ] = None,
+) -> None:
+    """POST one usage record to fin-hub by hand (Idempotency-Key = record_id)."""
+    from adapters.finhub import FinHubClient, Verdict
+
+    current = settings()
+    target = url or current.fin_hub_url
+    if not target:
+        die("no fin-hub URL: set SANDBOXER_FIN_HUB_URL or pass --url")
+    try:
+        usage = UsageRecord.model_validate_json(record.read_bytes())
+    except OSError as exc:
+        die(f"cannot read {record}: {exc.strerror}")
+    except ValueError as exc:
+        die(f"{record} is not a UsageRecord: {exc}".replace("\n", " "))
+
+    async def go() -> str:
+        client = FinHubClient(
+            target, token=current.fin_hub_token, timeout_s=current.fin_hub_timeout_s
+        )
+        try:
+            outcome = await client.post(usage)
+        finally:
+            await client.aclose()
+        if outcome.verdict is not Verdict.DELIVERED:
+            die(f"{usage.record_id} not delivered ({outcome.verdict.value}): {outcome.detail}")
+        return outcome.detail
+
+    typer.echo(f"{usage.record_id}: delivered ({asyncio.run(go())})")

@@ -1,0 +1,180 @@
+"""Commands for sandboxes and what they are made of: `provision`, `destroy`, `status`,
+`ls`, `extensions`, `profiles`, `schemas export`."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sandboxer.cli._common import (
+    JsonOpt,
+    app,
+    die,
+    exit_for,
+    load_registry,
+    nats_client,
+    print_status,
+    run,
+    schemas_app,
+)
+from sandboxer.ids import sandbox_id_for
+from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
+
+
+@app.command()
+def provision(
+    tenant: Annotated[str, typer.Option(help="Tenant to provision for.")],
+    profile: Annotated[str, typer.Option(help="Profile id, e.g. profile.burst-sandbox.")],
+    ttl: Annotated[int | None, typer.Option(help="Lifetime in seconds.")] = None,
+    template: Annotated[str | None, typer.Option(help="Provider template.")] = None,
+    request_id: Annotated[
+        str | None, typer.Option(help="Idempotency key (default: a new one).")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for ready or failed.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 120.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask for a sandbox; with --wait, print its status once ready (or failed)."""
+    try:
+        request = ProvisionRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            tenant=tenant,
+            profile=profile,
+            ttl_s=ttl,
+            template=template,
+        )
+    except ValueError as exc:
+        die(f"invalid request: {exc}".replace("\n", " "))
+
+    async def go() -> SandboxStatus | None:
+        async with nats_client() as client:
+            return await client.provision(request, wait_s=timeout if wait else None)
+
+    status = run(go())
+    if status is None:
+        sandbox_id = sandbox_id_for(request.tenant, request.request_id)
+        typer.echo(json.dumps({"sandbox_id": sandbox_id}) if as_json else sandbox_id)
+    exit_for(status, as_json)
+
+
+@app.command()
+def destroy(
+    sandbox_id: Annotated[str, typer.Argument(help="The sandbox to destroy.")],
+    tenant: Annotated[
+        str | None, typer.Option(help="Owner (default: read from its status).")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Why, for the record.")] = "requested",
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until destroyed.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 120.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Destroy a sandbox (idempotent) and print its final status."""
+
+    async def go() -> SandboxStatus | None:
+        async with nats_client() as client:
+            owner = tenant
+            if owner is None:
+                current = await client.status(sandbox_id)
+                if current is None:
+                    die(f"not_found: no sandbox {sandbox_id}")
+                owner = current.tenant
+            request = DestroyRequest(
+                request_id=f"cli-{uuid.uuid4().hex}",
+                tenant=owner,
+                sandbox_id=sandbox_id,
+                reason=reason,
+            )
+            return await client.destroy(request, wait_s=timeout if wait else None)
+
+    try:
+        exit_for(run(go()), as_json)
+    except ValueError as exc:
+        die(f"invalid request: {exc}".replace("\n", " "))
+
+
+@app.command()
+def status(
+    sandbox_id: Annotated[str, typer.Argument(help="The sandbox to look up.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the stored status of a sandbox."""
+
+    async def go() -> SandboxStatus | None:
+        async with nats_client() as client:
+            return await client.status(sandbox_id)
+
+    found = run(go())
+    if found is None:
+        die(f"not_found: no sandbox {sandbox_id}")
+    print_status(found, as_json)
+
+
+@app.command("ls")
+def list_sandboxes(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's.")] = None,
+    state: Annotated[SandboxState | None, typer.Option(help="Only in this state.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List sandboxes, newest first."""
+
+    async def go() -> list[SandboxStatus]:
+        async with nats_client() as client:
+            return await client.statuses()
+
+    rows = [
+        s
+        for s in run(go())
+        if (tenant is None or s.tenant == tenant) and (state is None or s.state is state)
+    ]
+    rows.sort(key=lambda s: s.created_at, reverse=True)
+    for row in rows:
+        print_status(row, as_json)
+
+
+@app.command()
+def extensions(as_json: JsonOpt = False) -> None:
+    """List installed extensions and their pricing."""
+    for manifest in load_registry().extensions.values():
+        if as_json:
+            typer.echo(manifest.model_dump_json())
+        else:
+            rates = ", ".join(f"{k}={v}" for k, v in manifest.pricing.rates.items())
+            typer.echo(
+                f"{manifest.id}  {manifest.adapter}  {manifest.pricing.pricing_model}  {rates}"
+            )
+
+
+@app.command()
+def profiles(as_json: JsonOpt = False) -> None:
+    """List profiles with their routes and TTL limits."""
+    registry = load_registry()
+    for profile in registry.profiles.values():
+        if as_json:
+            typer.echo(profile.model_dump_json())
+            continue
+        routes = " > ".join(
+            ext if ext in registry.extensions else f"({ext}: not installed)"
+            for ext in profile.routes
+        )
+        typer.echo(
+            f"{profile.id}  routes: {routes}  ttl: {profile.ttl.min_s}..{profile.ttl.max_s}s "
+            f"(default {profile.ttl.default_s}s)"
+        )
+
+
+@schemas_app.command("export")
+def schemas_export(
+    directory: Annotated[Path, typer.Argument(help="Where to write *.schema.json.")],
+) -> None:
+    """Write the JSON Schema of every message and data file, and of each installed
+    extension's meter event (`MeterEvent.<extension_id>.schema.json`)."""
+    from schemas.export import export_json_schemas
+
+    registry = load_registry()
+    meter_fields = {ext: cls.MeterFields for ext, cls in registry.adapter_classes.items()}
+    for path in export_json_schemas(directory, meter_fields):
+        typer.echo(str(path))

@@ -1,0 +1,138 @@
+"""Commands that run the service: `worker`, `billing`, and `dev` (both on an embedded
+nats-server, for local use)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from contextlib import ExitStack
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from nats.errors import NoServersError
+
+from sandboxer.cli._common import LogLevelOpt, app, die, run_service, settings, setup_logging
+from sandboxer.client import Client
+from sandboxer.credits import Ledger
+from sandboxer.errors import ManifestError
+from sandboxer.settings import Settings
+from sandboxer.topology import ensure_topology
+
+#: What `sandboxer dev` grants the `demo` tenant, once per state folder.
+DEMO_CREDITS = Decimal("10")
+
+
+def _serve(service: Callable[[Settings], Coroutine[Any, Any, None]], log_level: str) -> None:
+    """Run `service` until SIGTERM; a wrong manifest or an unreachable NATS is one line
+    and exit code 1."""
+    setup_logging(log_level)
+    current = settings()
+    try:
+        run_service(service(current))
+    except ManifestError as exc:
+        die(str(exc))
+    except (NoServersError, OSError) as exc:
+        die(f"cannot reach NATS at {current.nats_url}: {exc}")
+
+
+@app.command()
+def worker(log_level: LogLevelOpt = "INFO") -> None:
+    """Run a provisioner worker against $SANDBOXER_NATS_URL until SIGTERM."""
+    from consumers.worker import run_worker
+
+    _serve(run_worker, log_level)
+
+
+@app.command()
+def billing(log_level: LogLevelOpt = "INFO") -> None:
+    """Run the billing consumer (debits, usage records) and, if $SANDBOXER_FIN_HUB_URL is
+    set, the fin-hub exporter, until SIGTERM."""
+    from consumers.billing import run_billing
+
+    _serve(run_billing, log_level)
+
+
+@app.command()
+def dev(
+    port: Annotated[int, typer.Option(help="Port of the embedded NATS server.")] = 4222,
+    state_dir: Annotated[Path, typer.Option(help="Where NATS keeps its data.")] = Path(
+        ".sandboxer"
+    ),
+    log_level: LogLevelOpt = "INFO",
+    fake_e2b: Annotated[
+        bool,
+        typer.Option(
+            "--fake-e2b",
+            help="Also start a fake E2B API and a dev OpenBao holding its platform key, "
+            "so that profile.e2b-burst works offline.",
+        ),
+    ] = False,
+    fake_modal: Annotated[
+        bool,
+        typer.Option(
+            "--fake-modal",
+            help="Also start a fake Modal API (gRPC) and a dev OpenBao holding its platform "
+            "token, so that profile.modal-gpu works offline.",
+        ),
+    ] = False,
+) -> None:
+    """Start an embedded nats-server with JetStream and a worker, for local use."""
+    from sandboxer.dev.servers import EmbeddedNats
+
+    setup_logging(log_level)
+    stack = ExitStack()
+    server = EmbeddedNats(state_dir / "nats", port=port)
+    try:
+        stack.enter_context(server)
+    except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+        die(f"cannot start nats-server: {exc} (try --port)")
+    current = replace(settings(), nats_url=server.url)
+    env = "" if port == 4222 else f"SANDBOXER_NATS_URL={server.url} "
+    profile = "profile.modal-gpu" if fake_modal else "profile.burst-sandbox"
+    profile = "profile.e2b-burst" if fake_e2b else profile
+    if fake_e2b or fake_modal:
+        from sandboxer.dev.providers import start_fake_providers
+
+        try:
+            current, said = start_fake_providers(
+                stack, current, state_dir, e2b=fake_e2b, modal=fake_modal
+            )
+        except (RuntimeError, TimeoutError, FileNotFoundError, ImportError) as exc:
+            stack.close()
+            die(f"cannot start the fake providers: {exc}")
+        for line in said:
+            typer.echo(f"sandboxer dev: {line}", err=True)
+    typer.echo(
+        f"sandboxer dev: NATS with JetStream on {server.url}, state in {state_dir}/\n"
+        f"In another shell:\n"
+        f"  {env}.venv/bin/sandboxer provision --tenant demo --profile {profile} --wait\n"
+        f"  {env}.venv/bin/sandboxer destroy <sandbox_id> --wait\n"
+        f"  {env}.venv/bin/sandboxer ls\n"
+        f"  {env}.venv/bin/sandboxer credits balance demo\n"
+        f"  {env}.venv/bin/sandboxer credits ledger demo\n"
+        f"Ctrl-C stops the worker and the server.",
+        err=True,
+    )
+    try:
+        run_service(_dev_services(current))
+    except ManifestError as exc:
+        die(str(exc))
+    finally:
+        stack.close()
+
+
+async def _dev_services(current: Settings) -> None:
+    """Worker and billing in one process, and credits for the demo tenant."""
+    from consumers.billing import run_billing
+    from consumers.worker import run_worker
+
+    async with Client(current.nats_url) as client:
+        await ensure_topology(client.js, replicas=current.replicas)
+        if await Ledger(client.js).grant("demo", DEMO_CREDITS, "dev-welcome", "sandboxer dev"):
+            logging.getLogger("sandboxer.dev").info("granted %s USD to tenant demo", DEMO_CREDITS)
+    stop = asyncio.Event()
+    await asyncio.gather(run_worker(current, stop), run_billing(current, stop))
