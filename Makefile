@@ -21,7 +21,7 @@ run: $(STAMP)
 ## Lint, types and the whole test suite: what CI runs.
 check: lint types test
 
-## The chaos suite at full size (about N minutes); `make check` runs it small.
+## The chaos suite at full size (about 2 minutes on 2 cores); `make check` runs it small.
 chaos: $(STAMP)
 	SANDBOXER_CHAOS=full $(BIN)/pytest -q -p no:cacheprovider tests/test_chaos.py
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from consumers.app import _message_itself
@@ -274,12 +275,12 @@ async def bench_debits(url: str, log: Path, n: int, workers: int) -> tuple[float
     return n / elapsed, exact
 
 
-async def _billing_drained(js: Any) -> bool:
+async def _billing_drained(js: JetStreamContext) -> bool:
     try:
         info = await js.consumer_info(METER_STREAM, BILLING_CONSUMER)
     except Exception:  # not created yet by the first billing process
         return False
-    return info.num_pending == 0 and info.num_ack_pending == 0
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
 
 async def bench_holds(url: str, n: int, concurrency: int) -> list[float]:

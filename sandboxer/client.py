@@ -28,7 +28,7 @@ async def _quiet(exc: Exception) -> None:
 
 
 class Client:
-    """`async with Client(url) as client: await client.provision(request, wait=30)`."""
+    """`async with Client(url) as client: await client.provision(request, wait_s=30)`."""
 
     def __init__(self, url: str, *, reconnect: bool = False) -> None:
         """`url` may list several servers, comma-separated. A CLI client fails fast

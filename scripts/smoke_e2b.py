@@ -15,10 +15,9 @@ import argparse
 import asyncio
 import os
 
-from smoke_common import context, exercise
-
 from adapters.base import Credentials
 from adapters.e2b import E2BAdapter
+from scripts.smoke_common import context, exercise
 
 
 async def smoke(api_key: str, template: str) -> None:

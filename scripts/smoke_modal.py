@@ -15,11 +15,10 @@ import argparse
 import asyncio
 import os
 
-from smoke_common import context, exercise
-
 from adapters.base import Credentials
 from adapters.modal import ModalAdapter
 from schemas import Resources
+from scripts.smoke_common import context, exercise
 
 
 async def smoke(token_id: str, token_secret: str, gpu: str | None) -> None:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import nats
 import pytest
@@ -103,6 +103,12 @@ async def js(nc: Nats) -> JetStreamContext:
 Service = Callable[[Settings, asyncio.Event, asyncio.Event], Coroutine[Any, Any, None]]
 
 
+class Start(Protocol):
+    """Start an in-process service; keyword arguments change its settings."""
+
+    async def __call__(self, **changes: Any) -> WorkerHandle: ...
+
+
 class WorkerHandle:
     """An in-process service (a worker, by default) that a test can start and stop."""
 
@@ -135,13 +141,13 @@ class WorkerHandle:
         return not self._stop.is_set() or self._task.exception() is not None
 
 
-async def _starter(settings: Settings, run: Service) -> AsyncIterator[Callable[..., object]]:
+async def _starter(settings: Settings, run: Service) -> AsyncIterator[Start]:
     """Start in-process services; keyword arguments change their settings. All are
     stopped when the test ends."""
     handles: list[WorkerHandle] = []
 
-    async def start(**changes: object) -> WorkerHandle:
-        handle = WorkerHandle(replace(as_started(settings), **changes), run)  # type: ignore[arg-type]
+    async def start(**changes: Any) -> WorkerHandle:
+        handle = WorkerHandle(replace(as_started(settings), **changes), run)
         await handle.start()
         handles.append(handle)
         return handle
@@ -152,22 +158,20 @@ async def _starter(settings: Settings, run: Service) -> AsyncIterator[Callable[.
 
 
 @pytest.fixture
-async def start_worker(
-    settings: Settings, funded: tuple[str, ...]
-) -> AsyncIterator[Callable[..., object]]:
+async def start_worker(settings: Settings, funded: tuple[str, ...]) -> AsyncIterator[Start]:
     async for start in _starter(settings, run_worker):
         yield start
 
 
 @pytest.fixture
-async def start_billing(settings: Settings) -> AsyncIterator[Callable[..., object]]:
+async def start_billing(settings: Settings) -> AsyncIterator[Start]:
     async for start in _starter(settings, run_billing):
         yield start
 
 
 @pytest.fixture
-async def worker(start_worker: Callable[..., object]) -> WorkerHandle:
-    return await start_worker()  # type: ignore[misc, no-any-return]
+async def worker(start_worker: Start) -> WorkerHandle:
+    return await start_worker()
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings
 from sandboxer.topology import ensure_topology
 from schemas import DestroyRequest, ProvisionRequest, SandboxState
+from tests.conftest import Start
 from tests.fake_finhub import FakeFinHub
 from tests.helpers import FIGURES, deliveries, stream_messages, stub_sandboxes
 
@@ -155,8 +156,8 @@ async def publish_destroys(client: Client, statuses: dict[str, Any], ids: list[s
 
 
 async def test_r1_replaying_every_request_duplicates_nothing(
-    start_worker: Callable[..., Any],
-    start_billing: Callable[..., Any],
+    start_worker: Start,
+    start_billing: Start,
     settings: Settings,
     js: JetStreamContext,
     funded: tuple[str, ...],
@@ -305,8 +306,8 @@ async def until_topology(url: str, replicas: int, timeout_s: float = 60) -> None
 async def test_r3_a_cluster_losing_a_node_under_load_loses_and_doubles_nothing(
     tmp_path: Path,
     settings: Settings,
-    start_worker: Callable[..., Any],
-    start_billing: Callable[..., Any],
+    start_worker: Start,
+    start_billing: Start,
 ) -> None:
     with Cluster(tmp_path / "cluster") as cluster:
         await until_topology(cluster.url, replicas=3)
@@ -324,8 +325,10 @@ async def test_r3_a_cluster_losing_a_node_under_load_loses_and_doubles_nothing(
                 ids: list[str] = []
                 for i in range(n):
                     if i == n // 3:
-                        cluster.nodes[1].process.kill()  # type: ignore[union-attr]  # SIGKILL
-                        cluster.nodes[1].process.wait()  # type: ignore[union-attr]
+                        victim = cluster.nodes[1].process
+                        assert victim is not None
+                        victim.kill()  # SIGKILL
+                        victim.wait()
                         await asyncio.sleep(2)  # the load goes on against two nodes
                     if i == 2 * n // 3:
                         cluster.nodes[1].start(timeout_s=30)
@@ -435,8 +438,8 @@ def generated_payloads(count: int) -> list[bytes]:
 
 
 async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
-    start_worker: Callable[..., Any],
-    start_billing: Callable[..., Any],
+    start_worker: Start,
+    start_billing: Start,
     settings: Settings,
     js: JetStreamContext,
     funded: tuple[str, ...],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from sandboxer.client import Client
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings
 from schemas import ErrorCode, ProvisionRequest, SandboxState
+from tests.conftest import Start
 from tests.helpers import wait_for_state, wait_until_drained
 
 runner = CliRunner()
@@ -74,14 +74,15 @@ async def test_an_invalid_request_can_be_fixed_under_its_own_request_id(
     # fixed request reopens the claim, which never held credits or made a sandbox.
     await js.publish("sandbox.provision", json.dumps({**bad, "ttl_s": 60}).encode())
     await asyncio.sleep(0.5)
-    assert (await client.status(sandbox_id)).state is SandboxState.FAILED  # type: ignore[union-attr]
+    answer = await client.status(sandbox_id)
+    assert answer is not None and answer.state is SandboxState.FAILED
     await retry_dead_letter(js, letter, json.dumps({**bad, "ttl_s": 60}).encode())
     ready = await wait_for_state(client, sandbox_id, SandboxState.READY)
     assert ready.error is None and ready.extension_id == "ext.saas-stub"
 
 
 async def test_out_of_deliveries_is_kept_and_answered(
-    start_worker: Callable[..., Any],
+    start_worker: Start,
     settings: Settings,
     js: JetStreamContext,
     monkeypatch: pytest.MonkeyPatch,

@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import hvac
 import pytest
@@ -33,7 +32,7 @@ from sandboxer.errors import ProviderFailed, ProviderRejected, ProviderUnavailab
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings
 from schemas import ErrorCode, ProvisionRequest, SandboxState
-from tests.conftest import OPENBAO_ROOT_TOKEN
+from tests.conftest import OPENBAO_ROOT_TOKEN, Start
 from tests.helpers import (
     as_started,
     destroy,
@@ -105,8 +104,8 @@ def test_cost_of_2_vcpu_512_mib_for_an_hour_is_exact(settings: Settings) -> None
 
 async def test_provision_and_destroy_through_the_worker(
     e2b: E2B,
-    start_worker: Callable[..., Any],
-    start_billing: Callable[..., Any],
+    start_worker: Start,
+    start_billing: Start,
     observer: Client,
     js: JetStreamContext,
     fresh_tenant: str,
@@ -151,7 +150,7 @@ async def test_provision_and_destroy_through_the_worker(
 
 
 async def test_rate_limit_with_retry_after_then_success(
-    e2b: E2B, start_worker: Callable[..., Any], observer: Client, fresh_tenant: str
+    e2b: E2B, start_worker: Start, observer: Client, fresh_tenant: str
 ) -> None:
     await start_worker()
     e2b.fake.faults.append(Fault(status=429, retry_after="1", path="/v2/sandboxes"))
@@ -163,7 +162,7 @@ async def test_rate_limit_with_retry_after_then_success(
 
 
 async def test_lost_create_response_is_retried_into_the_same_sandbox(
-    e2b: E2B, start_worker: Callable[..., Any], observer: Client, fresh_tenant: str
+    e2b: E2B, start_worker: Start, observer: Client, fresh_tenant: str
 ) -> None:
     await start_worker()
     e2b.fake.faults.append(Fault(drop_after_acting=True, path="/v2/sandboxes"))
@@ -175,7 +174,7 @@ async def test_lost_create_response_is_retried_into_the_same_sandbox(
 
 
 async def test_refused_create_falls_back_to_the_next_route(
-    e2b: E2B, start_worker: Callable[..., Any], observer: Client, fresh_tenant: str
+    e2b: E2B, start_worker: Start, observer: Client, fresh_tenant: str
 ) -> None:
     await start_worker()
     e2b.fake.faults.append(Fault(status=429, should_retry="false", path="/v2/sandboxes"))
@@ -186,7 +185,7 @@ async def test_refused_create_falls_back_to_the_next_route(
 
 async def test_wrong_key_is_provider_rejected_and_never_printed(
     e2b: E2B,
-    start_worker: Callable[..., Any],
+    start_worker: Start,
     observer: Client,
     fresh_tenant: str,
     openbao: EmbeddedOpenBao,
@@ -254,7 +253,7 @@ def _spec(sandbox_id: str, deployment: str = "test", template: str | None = None
 async def test_worker_killed_after_create_is_adopted_by_reconcile(
     e2b: E2B,
     spawn_worker: Callable[..., subprocess.Popen[bytes]],
-    start_worker: Callable[..., Any],
+    start_worker: Start,
     observer: Client,
     js: JetStreamContext,
     settings: Settings,
@@ -276,7 +275,8 @@ async def test_worker_killed_after_create_is_adopted_by_reconcile(
 
     dry = await reconcile(settings, js, dry_run=True)
     assert [(f.sandbox_id, f.action) for f in dry] == [(sandbox_id, "adopt")]
-    assert (await observer.status(sandbox_id)).state is SandboxState.PROVISIONING  # type: ignore[union-attr]
+    claimed = await observer.status(sandbox_id)
+    assert claimed is not None and claimed.state is SandboxState.PROVISIONING
     [found] = await reconcile(settings, js)
     assert found.action == "adopt" and found.tenant == fresh_tenant
     adopted = await wait_for_state(observer, sandbox_id, SandboxState.READY)
@@ -328,7 +328,7 @@ async def test_find_follows_pagination(e2b: E2B, settings: Settings, js: JetStre
 
 
 async def test_provision_command_against_the_fake(
-    e2b: E2B, start_worker: Callable[..., Any], settings: Settings, fresh_tenant: str
+    e2b: E2B, start_worker: Start, settings: Settings, fresh_tenant: str
 ) -> None:
     """The acceptance command: `sandboxer provision --profile profile.e2b-burst --wait`."""
     await start_worker()
@@ -363,7 +363,7 @@ def test_operator_smoke_script_runs_against_the_fake(e2b: E2B) -> None:
 
 async def test_a_template_bigger_than_its_profile_is_reported(
     e2b: E2B,
-    start_worker: Callable[..., Any],
+    start_worker: Start,
     observer: Client,
     fresh_tenant: str,
     caplog: pytest.LogCaptureFixture,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypedDict
 
 import pytest
 from e2b import AsyncSandbox, SandboxQuery
@@ -17,7 +18,12 @@ def fake() -> Iterator[FakeE2B]:
         yield server
 
 
-def opts(fake: FakeE2B) -> dict[str, object]:
+class Opts(TypedDict):
+    api_url: str
+    api_key: str
+
+
+def opts(fake: FakeE2B) -> Opts:
     return {"api_url": fake.url, "api_key": "e2b_test_key"}
 
 

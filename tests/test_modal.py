@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import hvac
 import pytest
@@ -34,7 +33,7 @@ from sandboxer.dev.servers import EmbeddedOpenBao
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings
 from schemas import ProvisionRequest, SandboxState
-from tests.conftest import OPENBAO_ROOT_TOKEN
+from tests.conftest import OPENBAO_ROOT_TOKEN, Start
 from tests.helpers import (
     destroy,
     meter_events,
@@ -101,8 +100,8 @@ def test_cost_of_one_h100_for_600_s_is_the_manifest_formula(settings: Settings) 
 
 async def test_gpu_sandbox_through_the_worker_is_debited_exactly(
     modal_fake: Modal,
-    start_worker: Callable[..., Any],
-    start_billing: Callable[..., Any],
+    start_worker: Start,
+    start_billing: Start,
     observer: Client,
     js: JetStreamContext,
     fresh_tenant: str,
@@ -138,7 +137,7 @@ async def test_gpu_sandbox_through_the_worker_is_debited_exactly(
 
 
 async def test_cpu_sandbox_uses_v2_and_terminate_is_idempotent(
-    modal_fake: Modal, start_worker: Callable[..., Any], observer: Client, fresh_tenant: str
+    modal_fake: Modal, start_worker: Start, observer: Client, fresh_tenant: str
 ) -> None:
     await start_worker()
     status = await provision(observer, fresh_tenant, "profile.burst-sandbox")
@@ -153,7 +152,7 @@ async def test_cpu_sandbox_uses_v2_and_terminate_is_idempotent(
 
 async def test_quota_refusal_falls_back_to_the_next_route(
     modal_fake: Modal,
-    start_worker: Callable[..., Any],
+    start_worker: Start,
     observer: Client,
     fresh_tenant: str,
     js: JetStreamContext,
@@ -169,7 +168,7 @@ async def test_quota_refusal_falls_back_to_the_next_route(
 
 async def test_deadline_after_create_never_falls_back(
     modal_fake: Modal,
-    start_worker: Callable[..., Any],
+    start_worker: Start,
     observer: Client,
     fresh_tenant: str,
     js: JetStreamContext,
@@ -188,7 +187,7 @@ async def test_deadline_after_create_never_falls_back(
 
 async def test_wrong_token_is_rejected_and_never_printed(
     modal_fake: Modal,
-    start_worker: Callable[..., Any],
+    start_worker: Start,
     observer: Client,
     fresh_tenant: str,
     caplog: pytest.LogCaptureFixture,
@@ -205,7 +204,7 @@ async def test_wrong_token_is_rejected_and_never_printed(
 async def test_orphan_after_a_worker_kill_is_found_by_tags_and_adopted(
     modal_fake: Modal,
     spawn_worker: Callable[..., subprocess.Popen[bytes]],
-    start_worker: Callable[..., Any],
+    start_worker: Start,
     observer: Client,
     js: JetStreamContext,
     settings: Settings,
@@ -225,7 +224,8 @@ async def test_orphan_after_a_worker_kill_is_found_by_tags_and_adopted(
     doomed.wait()
     modal_fake.fake.state.latency_s.clear()
     sandbox_id = sandbox_id_for(fresh_tenant, "crash")
-    assert (await observer.status(sandbox_id)).state is SandboxState.PROVISIONING  # type: ignore[union-attr]
+    claimed = await observer.status(sandbox_id)
+    assert claimed is not None and claimed.state is SandboxState.PROVISIONING
 
     [found] = await reconcile(settings, js, extension_id="ext.modal")
     assert (found.sandbox_id, found.action) == (sandbox_id, "adopt")
@@ -245,7 +245,7 @@ async def test_orphan_after_a_worker_kill_is_found_by_tags_and_adopted(
 
 async def test_provision_command_against_the_fake(
     modal_fake: Modal,
-    start_worker: Callable[..., Any],
+    start_worker: Start,
     settings: Settings,
     fresh_tenant: str,
     observer: Client,

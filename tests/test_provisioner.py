@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
+from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
 
 from sandboxer.client import Client
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings, default_extensions_dir
 from schemas import DestroyRequest, ErrorCode, ProvisionRequest, SandboxState
+from tests.conftest import Start
 from tests.helpers import meter_events, stub_sandboxes, wait_for_state, wait_until_drained
 
 
@@ -117,11 +118,15 @@ async def test_ttl_expiry_destroys_sandbox_and_emits_stopped(
     kinds = [e["kind"] for e in await meter_events(js, ready.sandbox_id)]
     assert kinds == ["started", "stopped"]
     stub = await js.key_value("sandboxer-stub")
-    record = json.loads((await stub.get(f"sbx.{ready.provider_sandbox_id}")).value)
+    entry = await stub.get(f"sbx.{ready.provider_sandbox_id}")
+    assert entry.value is not None
+    record = json.loads(entry.value)
     assert record["terminated_at"] is not None
 
 
-async def test_hand_written_json_over_raw_nats_reaches_ready(client: Client, nc, js) -> None:  # type: ignore[no-untyped-def]
+async def test_hand_written_json_over_raw_nats_reaches_ready(
+    client: Client, nc: Nats, js: JetStreamContext
+) -> None:
     # What a publisher in another language does: plain JSON, plain subjects.
     sandbox_id = sandbox_id_for("t1", "r1")
     statuses = await nc.subscribe(f"sandbox.status.{sandbox_id}")
@@ -137,7 +142,7 @@ async def test_hand_written_json_over_raw_nats_reaches_ready(client: Client, nc,
 
 
 async def test_sandbox_that_never_gets_ready_is_torn_down(
-    tmp_path: Path, start_worker: Callable[..., object], settings: Settings, js: JetStreamContext
+    tmp_path: Path, start_worker: Start, settings: Settings, js: JetStreamContext
 ) -> None:
     extensions = tmp_path / "extensions"
     shutil.copytree(default_extensions_dir(), extensions)
@@ -153,7 +158,7 @@ async def test_sandbox_that_never_gets_ready_is_torn_down(
             "routes: [ext.e2b, ext.modal, ext.saas-stub]", "routes: [ext.never-ready]"
         )
     )
-    await start_worker(extensions_dir=extensions)  # type: ignore[misc]
+    await start_worker(extensions_dir=extensions)
     async with Client(settings.nats_url) as client:
         failed = await client.provision(
             ProvisionRequest(request_id="boot", tenant="acme", profile="profile.never"), wait_s=15

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
@@ -22,18 +20,21 @@ from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings
 from sandboxer.statuses import StatusStore
 from schemas import ErrorCode, ErrorInfo, SandboxState, SandboxStatus, utcnow
+from tests.conftest import Start
 from tests.helpers import provision, reconcile, stub_sandboxes, wait_for_state
 
 
 async def test_failed_claims_orphans_expired_and_kept_sandboxes(
-    start_worker: Callable[..., Any], settings: Settings, js: JetStreamContext
+    start_worker: Start, settings: Settings, js: JetStreamContext
 ) -> None:
     await start_worker()
     statuses = await StatusStore.open(js)
     async with Client(settings.nats_url) as client:
         kept = await provision(client, "acme", "profile.burst-sandbox")
         expired = await provision(client, "acme", "profile.burst-sandbox")
-        status, revision = await statuses.get(expired.sandbox_id)  # type: ignore[misc]
+        found = await statuses.get(expired.sandbox_id)
+        assert found is not None
+        status, revision = found
         past = utcnow() - timedelta(seconds=1)
         await statuses.update(status.with_changes(expires_at=past), revision)
 
@@ -110,7 +111,7 @@ async def test_one_of_many_takes_each_turn(js: JetStreamContext) -> None:
 
 
 async def test_workers_share_one_periodic_pass(
-    start_worker: Callable[..., Any], js: JetStreamContext, caplog: pytest.LogCaptureFixture
+    start_worker: Start, js: JetStreamContext, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="sandboxer.worker")
     for _ in range(3):
@@ -120,4 +121,5 @@ async def test_workers_share_one_periodic_pass(
     # One pass per period for the deployment (about 4), not one per worker (about 12).
     assert 2 <= passes <= 6, passes
     lease = await (await js.key_value("sandboxer-leases")).get("reconcile.test")
+    assert lease.revision is not None
     assert passes <= lease.revision <= passes + 1  # + a pass that has not logged yet

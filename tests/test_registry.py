@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from adapters.base import AdapterContext, SandboxAdapter
 from adapters.registry import Registry
 from adapters.routing import Router
+from adapters.saas_stub import SaasStubAdapter
 from sandboxer.errors import ManifestError, NoRoute, UnknownProfile
 from sandboxer.settings import Settings, default_extensions_dir
 from schemas import Profile, TtlLimits
@@ -85,13 +87,20 @@ def test_yaml_syntax_error_names_the_file(ext_dir: Path) -> None:
         Registry.load(ext_dir)
 
 
+def stub_adapter() -> SandboxAdapter:
+    """A stub adapter that is never called (routing only looks at which exist)."""
+    manifest = Registry.load(default_extensions_dir()).extensions["ext.saas-stub"]
+    return SaasStubAdapter(AdapterContext(manifest, Settings()))
+
+
 async def test_router_skips_uninstalled_extensions_and_falls_to_the_stub() -> None:
     registry = Registry.load(default_extensions_dir())
-    stub = object()
-    router = Router({"ext.saas-stub": stub})  # type: ignore[dict-item]
-    route = await router.choose(registry.profile("profile.burst-sandbox"), "acme")
+    stub = stub_adapter()
+    router = Router({"ext.saas-stub": stub})
+    profile = registry.profile("profile.burst-sandbox")
+    route = await router.choose(profile, "acme")
     assert route.extension_id == "ext.saas-stub" and route.adapter is stub
-    assert [ext for ext, _ in route.skipped] == ["ext.e2b", "ext.modal"]
+    assert [ext for ext, _ in route.skipped] == profile.routes[:-1]
     assert route.credentials.source == "none"
 
 
@@ -110,12 +119,12 @@ async def test_a_pinned_tenant_gets_its_extension_or_no_route() -> None:
         ttl=TtlLimits(default_s=60, max_s=600),
         pins={"vip": "ext.b", "stuck": "ext.a"},
     )
-    a, b = object(), object()
-    router = Router({"ext.a": a, "ext.b": b})  # type: ignore[dict-item]
+    a, b = stub_adapter(), stub_adapter()
+    router = Router({"ext.a": a, "ext.b": b})
     assert (await router.choose(profile, "anyone")).adapter is a
     assert (await router.choose(profile, "vip")).adapter is b
     with pytest.raises(NoRoute, match=r"ext\.a: extension not installed"):
-        await Router({"ext.b": b}).choose(profile, "stuck")  # type: ignore[dict-item]
+        await Router({"ext.b": b}).choose(profile, "stuck")
 
 
 def test_pins_must_name_a_route() -> None:

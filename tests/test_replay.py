@@ -4,8 +4,6 @@ applies what was missed."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
 
 from nats.js import JetStreamContext
 
@@ -15,6 +13,7 @@ from sandboxer.credits import Ledger
 from sandboxer.settings import Settings
 from sandboxer.topology import read_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState
+from tests.conftest import Start
 from tests.helpers import (
     sandboxer,
     stream_messages,
@@ -62,8 +61,8 @@ async def settle_all(js: JetStreamContext) -> None:
 
 
 async def test_replaying_everything_twice_changes_nothing(
-    start_worker: Callable[..., Any],
-    start_billing: Callable[..., Any],
+    start_worker: Start,
+    start_billing: Start,
     settings: Settings,
     js: JetStreamContext,
 ) -> None:
@@ -94,7 +93,7 @@ async def test_replaying_everything_twice_changes_nothing(
 
 
 async def test_replay_applies_what_was_missed(
-    start_worker: Callable[..., Any], settings: Settings, js: JetStreamContext
+    start_worker: Start, settings: Settings, js: JetStreamContext
 ) -> None:
     await start_worker()
     async with Client(settings.nats_url) as client:
@@ -112,7 +111,7 @@ async def test_replay_applies_what_was_missed(
 
 
 async def test_ranges_and_tenants(
-    start_worker: Callable[..., Any], settings: Settings, js: JetStreamContext
+    start_worker: Start, settings: Settings, js: JetStreamContext
 ) -> None:
     await start_worker()
     async with Client(settings.nats_url) as client:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
@@ -13,6 +14,7 @@ from sandboxer.client import Client
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings
 from schemas import ErrorCode, ProvisionRequest, SandboxState
+from tests.conftest import Start, WorkerHandle
 from tests.helpers import (
     deliveries,
     meter_events,
@@ -30,14 +32,14 @@ def request(request_id: str) -> ProvisionRequest:
 
 @pytest.fixture
 def stub_worker(
-    start_worker: Callable[..., object], monkeypatch: pytest.MonkeyPatch
-) -> Callable[..., Awaitable[object]]:
+    start_worker: Start, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Awaitable[WorkerHandle]]:
     """Start a worker whose stub behaves as `SANDBOXER_STUB_<NAME>=value` say."""
 
-    async def start(worker_settings: dict[str, object] | None = None, **stub: str) -> object:
+    async def start(worker_settings: dict[str, Any] | None = None, **stub: str) -> WorkerHandle:
         for name, value in stub.items():
             monkeypatch.setenv(f"SANDBOXER_STUB_{name.upper()}", value)
-        return await start_worker(**(worker_settings or {}))  # type: ignore[misc]
+        return await start_worker(**(worker_settings or {}))
 
     return start
 

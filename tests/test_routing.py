@@ -10,7 +10,6 @@ import shutil
 import signal
 import sys
 import uuid
-from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings, default_extensions_dir
 from sandboxer.topology import read_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
-from tests.conftest import OPENBAO_ROOT_TOKEN
+from tests.conftest import OPENBAO_ROOT_TOKEN, Start
 from tests.fake_adapters import fingerprint
 from tests.helpers import meter_events, stream_messages, stub_sandboxes, wait_for_status
 
@@ -47,7 +46,7 @@ async def keyed_worker(
     tmp_path: Path,
     platform_path: str,
     openbao: EmbeddedOpenBao,
-    start_worker: Callable[..., Any],
+    start_worker: Start,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Any:
     """A worker whose profile.burst-sandbox starts with a keyed `ext.e2b` stand-in."""
@@ -185,6 +184,7 @@ async def test_no_secret_value_anywhere_in_nats_or_logs(
         await destroy(settings, await provision(settings, tenant))
     scanned = 0
     for stream in await js.streams_info():
+        assert stream.config.name is not None
         async for _, subject, data in read_subject(js, stream.config.name, ">"):
             scanned += 1
             for secret in secrets:
@@ -243,7 +243,7 @@ async def test_openbao_outage_delays_requests_and_loses_none(
     platform_path: str,
     openbao: EmbeddedOpenBao,
     admin: hvac.Client,
-    start_worker: Callable[..., Any],
+    start_worker: Start,
     monkeypatch: pytest.MonkeyPatch,
     settings: Settings,
     caplog: pytest.LogCaptureFixture,
@@ -278,7 +278,7 @@ async def test_openbao_outage_delays_requests_and_loses_none(
 
 async def test_byok_sandbox_holds_and_debits_no_credits(
     keyed_worker: Any,
-    start_billing: Callable[..., Any],
+    start_billing: Start,
     settings: Settings,
     js: JetStreamContext,
     admin: hvac.Client,
@@ -311,7 +311,7 @@ async def test_byok_sandbox_holds_and_debits_no_credits(
 
 async def test_a_refusal_before_creation_falls_back_to_the_next_route(
     keyed_worker: Any,
-    start_worker: Callable[..., Any],
+    start_worker: Start,
     settings: Settings,
     js: JetStreamContext,
     admin: hvac.Client,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 from nats.js import JetStreamContext
@@ -21,9 +21,9 @@ from tests.helpers import deliveries, stream_messages, stub_sandboxes
 Spawn = Callable[..., subprocess.Popen[bytes]]
 
 
-async def wait_until(predicate: Callable[[], object], timeout_s: float = 60) -> None:
+async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 60) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await predicate():  # type: ignore[misc]
+    while not await predicate():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("timed out")
         await asyncio.sleep(0.1)

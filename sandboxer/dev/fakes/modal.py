@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-from google.protobuf import empty_pb2  # type: ignore[import-untyped]
+from google.protobuf import empty_pb2
 from grpclib import GRPCError, Status
 from grpclib.server import Server, Stream
 from modal._utils.grpc_utils import custom_detail_codec
