@@ -31,6 +31,7 @@ import nats
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
+import tests.helpers
 from consumers.app import _message_itself
 from sandboxer.credits import Ledger
 from sandboxer.dev.servers import EmbeddedNats
@@ -222,24 +223,7 @@ async def fund(url: str) -> None:
 
 
 def stopped_event(tenant: str, n: int) -> bytes:
-    sandbox_id = f"sbx-{n:024x}"
-    return json.dumps(
-        {
-            "event_id": f"{sandbox_id}.stopped",
-            "kind": "stopped",
-            "extension_id": "ext.saas-stub",
-            "sandbox_id": sandbox_id,
-            "tenant": tenant,
-            "profile": PROFILE,
-            "provider_sandbox_id": f"stub-{n}",
-            "started_at": "2026-01-01T00:00:00Z",
-            "stopped_at": "2026-01-01T00:01:00Z",
-            "duration_s": "60.000",
-            "estimate_usd": "0.009000",
-            "actual_usd": "0.000600",
-            "usd_per_second": "0.000010",
-        }
-    ).encode()
+    return json.dumps(tests.helpers.stopped_event(n, tenant=tenant)).encode()
 
 
 async def bench_debits(url: str, log: Path, n: int, workers: int) -> tuple[float, bool]:

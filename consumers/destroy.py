@@ -1,5 +1,5 @@
-"""The destroy path: `sandbox.destroy` deliveries, and the TTL schedule that sends one
-at a sandbox's expiry.
+"""The destroy path: `sandbox.destroy` deliveries (the TTL schedule that sends one at a
+sandbox's expiry is `consumers/lifecycle.py`).
 
 A destroy loads the status and compares tenants (another tenant's sandbox is
 `not_found`), then acts on the state: a `provisioning` sandbox is waited for (nak
@@ -12,20 +12,15 @@ again. Every step is idempotent, so a redelivery or a replay repeats nothing.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
 from functools import partial
 
-from nats.js import JetStreamContext
 from pydantic import ValidationError
 
-from adapters.routing import Router
-from consumers.delivery import Delivery, KeepAlive, Retry, reject_invalid, settle
-from consumers.metering import Metering, recorded_sandbox
+from consumers.delivery import Delivery, Retry, reject_invalid, settle
+from consumers.lifecycle import Lifecycle
+from consumers.metering import recorded_sandbox
 from sandboxer.errors import NotFound, error_info
-from sandboxer.ids import ttl_destroy_request_id
-from sandboxer.settings import Settings
 from sandboxer.statuses import StaleStatus, StatusStore
-from sandboxer.topology import DESTROY_SUBJECT, REQUESTS_STREAM, schedule_subject
 from schemas import DestroyRequest, SandboxState, SandboxStatus, utcnow
 
 log = logging.getLogger("sandboxer.destroy")
@@ -34,73 +29,16 @@ log = logging.getLogger("sandboxer.destroy")
 DESTROY_WAIT_S = 2.0
 
 
-def _schedule_at(moment: datetime) -> str:
-    """`@at` time of a schedule, rounded up to the second: never fire before `moment`."""
-    utc = moment.astimezone(UTC)
-    if utc.microsecond:
-        utc = utc.replace(microsecond=0) + timedelta(seconds=1)
-    return f"@at {utc.strftime('%Y-%m-%dT%H:%M:%SZ')}"
-
-
-class Expiry:
-    """Each sandbox's TTL destroy, held by nats-server until `expires_at` (a message
-    schedule on `sandbox.schedule.<sandbox_id>` that fires onto `sandbox.destroy`)."""
-
-    def __init__(self, js: JetStreamContext) -> None:
-        self._js = js
-
-    @staticmethod
-    def request(status: SandboxStatus) -> DestroyRequest:
-        """The TTL destroy of a sandbox: always the same request id, so it is one
-        request however often it is sent."""
-        return DestroyRequest(
-            request_id=ttl_destroy_request_id(status.sandbox_id),
-            tenant=status.tenant,
-            sandbox_id=status.sandbox_id,
-            reason="ttl",
-        )
-
-    async def schedule(self, status: SandboxStatus) -> None:
-        """Have the server send the TTL destroy at `expires_at` (publishing it again
-        replaces the schedule)."""
-        assert status.expires_at is not None
-        await self._js.publish(
-            schedule_subject(status.sandbox_id),
-            self.request(status).model_dump_json().encode(),
-            headers={
-                "Nats-Schedule": _schedule_at(status.expires_at),
-                "Nats-Schedule-Target": DESTROY_SUBJECT,
-            },
-        )
-
-    async def send_now(self, status: SandboxStatus) -> None:
-        """The TTL destroy, right away (reconciliation of an expired sandbox)."""
-        await self._js.publish(DESTROY_SUBJECT, self.request(status).model_dump_json().encode())
-
-    async def cancel(self, sandbox_id: str) -> None:
-        """Drop the schedule (the sandbox is gone); if it fires anyway it is a no-op."""
-        await self._js.purge_stream(REQUESTS_STREAM, subject=schedule_subject(sandbox_id))
-
-
 class Destroying:
     """Handles `sandbox.destroy` deliveries."""
 
-    def __init__(
-        self,
-        *,
-        settings: Settings,
-        statuses: StatusStore,
-        router: Router,
-        keepalive: KeepAlive,
-        metering: Metering,
-        expiry: Expiry,
-    ) -> None:
-        self._settings = settings
+    def __init__(self, lifecycle: Lifecycle, statuses: StatusStore) -> None:
+        self._settings = lifecycle.settings
+        self._router = lifecycle.router
+        self._keepalive = lifecycle.keepalive
+        self._metering = lifecycle.metering
+        self._expiry = lifecycle.expiry
         self._statuses = statuses
-        self._router = router
-        self._keepalive = keepalive
-        self._metering = metering
-        self._expiry = expiry
 
     async def on_destroy(self, data: bytes, delivery: Delivery) -> None:
         """Handle one delivery of a DestroyRequest."""

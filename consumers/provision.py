@@ -17,17 +17,14 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from adapters.base import ProviderSandbox, SandboxAdapter, SandboxSpec
-from adapters.routing import Router
 from consumers.claims import Claims, route_fields
 from consumers.deadletter import H_RETRY
-from consumers.delivery import Delivery, KeepAlive, Retry, reject_invalid, settle
-from consumers.destroy import Expiry
-from consumers.metering import Metering
+from consumers.delivery import Delivery, Retry, reject_invalid, settle
+from consumers.lifecycle import Lifecycle
 from sandboxer import money
 from sandboxer.credits import Ledger
 from sandboxer.errors import NoRoute, ProviderRejected, SandboxerError, error_info
 from sandboxer.ids import sandbox_id_for
-from sandboxer.settings import Settings
 from schemas import Profile, ProvisionRequest, SandboxState, SandboxStatus
 
 log = logging.getLogger("sandboxer.provision")
@@ -37,24 +34,14 @@ class Provisioning:
     """Handles `sandbox.provision` deliveries. Holds no state of its own (but which
     holds it has checked against the provider's price, to warn once)."""
 
-    def __init__(
-        self,
-        *,
-        settings: Settings,
-        claims: Claims,
-        router: Router,
-        ledger: Ledger,
-        expiry: Expiry,
-        keepalive: KeepAlive,
-        metering: Metering,
-    ) -> None:
-        self._settings = settings
+    def __init__(self, lifecycle: Lifecycle, claims: Claims, ledger: Ledger) -> None:
+        self._settings = lifecycle.settings
+        self._router = lifecycle.router
+        self._keepalive = lifecycle.keepalive
+        self._metering = lifecycle.metering
+        self._expiry = lifecycle.expiry
         self._claims = claims
-        self._router = router
         self._ledger = ledger
-        self._expiry = expiry
-        self._keepalive = keepalive
-        self._metering = metering
         self._holds_checked: set[tuple[object, ...]] = set()
 
     async def on_provision(self, data: bytes, delivery: Delivery) -> None:

@@ -34,9 +34,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from adapters.base import TAG_DEPLOYMENT, TAG_SANDBOX_ID, TAG_TENANT, Credentials, ProviderSandbox
-from adapters.routing import Router
-from consumers.destroy import Expiry
-from consumers.metering import Metering
+from consumers.lifecycle import Lifecycle
 from sandboxer.statuses import StatusStore
 from schemas import SandboxState, SandboxStatus, utcnow
 
@@ -61,20 +59,13 @@ class Reconciler:
     """Runs one reconciliation pass over every (or one) loaded extension."""
 
     def __init__(
-        self,
-        router: Router,
-        statuses: StatusStore,
-        metering: Metering,
-        expiry: Expiry,
-        *,
-        deployment: str,
-        grace_s: float = 120.0,
+        self, lifecycle: Lifecycle, statuses: StatusStore, *, grace_s: float = 120.0
     ) -> None:
-        self._router = router
+        self._router = lifecycle.router
+        self._metering = lifecycle.metering
+        self._expiry = lifecycle.expiry
+        self._deployment = lifecycle.settings.deployment
         self._statuses = statuses
-        self._metering = metering
-        self._expiry = expiry
-        self._deployment = deployment
         self._grace = timedelta(seconds=grace_s)
 
     async def run(self, extension_id: str | None = None, *, dry_run: bool = False) -> list[Finding]:

@@ -15,7 +15,8 @@ from adapters.registry import Registry
 from adapters.routing import Router
 from consumers.claims import Claims
 from consumers.delivery import KeepAlive
-from consumers.destroy import Destroying, Expiry
+from consumers.destroy import Destroying
+from consumers.lifecycle import Expiry, Lifecycle
 from consumers.metering import Metering
 from consumers.provision import Provisioning
 from consumers.reconcile import Reconciler
@@ -60,20 +61,12 @@ class WorkerParts:
 
     providers: Providers
     statuses: StatusStore
-    metering: Metering
-    expiry: Expiry
+    lifecycle: Lifecycle
     provisioning: Provisioning
     destroying: Destroying
 
-    def reconciler(self, settings: Settings, *, grace_s: float) -> Reconciler:
-        return Reconciler(
-            self.providers.router,
-            self.statuses,
-            self.metering,
-            self.expiry,
-            deployment=settings.deployment,
-            grace_s=grace_s,
-        )
+    def reconciler(self, *, grace_s: float) -> Reconciler:
+        return Reconciler(self.lifecycle, self.statuses, grace_s=grace_s)
 
 
 async def open_worker(
@@ -84,10 +77,14 @@ async def open_worker(
     statuses = await StatusStore.open(js)
     keepalive = KeepAlive(every_s=max(0.5, settings.ack_wait_s / 3))
     stack.push_async_callback(keepalive.aclose)
-    metering = Metering(js, providers.registry, statuses)
-    expiry = Expiry(js)
+    lifecycle = Lifecycle(
+        settings=settings,
+        router=providers.router,
+        keepalive=keepalive,
+        metering=Metering(js, providers.registry, statuses),
+        expiry=Expiry(js),
+    )
     claims = Claims(providers.registry, providers.router, statuses)
-    ledger = Ledger(js)
     log.info(
         "worker: nats=%s deployment=%s extensions=%s in-flight<=%d openbao=%s",
         settings.nats_url,
@@ -99,23 +96,7 @@ async def open_worker(
     return WorkerParts(
         providers=providers,
         statuses=statuses,
-        metering=metering,
-        expiry=expiry,
-        provisioning=Provisioning(
-            settings=settings,
-            claims=claims,
-            router=providers.router,
-            ledger=ledger,
-            expiry=expiry,
-            keepalive=keepalive,
-            metering=metering,
-        ),
-        destroying=Destroying(
-            settings=settings,
-            statuses=statuses,
-            router=providers.router,
-            keepalive=keepalive,
-            metering=metering,
-            expiry=expiry,
-        ),
+        lifecycle=lifecycle,
+        provisioning=Provisioning(lifecycle, claims, Ledger(js)),
+        destroying=Destroying(lifecycle, statuses),
     )

@@ -107,7 +107,7 @@ async def run_worker(
         js = await connect(settings, "sandboxer-worker", stack)
         parts = await open_worker(settings, js, stack)
         if settings.reconcile_every_s > 0:
-            reconciler = parts.reconciler(settings, grace_s=settings.reconcile_grace_s)
+            reconciler = parts.reconciler(grace_s=settings.reconcile_grace_s)
             task = asyncio.create_task(reconcile_forever(reconciler, js, settings))
             stack.callback(task.cancel)
         await serve(

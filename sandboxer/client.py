@@ -4,7 +4,6 @@ benchmark use, and a model for publishers in other languages."""
 from __future__ import annotations
 
 import asyncio
-from types import TracebackType
 
 import nats
 from nats.aio.client import Client as Nats
@@ -51,12 +50,7 @@ class Client:
         self._js = self._nc.jetstream(timeout=10.0)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         if self._nc is not None:
             await self._nc.close()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -93,35 +94,29 @@ def republishable_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
 
 def stream_configs(replicas: int) -> list[StreamConfig]:
     """The streams sandboxer needs, file-backed, with `replicas` copies."""
-    return [
-        StreamConfig(
-            name=REQUESTS_STREAM,
-            subjects=[PROVISION_SUBJECT, DESTROY_SUBJECT, f"{SCHEDULE_SUBJECT_PREFIX}.*"],
-            max_age=REQUESTS_MAX_AGE_S,
+
+    def stream(name: str, subjects: list[str], **options: Any) -> StreamConfig:
+        return StreamConfig(
+            name=name,
+            subjects=subjects,
             storage=StorageType.FILE,
             num_replicas=replicas,
+            **options,
+        )
+
+    return [
+        stream(
+            REQUESTS_STREAM,
+            [PROVISION_SUBJECT, DESTROY_SUBJECT, f"{SCHEDULE_SUBJECT_PREFIX}.*"],
+            max_age=REQUESTS_MAX_AGE_S,
             # nats-server >= 2.12 fires `Nats-Schedule` messages onto `sandbox.destroy`.
             allow_msg_schedules=True,
         ),
-        StreamConfig(
-            name=STATUS_STREAM,
-            subjects=[f"{STATUS_SUBJECT_PREFIX}.*"],
-            max_age=EVENTS_MAX_AGE_S,
-            storage=StorageType.FILE,
-            num_replicas=replicas,
-        ),
-        StreamConfig(
-            name=METER_STREAM,
-            subjects=[f"{METER_SUBJECT_PREFIX}.>"],
-            max_age=EVENTS_MAX_AGE_S,
-            storage=StorageType.FILE,
-            num_replicas=replicas,
-        ),
-        StreamConfig(
-            name=LEDGER_STREAM,
-            subjects=[f"{LEDGER_SUBJECT_PREFIX}.>"],
-            storage=StorageType.FILE,
-            num_replicas=replicas,
+        stream(STATUS_STREAM, [f"{STATUS_SUBJECT_PREFIX}.*"], max_age=EVENTS_MAX_AGE_S),
+        stream(METER_STREAM, [f"{METER_SUBJECT_PREFIX}.>"], max_age=EVENTS_MAX_AGE_S),
+        stream(
+            LEDGER_STREAM,
+            [f"{LEDGER_SUBJECT_PREFIX}.>"],
             # Each entry id is a subject that takes one message, ever: an entry written
             # twice, even years apart, is refused by the server (error 10077).
             max_msgs_per_subject=1,
@@ -129,30 +124,24 @@ def stream_configs(replicas: int) -> list[StreamConfig]:
             discard_new_per_subject=True,
             allow_direct=True,
         ),
-        StreamConfig(
-            name=BILLING_STREAM,
-            subjects=[USAGE_SUBJECT],
+        stream(
+            BILLING_STREAM,
+            [USAGE_SUBJECT],
             max_age=EVENTS_MAX_AGE_S,
-            storage=StorageType.FILE,
-            num_replicas=replicas,
             # Usage records are deduplicated by Nats-Msg-Id over a day, far longer than
             # any crash-and-redeliver; later replays are stopped by a durable marker.
             duplicate_window=DAY_S,
         ),
-        StreamConfig(
-            name=DEAD_LETTER_STREAM,
-            subjects=[f"{DLQ_SUBJECT_PREFIX}.*"],
+        stream(
+            DEAD_LETTER_STREAM,
+            [f"{DLQ_SUBJECT_PREFIX}.*"],
             max_age=EVENTS_MAX_AGE_S,
-            storage=StorageType.FILE,
-            num_replicas=replicas,
             duplicate_window=DAY_S,
         ),
-        StreamConfig(
-            name=ADVISORY_STREAM,
-            subjects=[f"{MAX_DELIVERIES_ADVISORIES}.>"],
+        stream(
+            ADVISORY_STREAM,
+            [f"{MAX_DELIVERIES_ADVISORIES}.>"],
             max_age=REQUESTS_MAX_AGE_S,
-            storage=StorageType.FILE,
-            num_replicas=replicas,
         ),
     ]
 

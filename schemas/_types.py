@@ -38,6 +38,15 @@ def _reject_float(value: Any) -> Any:
     return value
 
 
+#: What every exact decimal type shares: no floats in, a decimal string out (JSON).
+_NO_FLOAT = BeforeValidator(_reject_float)
+_AS_TEXT = PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json")
+
+
+def _text_schema(pattern: str) -> WithJsonSchema:
+    return WithJsonSchema({"type": "string", "pattern": pattern})
+
+
 def _exact_usd(value: Decimal) -> Decimal:
     if not value.is_finite():
         raise ValueError("amount must be finite")
@@ -47,11 +56,7 @@ def _exact_usd(value: Decimal) -> Decimal:
 
 
 Usd = Annotated[
-    Decimal,
-    BeforeValidator(_reject_float),
-    AfterValidator(_exact_usd),
-    PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json"),
-    WithJsonSchema({"type": "string", "pattern": r"^-?\d+(\.\d{1,6})?$"}),
+    Decimal, _NO_FLOAT, AfterValidator(_exact_usd), _AS_TEXT, _text_schema(r"^-?\d+(\.\d{1,6})?$")
 ]
 """USD as an exact Decimal, a decimal string in JSON, at most six decimals."""
 
@@ -68,31 +73,15 @@ def _exact_rate(value: Decimal) -> Decimal:
 
 
 UsdRate = Annotated[
-    Decimal,
-    BeforeValidator(_reject_float),
-    AfterValidator(_exact_rate),
-    PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json"),
-    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d{1,12})?$"}),
+    Decimal, _NO_FLOAT, AfterValidator(_exact_rate), _AS_TEXT, _text_schema(r"^\d+(\.\d{1,12})?$")
 ]
 """A price per unit (per second, per vCPU-second...): exact, up to twelve decimals.
 Amounts computed from rates are rounded to the micro-dollar (`quantize_usd`)."""
 
-Factor = Annotated[
-    Decimal,
-    BeforeValidator(_reject_float),
-    Field(ge=0),
-    PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json"),
-    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?$"}),
-]
+Factor = Annotated[Decimal, _NO_FLOAT, Field(ge=0), _AS_TEXT, _text_schema(r"^\d+(\.\d+)?$")]
 """An exact multiplier of prices (a region surcharge, say): a decimal string, no float."""
 
-Seconds = Annotated[
-    Decimal,
-    BeforeValidator(_reject_float),
-    Field(ge=0),
-    PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json"),
-    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?$"}),
-]
+Seconds = Annotated[Decimal, _NO_FLOAT, Field(ge=0), _AS_TEXT, _text_schema(r"^\d+(\.\d+)?$")]
 """A duration as an exact Decimal (decimal string in JSON): billing multiplies it."""
 
 

@@ -22,6 +22,28 @@ from sandboxer.topology import kv_entries, read_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
 
 
+def stopped_event(n: int, **changes: object) -> dict[str, object]:
+    """The `stopped` meter event of a made-up stub sandboxes number `n` that ran a
+    minute at 0.00001 USD/s; `changes` replace fields."""
+    sandbox_id = f"sbx-{n:024x}"
+    return {
+        "event_id": f"{sandbox_id}.stopped",
+        "kind": "stopped",
+        "extension_id": "ext.saas-stub",
+        "sandbox_id": sandbox_id,
+        "tenant": "acme",
+        "profile": "profile.burst-sandbox",
+        "provider_sandbox_id": f"stub-{n}",
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "stopped_at": "2026-01-01T00:01:00+00:00",
+        "duration_s": "60.000",
+        "estimate_usd": "0.009000",
+        "actual_usd": "0.000600",
+        "usd_per_second": "0.000010",
+        **changes,
+    }
+
+
 def as_started(settings: Settings) -> Settings:
     """`settings` as a process started now has them: the test's own, plus what the
     environment says of OpenBao, the adapters' config and fin-hub's token (tests set
@@ -124,14 +146,15 @@ async def destroy(client: Client, status: SandboxStatus, *, wait_s: float = 30) 
     return done
 
 
-async def sandboxer(settings: Settings, *args: str) -> tuple[int, str, str]:
-    """Run the `sandboxer` command against the test's NATS: (exit code, stdout, stderr)."""
+async def sandboxer(settings: Settings, *args: str, **env: str) -> tuple[int, str, str]:
+    """Run the `sandboxer` command against the test's NATS, with `env` set too:
+    (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "sandboxer",
         *args,
-        env={**os.environ, "SANDBOXER_NATS_URL": settings.nats_url},
+        env={**os.environ, "SANDBOXER_NATS_URL": settings.nats_url, **env},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -144,7 +167,7 @@ async def reconcile(settings: Settings, js: JetStreamContext, **kwargs: Any) -> 
     """One reconciliation pass (no grace), as `sandboxer reconcile` runs it."""
     async with AsyncExitStack() as stack:
         parts = await open_worker(as_started(settings), js, stack)
-        return await parts.reconciler(settings, grace_s=0).run(**kwargs)
+        return await parts.reconciler(grace_s=0).run(**kwargs)
 
 
 async def provision_by_cli(settings: Settings, tenant: str, profile: str) -> SandboxStatus:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -23,31 +21,14 @@ from sandboxer.credits import Ledger
 from sandboxer.settings import Settings
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, UsageRecord
 from tests.fake_finhub import FakeFinHub, Script
-from tests.helpers import stream_messages
+from tests.helpers import sandboxer, stream_messages
+from tests.helpers import stopped_event as event_of
 
 Start = Callable[..., Any]
 
 
 def stopped_event(n: int, tenant: str = "acme", usd: str = "0.000123") -> bytes:
-    sandbox_id = f"sbx-{n:024x}"
-    started = datetime(2026, 1, 1, tzinfo=UTC)
-    return json.dumps(
-        {
-            "event_id": f"{sandbox_id}.stopped",
-            "kind": "stopped",
-            "extension_id": "ext.saas-stub",
-            "sandbox_id": sandbox_id,
-            "tenant": tenant,
-            "profile": "profile.burst-sandbox",
-            "provider_sandbox_id": f"stub-{n}",
-            "started_at": started.isoformat(),
-            "stopped_at": (started + timedelta(seconds=12.3)).isoformat(),
-            "duration_s": "12.300",
-            "estimate_usd": "0.009000",
-            "actual_usd": usd,
-            "usd_per_second": "0.000010",
-        }
-    ).encode()
+    return json.dumps(event_of(n, tenant=tenant, actual_usd=usd)).encode()
 
 
 async def until(check: Callable[[], Any], timeout_s: float = 20.0) -> None:
@@ -221,7 +202,9 @@ async def test_money_adds_up_from_provision_to_fin_hub(
     assert len(statuses) == 20
 
 
-async def test_finhub_export_by_hand(tmp_path: Path, fin_hub: FakeFinHub) -> None:
+async def test_finhub_export_by_hand(
+    tmp_path: Path, fin_hub: FakeFinHub, settings: Settings
+) -> None:
     record = UsageRecord(
         record_id="usage-sbx-" + "a" * 24,
         sandbox_id="sbx-" + "a" * 24,
@@ -235,39 +218,14 @@ async def test_finhub_export_by_hand(tmp_path: Path, fin_hub: FakeFinHub) -> Non
     )
     path = tmp_path / "record.json"
     path.write_text(record.model_dump_json())
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sandboxer",
-        "finhub",
-        "export",
-        "--record",
-        str(path),
-        "--url",
-        fin_hub.url,
-        env={**os.environ, "SANDBOXER_FIN_HUB_TOKEN": "s3cret-token"},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err
-    assert b"delivered" in out and b"s3cret" not in out + err
+    command = ("finhub", "export", "--record", str(path), "--url", fin_hub.url)
+    token = "s3cret-token"  # noqa: S105 - a test placeholder
+    code, out, err = await sandboxer(settings, *command, SANDBOXER_FIN_HUB_TOKEN=token)
+    assert code == 0, err
+    assert "delivered" in out and "s3cret" not in out + err
     assert fin_hub.accepted[record.record_id]["actual_usd"] == "0.000600"
     assert fin_hub.authorizations == ["Bearer s3cret-token"]
 
     fin_hub.script.reject.add(record.record_id)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sandboxer",
-        "finhub",
-        "export",
-        "--record",
-        str(path),
-        "--url",
-        fin_hub.url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await proc.communicate()
-    assert proc.returncode == 1 and b"rejected" in err and b"422" in err
+    code, _, err = await sandboxer(settings, *command)
+    assert code == 1 and "rejected" in err and "422" in err

@@ -238,7 +238,7 @@ async def test_r2_workers_killed_at_random_lose_nothing_and_leave_no_orphan(
         redelivered = await deliveries(js, "provisioner-provision") - total
         doubled = len(await stub_sandboxes(js)) - total
         async with AsyncExitStack() as stack:
-            reconciler = (await open_worker(settings, js, stack)).reconciler(settings, grace_s=0)
+            reconciler = (await open_worker(settings, js, stack)).reconciler(grace_s=0)
             findings = await reconciler.run("ext.saas-stub")
             orphans = sum(1 for f in findings if f.action != "keep")
             after = await reconciler.run("ext.saas-stub", dry_run=True)

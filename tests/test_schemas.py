@@ -19,6 +19,7 @@ from schemas import (
     meter_event_model,
 )
 from schemas.export import export_json_schemas
+from tests.helpers import stopped_event
 
 MINIMAL = {"request_id": "r1", "tenant": "t1", "profile": "profile.burst-sandbox"}
 
@@ -68,22 +69,9 @@ def test_destroy_request_needs_a_well_formed_sandbox_id() -> None:
 
 
 def _event(**changes: object) -> dict[str, object]:
-    return {
-        "event_id": "sbx-aaaaaaaaaaaaaaaaaaaaaaaa.stopped",
-        "kind": "stopped",
-        "extension_id": "ext.saas-stub",
-        "sandbox_id": "sbx-" + "a" * 24,
-        "tenant": "t1",
-        "profile": "profile.burst-sandbox",
-        "provider_sandbox_id": "stub-1",
-        "started_at": "2026-01-01T00:00:00Z",
-        "stopped_at": "2026-01-01T00:01:00Z",
-        "duration_s": "60.000",
-        "estimate_usd": "0.009000",
-        "actual_usd": "0.000600",
-        "usd_per_second": "0.000010",
-        **changes,
-    }
+    return stopped_event(
+        0xAAAAAAAAAAAAAAAAAAAAAAAA, tenant="t1", provider_sandbox_id="stub-1", **changes
+    )
 
 
 class GpuFields(BaseModel):

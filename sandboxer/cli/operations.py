@@ -107,7 +107,7 @@ def reconcile(
             client = await stack.enter_async_context(Client(current.nats_url))
             await ensure_topology(client.js, replicas=current.replicas)
             parts = await open_worker(current, client.js, stack)
-            reconciler = parts.reconciler(current, grace_s=grace)
+            reconciler = parts.reconciler(grace_s=grace)
             return await reconciler.run(extension, dry_run=dry_run)
 
     try:
