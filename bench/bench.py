@@ -1,10 +1,13 @@
 """`make bench`: throughput, latency and memory of the provisioner, on one nats-server.
 
 (a) raw nats-py pull consume+ack rate: the ceiling;
+(a2) the same through FastStream as the worker uses it (no dependency injection);
+(a3) the same through FastStream's typed subscribers (what `apply_types=False` avoids);
 (b) provision pipeline rate, zero-latency stub, one worker process;
 (c) 1,000 provisions with 1 s stub latency: achieved rate / (in-flight limit / 1 s);
 (d) p50/p99 broker-added latency at half of (b)'s rate;
-(e) worker peak RSS with 10,000 sandboxes in flight.
+(e) worker peak RSS with 10,000 sandboxes in flight;
+(f) debits per second on one hot tenant, 8 billing processes; (g) hold placement latency.
 
 Prints a table and writes bench/results.json. Everything runs on 127.0.0.1.
 """
@@ -37,6 +40,7 @@ from sandboxer.credits import Ledger
 from sandboxer.dev.servers import EmbeddedNats
 from sandboxer.ids import sandbox_id_for
 from sandboxer.topology import BILLING_CONSUMER, METER_STREAM, ensure_topology
+from schemas import ProvisionRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = "profile.burst-sandbox"
@@ -155,36 +159,47 @@ async def bench_raw(url: str, n: int) -> float:
     return n / elapsed
 
 
-async def bench_faststream(url: str, n: int) -> float:
+async def bench_faststream(url: str, n: int, *, typed: bool = False) -> float:
     """(a2) messages/s of a FastStream pull subscriber built like the worker's (same
-    batch, concurrency and ack policy) whose handler only acks: FastStream's own cost."""
+    batch, concurrency and ack policy) whose handler only acks: FastStream's own cost.
+    (a3, `typed`) the same with FastStream's typed subscribers: dependency injection on,
+    the body parsed into a ProvisionRequest by FastStream, the message from `Context`."""
     from faststream import AckPolicy as HandlerAckPolicy
-    from faststream.nats import JStream, NatsBroker, PullSub
+    from faststream import Context
+    from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 
+    the_message = Context("message")
+
+    stream, subject = ("BENCH_FS3", "bench.fs3") if typed else ("BENCH_FS", "bench.fs")
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await preload_stream(js, "BENCH_FS", "bench.fs", n)
+    await preload_stream(js, stream, subject, n)
     done = asyncio.Event()
     seen = 0
-    broker = NatsBroker(url, logger=None, apply_types=False)
-
-    @broker.subscriber(
-        "bench.fs",
-        stream=JStream("BENCH_FS", declare=False),
-        durable="fs",
+    broker = NatsBroker(url, logger=None, apply_types=typed)
+    subscriber = broker.subscriber(
+        subject,
+        stream=JStream(stream, declare=False),
+        durable="fs3" if typed else "fs",
         pull_sub=PullSub(batch_size=128, timeout=1.0),
         max_workers=64,
         ack_policy=HandlerAckPolicy.MANUAL,
-        decoder=_message_itself,
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
+        decoder=None if typed else _message_itself,
     )
-    async def ack_only(message: Any) -> None:
+
+    async def acked(message: Any) -> None:
         nonlocal seen
         await message.ack()
         seen += 1
         if seen >= n:
             done.set()
 
+    async def typed_handler(body: ProvisionRequest, message: NatsMessage = the_message) -> None:
+        assert body.tenant == "preload"
+        await acked(message)
+
+    subscriber(typed_handler if typed else acked)
     began = time.perf_counter()
     await broker.start()
     await asyncio.wait_for(done.wait(), timeout=300)
@@ -377,6 +392,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             results["a2_faststream_ack_only_msgs_per_s"] = round(ceiling)
             print(
                 f"(a2) FastStream pull consume+ack, worker's settings: {ceiling:,.0f} msg/s",
+                flush=True,
+            )
+            typed = await bench_faststream(url, args.raw_messages, typed=True)
+            results["a3_faststream_typed_msgs_per_s"] = round(typed)
+            print(
+                f"(a3) the same with typed subscribers (DI, pydantic body): {typed:,.0f} msg/s"
+                f" = {typed / ceiling:.2f} x (a2)",
                 flush=True,
             )
 
