@@ -163,12 +163,9 @@ async def bench_faststream(url: str, n: int, *, typed: bool = False) -> float:
     """(a2) messages/s of a FastStream pull subscriber built like the worker's (same
     batch, concurrency and ack policy) whose handler only acks: FastStream's own cost.
     (a3, `typed`) the same with FastStream's typed subscribers: dependency injection on,
-    the body parsed into a ProvisionRequest by FastStream, the message from `Context`."""
+    the body parsed into a ProvisionRequest by FastStream, the message injected."""
     from faststream import AckPolicy as HandlerAckPolicy
-    from faststream import Context
     from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
-
-    the_message = Context("message")
 
     stream, subject = ("BENCH_FS3", "bench.fs3") if typed else ("BENCH_FS", "bench.fs")
     nc = await nats.connect(url)
@@ -195,7 +192,7 @@ async def bench_faststream(url: str, n: int, *, typed: bool = False) -> float:
         if seen >= n:
             done.set()
 
-    async def typed_handler(body: ProvisionRequest, message: NatsMessage = the_message) -> None:
+    async def typed_handler(body: ProvisionRequest, message: NatsMessage) -> None:
         assert body.tenant == "preload"
         await acked(message)
 
