@@ -17,14 +17,21 @@ from typing import Any
 from faststream import AckPolicy
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.message import NatsMessage
+from faststream.nats.security import (
+    NatsCredentials,
+    NatsNKey,
+    NatsSecurity,
+    NatsToken,
+    NatsUserPassword,
+)
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import DeliverPolicy
 
 from consumers.deadletter import Origin, dead_letter
 from consumers.delivery import Delivery, InFlight
-from sandboxer.connect import close_nats, connect_nats
-from sandboxer.settings import Settings
+from sandboxer.connect import close_nats, connect_service, tls_context
+from sandboxer.settings import NatsAuth, Settings
 from sandboxer.topology import ensure_topology
 
 log = logging.getLogger("sandboxer.app")
@@ -87,14 +94,60 @@ class _FastStreamDelivery:
         await self._message.in_progress()
 
 
-async def connect(settings: Settings, name: str, stack: AsyncExitStack) -> JetStreamContext:
+class ConnectionLost(RuntimeError):
+    """A connection of this process was closed for good (the server closed it, or
+    reconnecting gave up): the process cannot do its work and must exit, so that its
+    supervisor starts it again."""
+
+
+class Lifeline:
+    """Notices a connection closed by anyone but this process itself."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lost = asyncio.Event()
+        self._stopping = False
+
+    def watch(self, what: str) -> Callable[[], Awaitable[None]]:
+        """The `closed_cb` of one connection."""
+
+        async def closed() -> None:
+            if not self._stopping:
+                log.error("%s: its %s to NATS was closed for good; exiting", self.name, what)
+                self.lost.set()
+
+        return closed
+
+    def stopping(self) -> None:
+        """From now on, closed connections are this process's own doing."""
+        self._stopping = True
+
+
+async def connect(
+    settings: Settings, lifeline: Lifeline, stack: AsyncExitStack
+) -> JetStreamContext:
     """A JetStream context on a connection that reconnects forever and is drained when
     `stack` closes, with every stream and bucket in place."""
-    nc = await connect_nats(settings, name)
+    nc = await connect_service(settings, lifeline.name, on_closed=lifeline.watch("connection"))
     stack.push_async_callback(close_nats, nc)
+    stack.callback(lifeline.stopping)  # unwinds first: the close is this process's own
     js = nc.jetstream(timeout=10.0)
     await ensure_topology(js, replicas=settings.replicas)
     return js
+
+
+def broker_security(auth: NatsAuth) -> NatsSecurity | None:
+    """The identity of `auth` as FastStream's broker takes it."""
+    context = tls_context(auth)
+    if auth.creds_file:
+        return NatsCredentials.from_file(auth.creds_file, ssl_context=context)
+    if auth.nkey_seed_file:
+        return NatsNKey(auth.nkey_seed_file, ssl_context=context)
+    if auth.user:
+        return NatsUserPassword(auth.user, auth.password or "", ssl_context=context)
+    if auth.token:
+        return NatsToken(auth.token, ssl_context=context)
+    return NatsSecurity(ssl_context=context) if context else None
 
 
 def consumer_config(subscription: Subscription, settings: Settings) -> ConsumerConfig:
@@ -142,12 +195,16 @@ def build_broker(
     subscriptions: Sequence[Subscription],
     in_flight: InFlight,
     js: JetStreamContext,
+    lifeline: Lifeline,
 ) -> NatsBroker:
     """A FastStream broker whose subscribers start their handlers in `in_flight`."""
     # Per-message logging off: the handlers log what matters, at a fraction of the cost.
     broker = NatsBroker(
         settings.nats_servers,
         max_reconnect_attempts=-1,
+        security=broker_security(settings.nats_auth),
+        inbox_prefix=settings.nats_auth.inbox_prefix or "_INBOX",
+        closed_cb=lifeline.watch("broker connection"),
         logger=None,
         apply_types=False,
         # On SIGTERM, FastStream's handlers get this long; they only start tasks.
@@ -169,7 +226,7 @@ def build_broker(
 
 
 async def serve(
-    name: str,
+    lifeline: Lifeline,
     js: JetStreamContext,
     subscriptions: Sequence[Subscription],
     settings: Settings,
@@ -178,10 +235,12 @@ async def serve(
 ) -> None:
     """Consume `subscriptions` until `stop` is set (or SIGTERM/SIGINT), then stop
     fetching and let in-flight handlers finish for up to `drain_timeout_s`; what is cut
-    off is redelivered after the ack wait, so nothing is lost either way."""
+    off is redelivered after the ack wait, so nothing is lost either way. A connection
+    closed for good ends it with `ConnectionLost`."""
+    name = lifeline.name
     await ensure_consumers(js, subscriptions, settings)
     in_flight = InFlight(settings.max_in_flight)
-    broker = build_broker(settings, subscriptions, in_flight, js)
+    broker = build_broker(settings, subscriptions, in_flight, js, lifeline)
     await broker.start()
     try:
         # Everything built so far lives as long as the process: keep it out of the
@@ -197,12 +256,25 @@ async def serve(
         log.info("%s ready: %s", name, ", ".join(s.subject for s in subscriptions))
         if ready is not None:
             ready.set()
-        await stop.wait()
+        await _first_of(stop, lifeline.lost)
         log.info("%s stopping: draining in-flight messages", name)
     finally:
         # Stop fetching, let the handlers finish and ack on the still open connection,
         # then close it (closing first would lose the acks: redeliveries, not losses).
+        lost = lifeline.lost.is_set()
+        lifeline.stopping()
         for subscriber in broker.subscribers:
             await subscriber.stop()
-        await in_flight.drain(settings.drain_timeout_s)
+        await in_flight.drain(1.0 if lost else settings.drain_timeout_s)
         await broker.stop()
+    if lost:
+        raise ConnectionLost(f"{name}: a connection to NATS was closed for good")
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -25,7 +25,7 @@ from functools import partial
 from nats.js import JetStreamContext
 from pydantic import ValidationError
 
-from consumers.app import Subscription, connect, serve
+from consumers.app import Lifeline, Subscription, connect, serve
 from consumers.delivery import Delivery, reject_invalid, settle
 from consumers.export import exporter_subscription
 from sandboxer.credits import Ledger
@@ -121,9 +121,11 @@ async def run_billing(
     stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
 ) -> None:
-    """Run the billing consumer, and the fin-hub exporter if a URL is configured."""
+    """Run the billing consumer, and the fin-hub exporter if a URL is configured (a
+    deployment with separate identities runs `run_exporter` on its own instead)."""
     async with AsyncExitStack() as stack:
-        js = await connect(settings, "sandboxer-billing", stack)
+        lifeline = Lifeline("sandboxer-billing")
+        js = await connect(settings, lifeline, stack)
         markers = await BillingMarkers.open(js)
         billing = Billing(js, Ledger(js), markers, settings)
         subscriptions = [
@@ -139,4 +141,4 @@ async def run_billing(
                 "fin-hub export off (SANDBOXER_FIN_HUB_URL unset): records stay on %s",
                 USAGE_SUBJECT,
             )
-        await serve("billing", js, subscriptions, settings, stop or asyncio.Event(), ready)
+        await serve(lifeline, js, subscriptions, settings, stop or asyncio.Event(), ready)

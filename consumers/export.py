@@ -5,6 +5,7 @@ fin-hub refuses for good are marked and kept as dead letters with fin-hub's answ
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import AsyncExitStack
 from functools import partial
@@ -12,7 +13,7 @@ from functools import partial
 from pydantic import ValidationError
 
 from adapters.finhub import FinHubClient, FinHubRejected, FinHubUnavailable, Verdict
-from consumers.app import Subscription
+from consumers.app import Lifeline, Subscription, connect, serve
 from consumers.delivery import Delivery, reject_invalid, settle
 from sandboxer.markers import BillingMarkers
 from sandboxer.settings import Settings
@@ -75,3 +76,19 @@ async def exporter_subscription(
     stack.push_async_callback(fin_hub.aclose)
     exporter = Exporter(fin_hub, markers, settings)
     return Subscription(BILLING_STREAM, EXPORT_CONSUMER, USAGE_SUBJECT, exporter.on_usage)
+
+
+async def run_exporter(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run the fin-hub exporter alone (`sandboxer export`), as its own identity."""
+    if not settings.fin_hub_url:
+        raise ValueError("the exporter needs SANDBOXER_FIN_HUB_URL")
+    async with AsyncExitStack() as stack:
+        lifeline = Lifeline("sandboxer-export")
+        js = await connect(settings, lifeline, stack)
+        subscription = await exporter_subscription(settings, await BillingMarkers.open(js), stack)
+        log.info("fin-hub export on: %s", settings.fin_hub_url)
+        await serve(lifeline, js, [subscription], settings, stop or asyncio.Event(), ready)

@@ -87,7 +87,7 @@ async def open_worker(
     claims = Claims(providers.registry, providers.router, statuses)
     log.info(
         "worker: nats=%s deployment=%s extensions=%s in-flight<=%d openbao=%s",
-        settings.nats_url,
+        settings.nats_where,
         settings.deployment,
         ",".join(providers.router.extension_ids),
         settings.max_in_flight,

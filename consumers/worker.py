@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack
 
 from nats.js import JetStreamContext
 
-from consumers.app import Subscription, connect, serve
+from consumers.app import Lifeline, Subscription, connect, serve
 from consumers.deadletter import on_max_deliveries
 from consumers.delivery import Delivery, settle
 from consumers.reconcile import Reconciler, take_turn
@@ -104,14 +104,15 @@ async def run_worker(
     """Run the provisioner until `stop` is set (or SIGTERM/SIGINT), then drain.
     `ready` is set once both consumers are pulling."""
     async with AsyncExitStack() as stack:
-        js = await connect(settings, "sandboxer-worker", stack)
+        lifeline = Lifeline("sandboxer-worker")
+        js = await connect(settings, lifeline, stack)
         parts = await open_worker(settings, js, stack)
         if settings.reconcile_every_s > 0:
             reconciler = parts.reconciler(grace_s=settings.reconcile_grace_s)
             task = asyncio.create_task(reconcile_forever(reconciler, js, settings))
             stack.callback(task.cancel)
         await serve(
-            "worker",
+            lifeline,
             js,
             subscriptions(parts, js, settings),
             settings,

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
-import nats
 from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
 
+from sandboxer.connect import connect_nats
 from sandboxer.ids import sandbox_id_for
-from sandboxer.settings import servers_of
+from sandboxer.settings import NatsAuth, servers_of
 from sandboxer.statuses import StatusStore
 from sandboxer.topology import DESTROY_SUBJECT, PROVISION_SUBJECT, status_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
@@ -21,31 +21,27 @@ PROVISION_SETTLED = frozenset(
 DESTROY_SETTLED = frozenset({SandboxState.DESTROYED, SandboxState.FAILED})
 
 
-async def _quiet(exc: Exception) -> None:
-    # nats-py prints every connection error with a traceback; the caller reports it once.
-    return None
-
-
 class Client:
     """`async with Client(url) as client: await client.provision(request, wait_s=30)`."""
 
-    def __init__(self, url: str, *, reconnect: bool = False) -> None:
-        """`url` may list several servers, comma-separated. A CLI client fails fast
-        (`reconnect=False`); a long-lived one may ride over a server restart."""
+    def __init__(self, url: str, *, reconnect: bool = False, auth: NatsAuth | None = None) -> None:
+        """`url` may list several servers, comma-separated; `auth` is the identity to
+        connect as. A CLI client fails fast (`reconnect=False`); a long-lived one may
+        ride over a server restart."""
         self.url = url
         self._reconnect = reconnect
+        self._auth = auth or NatsAuth()
         self._nc: Nats | None = None
         self._js: JetStreamContext | None = None
 
     async def __aenter__(self) -> Client:
-        self._nc = await nats.connect(
+        self._nc = await connect_nats(
             servers_of(self.url),
-            name="sandboxer-client",
-            connect_timeout=5,
-            allow_reconnect=self._reconnect,
-            max_reconnect_attempts=-1 if self._reconnect else 1,  # 0 is "forever" to nats-py
-            reconnect_time_wait=0.2,
-            error_cb=_quiet,
+            self._auth,
+            "sandboxer-client",
+            reconnect=self._reconnect,
+            reconnect_wait_s=0.2,
+            quiet=True,
         )
         self._js = self._nc.jetstream(timeout=10.0)
         return self

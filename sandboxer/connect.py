@@ -1,22 +1,93 @@
-"""Connections to NATS: every process and the stub cloud open theirs here, with the
-same options, so that what a connection needs (servers, reconnects) is said once."""
+"""Connections to NATS: every process opens its connections here, with the same
+servers, credentials, TLS and inbox prefix, so that what a connection needs is said
+once (`docs/security.md`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats
 from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
 
-from sandboxer.settings import Settings
+from sandboxer.settings import NatsAuth, Settings
 
 
-async def connect_nats(settings: Settings, name: str) -> Nats:
-    """A connection to `settings.nats_servers` that reconnects forever: a long-lived
-    process rides over a server restart or a cluster's leader election."""
-    return await nats.connect(settings.nats_servers, max_reconnect_attempts=-1, name=name)
+def tls_context(auth: NatsAuth) -> ssl.SSLContext | None:
+    """The TLS context of `auth` (a custom CA, a client certificate), or None."""
+    if not (auth.tls_ca or auth.tls_cert):
+        return None
+    context = ssl.create_default_context(cafile=str(auth.tls_ca) if auth.tls_ca else None)
+    if auth.tls_cert and auth.tls_key:
+        context.load_cert_chain(str(auth.tls_cert), str(auth.tls_key))
+    return context
+
+
+def auth_options(auth: NatsAuth) -> dict[str, Any]:
+    """`nats.connect` keyword arguments for `auth` (FastStream's broker takes the same,
+    but TLS and user/password: see `consumers/app.py`)."""
+    options: dict[str, Any] = {}
+    if auth.creds_file:
+        options["user_credentials"] = str(auth.creds_file)
+    if auth.nkey_seed_file:
+        options["nkeys_seed"] = str(auth.nkey_seed_file)
+    if auth.token:
+        options["token"] = auth.token
+    if auth.inbox_prefix:
+        options["inbox_prefix"] = auth.inbox_prefix
+    return options
+
+
+async def _quiet(exc: Exception) -> None:
+    # nats-py prints every connection error with a traceback; the caller reports it.
+    return None
+
+
+async def connect_nats(
+    servers: list[str],
+    auth: NatsAuth,
+    name: str,
+    *,
+    reconnect: bool = True,
+    reconnect_wait_s: float = 2.0,
+    quiet: bool = False,
+    on_closed: Callable[[], Awaitable[None]] | None = None,
+) -> Nats:
+    """A connection to `servers` as the identity `auth` says. A long-lived one
+    (`reconnect`) rides over a server restart or a cluster's leader election; a CLI's
+    fails fast. `quiet` leaves reporting connection errors to the caller; `on_closed`
+    is called once the connection is closed for good."""
+    options = auth_options(auth)
+    context = tls_context(auth)
+    if context is not None:
+        options["tls"] = context
+    if auth.user:
+        options["user"] = auth.user
+        options["password"] = auth.password or ""
+    if on_closed is not None:
+        options["closed_cb"] = on_closed
+    if quiet:
+        options["error_cb"] = _quiet
+    if reconnect:
+        options.update(max_reconnect_attempts=-1, reconnect_time_wait=reconnect_wait_s)
+    else:
+        options.update(
+            connect_timeout=5,
+            allow_reconnect=False,
+            max_reconnect_attempts=1,  # 0 is "forever" to nats-py
+        )
+    return await nats.connect(servers, name=name, **options)
+
+
+async def connect_service(
+    settings: Settings, name: str, on_closed: Callable[[], Awaitable[None]] | None = None
+) -> Nats:
+    """The long-lived connection of a service process (`settings`' servers and identity)."""
+    return await connect_nats(settings.nats_servers, settings.nats_auth, name, on_closed=on_closed)
 
 
 async def close_nats(nc: Nats, timeout_s: float = 10.0) -> None:

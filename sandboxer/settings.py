@@ -8,6 +8,7 @@ This is the only module that reads `os.environ`: everything else is handed a
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,11 @@ def default_extensions_dir() -> Path:
 def servers_of(url: str) -> list[str]:
     """`nats://a:4222,nats://b:4222` as a list of server URLs."""
     return [part.strip() for part in url.split(",") if part.strip()]
+
+
+def redact_url(url: str) -> str:
+    """Server URLs with any `user:password@` (or token) blanked: `nats://***@host`."""
+    return ",".join(re.sub(r"//[^@/]*@", "//***@", part) for part in servers_of(url))
 
 
 class _Environment:
@@ -61,6 +67,77 @@ class _Environment:
 
     def prefixed(self, prefix: str) -> dict[str, str]:
         return {k: v for k, v in self._environ.items() if k.startswith(prefix) and v}
+
+
+@dataclass(frozen=True, kw_only=True)
+class NatsAuth:
+    """How a process proves who it is to nats-server (any one of a creds file, an nkey
+    seed file, a user and password, a token; TLS with a custom CA and a client
+    certificate on top), and the inbox prefix its permissions allow. Never printed:
+    `repr` names the methods in use, not the secrets."""
+
+    #: A NATS decentralized-auth creds file (user JWT + nkey seed).
+    creds_file: Path | None = None
+    #: A file holding an nkey seed (`SU...`), as `sandboxer security generate` writes.
+    nkey_seed_file: Path | None = None
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    #: CA bundle to verify the server with; a client certificate and its key.
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Replies to this process go to `<inbox_prefix>.<id>`: its permissions allow
+    #: subscribing there and nowhere else another identity's replies could land.
+    inbox_prefix: str | None = None
+
+    def __repr__(self) -> str:
+        used = [
+            name
+            for name, value in (
+                ("creds", self.creds_file),
+                ("nkey", self.nkey_seed_file),
+                ("user", self.user),
+                ("token", self.token),
+                ("tls", self.tls_ca or self.tls_cert),
+            )
+            if value
+        ]
+        return f"NatsAuth({', '.join(used) or 'none'}, inbox={self.inbox_prefix or '_INBOX'})"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> NatsAuth:
+        """From `SANDBOXER_NATS_CREDS`, `_NKEY`, `_USER` + `_PASSWORD`, `_TOKEN`,
+        `_TLS_CA`, `_TLS_CERT` + `_TLS_KEY` and `_INBOX_PREFIX`."""
+        env = _Environment(os.environ if environ is None else environ)
+
+        def path(name: str) -> Path | None:
+            value = env.text(f"SANDBOXER_NATS_{name}")
+            return Path(value) if value else None
+
+        auth = cls(
+            creds_file=path("CREDS"),
+            nkey_seed_file=path("NKEY"),
+            user=env.text("SANDBOXER_NATS_USER"),
+            password=env.text("SANDBOXER_NATS_PASSWORD"),
+            token=env.text("SANDBOXER_NATS_TOKEN"),
+            tls_ca=path("TLS_CA"),
+            tls_cert=path("TLS_CERT"),
+            tls_key=path("TLS_KEY"),
+            inbox_prefix=env.text("SANDBOXER_NATS_INBOX_PREFIX"),
+        )
+        if bool(auth.tls_cert) != bool(auth.tls_key):
+            raise SettingsError("SANDBOXER_NATS_TLS_CERT and SANDBOXER_NATS_TLS_KEY go together")
+        for name, file in (
+            ("SANDBOXER_NATS_CREDS", auth.creds_file),
+            ("SANDBOXER_NATS_NKEY", auth.nkey_seed_file),
+            ("SANDBOXER_NATS_TLS_CA", auth.tls_ca),
+            ("SANDBOXER_NATS_TLS_CERT", auth.tls_cert),
+            ("SANDBOXER_NATS_TLS_KEY", auth.tls_key),
+        ):
+            if file is not None and not file.is_file():
+                raise SettingsError(f"{name}={file}: no such file")
+        return auth
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,7 +179,9 @@ class Settings:
     """Everything a worker or the CLI needs to know about its surroundings. Safe to
     log: `repr` leaves the secrets out."""
 
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = field(default="nats://127.0.0.1:4222", repr=False)
+    #: How this process authenticates to NATS (none: the zero-config default).
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)
     #: Tag on every provider sandbox; reconciliation never touches another deployment's.
     deployment: str = "default"
     extensions_dir: Path = field(default_factory=default_extensions_dir)
@@ -141,6 +220,19 @@ class Settings:
         """`nats_url` as a list: several servers of a cluster may be given, comma-separated."""
         return servers_of(self.nats_url)
 
+    @property
+    def nats_where(self) -> str:
+        """`nats_url` fit for a log line: any password in it blanked out."""
+        return redact_url(self.nats_url)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{name}={getattr(self, name)!r}"
+            for name, spec in self.__dataclass_fields__.items()
+            if spec.repr
+        )
+        return f"Settings(nats={self.nats_where!r}, {shown})"
+
     def config_overrides(self, prefix: str, fields: list[str]) -> dict[str, str]:
         """`{field: value}` for each `<prefix><FIELD>` variable that is set: how an
         operator overrides an adapter's manifest `config` (`SANDBOXER_E2B_API_URL`)."""
@@ -158,7 +250,8 @@ class Settings:
         source = os.environ if environ is None else environ
         env = _Environment(source)
         return cls(
-            nats_url=env.text("SANDBOXER_NATS_URL") or cls.nats_url,
+            nats_url=env.text("SANDBOXER_NATS_URL") or "nats://127.0.0.1:4222",
+            nats_auth=NatsAuth.from_env(source),
             deployment=env.text("SANDBOXER_DEPLOYMENT") or cls.deployment,
             extensions_dir=Path(env.text("SANDBOXER_EXTENSIONS_DIR") or default_extensions_dir()),
             max_in_flight=env.whole("SANDBOXER_MAX_IN_FLIGHT", cls.max_in_flight),

@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
 from sandboxer.settings import Settings
-from schemas import DestroyRequest, ProvisionRequest, SandboxState
+from schemas import DestroyRequest, ProvisionRequest, SandboxState, quantize_usd
 from tests.helpers import meter_events, stream_messages
 
 ADAPTER = '''
@@ -189,9 +189,7 @@ async def test_a_provider_from_outside_the_tree_provisions_meters_and_bills(
         assert (event["accelerators"], event["zone"]) == (2, "eu-1")
     stopped = events["stopped"]
     actual = Decimal(stopped["actual_usd"])
-    assert actual == (Decimal(stopped["duration_s"]) * 2 * Decimal("0.000250")).quantize(
-        Decimal("0.000001")
-    )
+    assert actual == quantize_usd(Decimal(stopped["duration_s"]) * 2 * Decimal("0.000250"))
     assert done.actual_usd == actual
 
     async def billed() -> bool:

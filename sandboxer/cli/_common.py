@@ -63,7 +63,7 @@ def settings() -> Settings:
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a client coroutine, turning connection trouble into one clear line."""
-    url = settings().nats_url
+    url = settings().nats_where
     try:
         return asyncio.run(coro)
     except (NoServersError, OSError) as exc:
@@ -130,4 +130,5 @@ def exit_for(status: SandboxStatus | None, as_json: bool) -> None:
 
 def nats_client() -> Client:
     """A client of the NATS this process is configured for (`async with`)."""
-    return Client(settings().nats_url)
+    current = settings()
+    return Client(current.nats_url, auth=current.nats_auth)

@@ -21,7 +21,6 @@ from sandboxer.cli._common import (
     settings,
     setup_logging,
 )
-from sandboxer.client import Client
 from sandboxer.errors import SandboxerError
 from sandboxer.topology import ensure_topology
 
@@ -104,7 +103,7 @@ def reconcile(
 
     async def go() -> list[Finding]:
         async with AsyncExitStack() as stack:
-            client = await stack.enter_async_context(Client(current.nats_url))
+            client = await stack.enter_async_context(nats_client())
             await ensure_topology(client.js, replicas=current.replicas)
             parts = await open_worker(current, client.js, stack)
             reconciler = parts.reconciler(grace_s=grace)

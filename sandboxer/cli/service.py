@@ -29,14 +29,18 @@ DEMO_CREDITS = Decimal("10")
 def _serve(service: Callable[[Settings], Coroutine[Any, Any, None]], log_level: str) -> None:
     """Run `service` until SIGTERM; a wrong manifest or an unreachable NATS is one line
     and exit code 1."""
+    from consumers.app import ConnectionLost
+
     setup_logging(log_level)
     current = settings()
     try:
         run_service(service(current))
     except ManifestError as exc:
         die(str(exc))
+    except ConnectionLost as exc:
+        die(f"{exc}; exiting so that a supervisor starts it again")
     except (NoServersError, OSError) as exc:
-        die(f"cannot reach NATS at {current.nats_url}: {exc}")
+        die(f"cannot reach NATS at {current.nats_where}: {exc}")
 
 
 @app.command()
@@ -54,6 +58,17 @@ def billing(log_level: LogLevelOpt = "INFO") -> None:
     from consumers.billing import run_billing
 
     _serve(run_billing, log_level)
+
+
+@app.command()
+def export(log_level: LogLevelOpt = "INFO") -> None:
+    """Run the fin-hub exporter alone ($SANDBOXER_FIN_HUB_URL), until SIGTERM: for a
+    deployment that gives the exporter its own identity (docs/security.md)."""
+    from consumers.export import run_exporter
+
+    if not settings().fin_hub_url:
+        die("the exporter needs SANDBOXER_FIN_HUB_URL")
+    _serve(run_exporter, log_level)
 
 
 @app.command()
@@ -130,7 +145,7 @@ async def _dev_services(current: Settings) -> None:
     from consumers.billing import run_billing
     from consumers.worker import run_worker
 
-    async with Client(current.nats_url) as client:
+    async with Client(current.nats_url, auth=current.nats_auth) as client:
         await ensure_topology(client.js, replicas=current.replicas)
         if await Ledger(client.js).grant("demo", DEMO_CREDITS, "dev-welcome", "sandboxer dev"):
             logging.getLogger("sandboxer.dev").info("granted %s USD to tenant demo", DEMO_CREDITS)
