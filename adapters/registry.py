@@ -17,11 +17,26 @@ from nats.aio.client import Client as Nats
 from pydantic import ValidationError
 
 from adapters.base import AdapterContext, SandboxAdapter
-from sandboxer.errors import ManifestError, UnknownProfile, validation_problems
+from sandboxer.errors import Forbidden, ManifestError, UnknownProfile, validation_problems
 from sandboxer.settings import Settings
-from schemas import ExtensionManifest, MeterEvent, Profile, meter_event_model
+from schemas import (
+    DEFAULT_OWNER,
+    ConsumerManifest,
+    ExtensionManifest,
+    MeterEvent,
+    Profile,
+    meter_event_model,
+)
 
 log = logging.getLogger("adapters.registry")
+
+
+#: The model of each kind of file, by the first word of its name.
+_MODELS: dict[str, type[ExtensionManifest] | type[Profile] | type[ConsumerManifest]] = {
+    "ext": ExtensionManifest,
+    "profile": Profile,
+    "consumer": ConsumerManifest,
+}
 
 
 def _problems(path: Path, error: ValidationError, prefix: str = "") -> str:
@@ -73,20 +88,25 @@ class Registry:
     extensions: dict[str, ExtensionManifest]
     adapter_classes: dict[str, type[SandboxAdapter]]
     profiles: dict[str, Profile]
+    #: Upstream consumers by name, and the consumer of each tenant one lists.
+    consumers: dict[str, ConsumerManifest] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)
     _meter_events: dict[str, type[MeterEvent]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, directory: Path) -> Registry:
-        """Read `ext.*.yaml` and `profile.*.yaml` from `directory`."""
+        """Read `ext.*.yaml`, `profile.*.yaml` and `consumer.*.yaml` from `directory`."""
         if not directory.is_dir():
             raise ManifestError(f"{directory}: extensions directory not found")
         extensions: dict[str, ExtensionManifest] = {}
         classes: dict[str, type[SandboxAdapter]] = {}
         profiles: dict[str, Profile] = {}
+        consumers: dict[str, ConsumerManifest] = {}
+        owners: dict[str, str] = {}
         for path in sorted(directory.glob("*.y*ml")):
             data = _read_yaml(path)
-            model: type[ExtensionManifest] | type[Profile]
-            model = Profile if path.name.startswith("profile.") else ExtensionManifest
+            kind = path.name.partition(".")[0]
+            model = _MODELS.get(kind, ExtensionManifest)
             try:
                 item = model.model_validate(data)
             except ValidationError as exc:
@@ -95,12 +115,38 @@ class Registry:
                 raise ManifestError(f"{path}: id: {item.id!r} does not match the file name")
             if isinstance(item, Profile):
                 profiles[item.id] = item
+            elif isinstance(item, ConsumerManifest):
+                consumers[item.name] = item
+                for tenant in item.tenants:
+                    if tenant in owners:
+                        raise ManifestError(
+                            f"{path}: tenants: {tenant} belongs to consumer.{owners[tenant]} "
+                            "already; a tenant has one consumer at most"
+                        )
+                    owners[tenant] = item.name
             else:
                 extensions[item.id] = item
                 classes[item.id] = load_adapter_class(item, path)
         if not profiles:
             raise ManifestError(f"{directory}: no profile.*.yaml found")
-        return cls(extensions=extensions, adapter_classes=classes, profiles=profiles)
+        return cls(extensions, classes, profiles, consumers, owners)
+
+    def owner_of(self, tenant: str) -> str:
+        """The consumer a tenant's statuses belong to: the one that lists it, or
+        `default`."""
+        return self.owners.get(tenant, DEFAULT_OWNER)
+
+    def authorize(self, consumer: str | None, tenant: str) -> None:
+        """Raise `Forbidden` unless `consumer` may act for `tenant`. None is the
+        publisher of the plain subjects (`sandbox.provision`), which only trusted
+        identities may use (an operator, the TTL schedule, a single trusted upstream)."""
+        if consumer is None:
+            return
+        manifest = self.consumers.get(consumer)
+        if manifest is None:
+            raise Forbidden(f"no consumer {consumer!r} (extensions/consumer.{consumer}.yaml)")
+        if self.owners.get(tenant) != consumer:
+            raise Forbidden(f"consumer {consumer} may not act for tenant {tenant}")
 
     def profile(self, profile_id: str) -> Profile:
         """The profile, or `UnknownProfile`."""

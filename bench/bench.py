@@ -88,7 +88,7 @@ async def wait_consumers(js: Any) -> None:
     consumers may still exist from an earlier phase, so their presence proves nothing)."""
     request_id = f"warmup-{time.monotonic_ns()}"
     nc = js._nc
-    answers = await nc.subscribe(f"sandbox.status.{sandbox_id_for('warmup', request_id)}")
+    answers = await nc.subscribe(f"sandbox.status.*.{sandbox_id_for('warmup', request_id)}")
     for _ in range(100):
         try:
             await js.publish("sandbox.provision", payload("warmup", request_id))
@@ -310,7 +310,7 @@ async def run_provisions(
     payloads = [payload(spread(tenant, i, tenants), f"{tenant}-{i}") for i in range(n)]
     with worker_process(url, log, **env) as proc:
         await wait_consumers(js)
-        sub = await nc.subscribe("sandbox.status.*", cb=counter.on_status)
+        sub = await nc.subscribe("sandbox.status.>", cb=counter.on_status)
         # Timed from the first status seen to the last `ready`, so publishing and
         # worker start-up are not counted.
         await publish_all(js, payloads)
@@ -346,7 +346,7 @@ async def bench_latency(url: str, log: Path, rate: float, seconds: float) -> lis
         # Steady state: the worker has seen every tenant once (read its credits).
         await publish_all(js, [payload(spread("lat", i), f"lat-warm-{i}") for i in range(64)])
         await asyncio.sleep(1.0)
-        await nc.subscribe("sandbox.status.*", cb=on_status)
+        await nc.subscribe("sandbox.status.>", cb=on_status)
         interval = 1.0 / rate
         start = time.perf_counter()
         pending: set[asyncio.Task[Any]] = set()
@@ -492,7 +492,7 @@ async def bench_rss(url: str, log: Path, n: int) -> float:
     }
     with worker_process(url, log, **env) as proc:
         await wait_consumers(js)
-        await nc.subscribe("sandbox.status.*", cb=on_status)
+        await nc.subscribe("sandbox.status.>", cb=on_status)
         await publish_all(js, [payload(spread("mem", i), f"mem-{i}") for i in range(n)])
         await asyncio.wait_for(all_in.wait(), timeout=300)
         await asyncio.sleep(2)  # let every handler reach its provider call

@@ -39,16 +39,23 @@ log = logging.getLogger("sandboxer.app")
 Handler = Callable[[bytes, Delivery], Coroutine[Any, Any, None]]
 
 
+#: The delivery bound of consumers whose handlers retry outages without a limit of
+#: their own (destroy, billing, export): about a week of deliveries at the 60 s
+#: backoff cap. A message that reaches it is kept as a dead letter (through the
+#: server's advisory), so that no message can come back forever.
+LONG_RETRY_DELIVERIES = 10_000
+
+
 @dataclass(frozen=True)
 class Subscription:
     """One durable pull consumer and the handler of its messages."""
 
     stream: str
     durable: str
-    subject: str
+    subjects: tuple[str, ...]
     handler: Handler
-    #: Server-side delivery limit; -1 for none (the handler bounds its own retries).
-    max_deliver: int = -1
+    #: Server-side delivery limit: every consumer has one.
+    max_deliver: int = LONG_RETRY_DELIVERIES
 
 
 class _FastStreamDelivery:
@@ -67,6 +74,10 @@ class _FastStreamDelivery:
     @property
     def headers(self) -> Mapping[str, str]:
         return self._message.raw_message.headers or {}
+
+    @property
+    def subject(self) -> str:
+        return self._message.raw_message.subject
 
     async def ack(self) -> None:
         await self._message.ack()
@@ -155,7 +166,11 @@ def consumer_config(subscription: Subscription, settings: Settings) -> ConsumerC
     return ConsumerConfig(
         name=subscription.durable,
         durable_name=subscription.durable,
-        filter_subject=subscription.subject,
+        **(
+            {"filter_subject": subscription.subjects[0]}
+            if len(subscription.subjects) == 1
+            else {"filter_subjects": list(subscription.subjects)}
+        ),
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=JsAckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_s,
@@ -212,7 +227,7 @@ def build_broker(
     )
     for subscription in subscriptions:
         broker.subscriber(
-            subscription.subject,
+            subscription.subjects[0],
             stream=JStream(subscription.stream, declare=False),
             durable=subscription.durable,
             pull_sub=PullSub(batch_size=min(settings.max_in_flight, 128), timeout=1.0),
@@ -253,7 +268,7 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not main thread
                 loop.add_signal_handler(sig, stop.set)
-        log.info("%s ready: %s", name, ", ".join(s.subject for s in subscriptions))
+        log.info("%s ready: %s", name, ", ".join(", ".join(s.subjects) for s in subscriptions))
         if ready is not None:
             ready.set()
         await _first_of(stop, lifeline.lost)

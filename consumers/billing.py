@@ -130,7 +130,7 @@ async def run_billing(
         billing = Billing(js, Ledger(js), markers, settings)
         subscriptions = [
             Subscription(
-                METER_STREAM, BILLING_CONSUMER, f"{METER_SUBJECT_PREFIX}.>", billing.on_meter
+                METER_STREAM, BILLING_CONSUMER, (f"{METER_SUBJECT_PREFIX}.>",), billing.on_meter
             ),
         ]
         if settings.fin_hub_url:

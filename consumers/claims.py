@@ -21,6 +21,7 @@ from adapters.registry import Registry
 from adapters.routing import Route, Router
 from consumers.delivery import Retry
 from sandboxer.errors import (
+    Forbidden,
     IdempotencyConflict,
     InvalidRequest,
     SandboxerError,
@@ -89,19 +90,20 @@ class Claims:
         got past validation and routing (no extension: nothing was held or created) is
         replaced by the new claim, so a fixed request can go through. Any other stored
         answer stands: idempotency wins."""
+        owner = self.registry.owner_of(request.tenant)
         try:
             status = await self._first_status(request, sandbox_id, digest)
         except SandboxerError:
             # The request cannot be routed now; if it was claimed before, carry on with
             # the route chosen then.
-            found = await self._statuses.get(sandbox_id)
+            found = await self._statuses.get(owner, sandbox_id)
             if found is None:
                 raise
             return found
         revision = await self._statuses.create(status)
         if revision is not None:
             return status, revision
-        found = await self._statuses.get(sandbox_id)
+        found = await self._statuses.get(owner, sandbox_id)
         if found is None:  # only if an operator deleted the key in between
             raise Retry(CLAIM_WAIT_S, f"claim of {sandbox_id} vanished")
         stored, stored_revision = found
@@ -129,6 +131,7 @@ class Claims:
             sandbox_id=sandbox_id,
             request_id=request.request_id,
             tenant=request.tenant,
+            owner=self.registry.owner_of(request.tenant),
             profile=profile.id,
             state=SandboxState.PROVISIONING,
             created_at=now,
@@ -166,8 +169,10 @@ class Claims:
             status.with_changes(state=SandboxState.FAILED, error=error_info(conflict))
         )
 
-    async def answer_invalid(self, data: bytes, exc: ValidationError) -> None:
-        """Answer an invalid request with a `failed` status if it can be attributed."""
+    async def answer_invalid(self, data: bytes, exc: ValidationError, consumer: str | None) -> None:
+        """Answer an invalid request with a `failed` status if it can be attributed to a
+        tenant its publisher (`consumer`) may act for; stored, so that a redelivery gets
+        the same answer."""
         reason = validation_problems(exc)
         who = _attributable(data)
         if who is None:
@@ -175,10 +180,16 @@ class Claims:
             return
         tenant, request_id = who
         log.warning("provision %s/%s: invalid request: %s", tenant, request_id, reason)
+        try:
+            self.registry.authorize(consumer, tenant)
+        except Forbidden as forbidden:
+            await self.answer_forbidden(tenant, request_id, consumer, forbidden)
+            return
         failed = SandboxStatus(
             sandbox_id=sandbox_id_for(tenant, request_id),
             request_id=request_id,
             tenant=tenant,
+            owner=self.registry.owner_of(tenant),
             profile="",
             state=SandboxState.FAILED,
             created_at=utcnow(),
@@ -187,17 +198,38 @@ class Claims:
         if await self._statuses.create(failed) is None:
             await self._statuses.announce(failed)
 
+    async def answer_forbidden(
+        self, tenant: str, request_id: str, consumer: str | None, exc: Forbidden
+    ) -> None:
+        """Tell a publisher it may not act for `tenant`: announced on its own subjects,
+        never stored (the claim of that tenant's request id stays free)."""
+        log.warning("consumer %s: %s", consumer, exc)
+        await self._statuses.announce(
+            SandboxStatus(
+                sandbox_id=sandbox_id_for(tenant, request_id),
+                request_id=request_id,
+                tenant=tenant,
+                owner=consumer or self.registry.owner_of(tenant),
+                profile="",
+                state=SandboxState.FAILED,
+                created_at=utcnow(),
+                error=error_info(exc),
+            )
+        )
+
     async def fail(self, request: ProvisionRequest, sandbox_id: str, error: ErrorInfo) -> None:
         """Record the final failure of a provision as its `failed` status, unless another
         delivery settled it meanwhile."""
         digest = request.digest()
+        owner = self.registry.owner_of(request.tenant)
         for _ in range(5):
-            found = await self._statuses.get(sandbox_id)
+            found = await self._statuses.get(owner, sandbox_id)
             if found is None:
                 failed = SandboxStatus(
                     sandbox_id=sandbox_id,
                     request_id=request.request_id,
                     tenant=request.tenant,
+                    owner=owner,
                     profile=request.profile,
                     state=SandboxState.FAILED,
                     created_at=utcnow(),

@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from consumers.delivery import Delivery, Retry, reject_invalid, settle
 from consumers.lifecycle import Lifecycle
 from consumers.metering import recorded_sandbox
-from sandboxer.errors import NotFound, error_info
+from sandboxer.errors import Forbidden, NotFound, SandboxerError, error_info
 from sandboxer.statuses import StaleStatus, StatusStore
+from sandboxer.topology import consumer_of
 from schemas import DestroyRequest, SandboxState, SandboxStatus, utcnow
 
 log = logging.getLogger("sandboxer.destroy")
@@ -34,6 +35,7 @@ class Destroying:
 
     def __init__(self, lifecycle: Lifecycle, statuses: StatusStore) -> None:
         self._settings = lifecycle.settings
+        self._registry = lifecycle.registry
         self._router = lifecycle.router
         self._keepalive = lifecycle.keepalive
         self._metering = lifecycle.metering
@@ -67,9 +69,20 @@ class Destroying:
         log.error("destroy %s failed for good: %s", request.sandbox_id, exc)
 
     async def _destroy(self, request: DestroyRequest, delivery: Delivery) -> None:
-        found = await self._statuses.get(request.sandbox_id)
+        consumer = consumer_of(delivery.subject)
+        try:
+            self._registry.authorize(consumer, request.tenant)
+        except Forbidden as exc:  # answered, never retried
+            await self._answer(request, consumer, exc)
+            return
+        owner = self._registry.owner_of(request.tenant)
+        found = await self._statuses.locate(owner, request.sandbox_id)
         if found is None or found[0].tenant != request.tenant:
-            await self._answer_not_found(request, exists=found is not None)
+            # Another tenant's sandbox gets the same answer as an unknown one.
+            log.warning(
+                "destroy %s by tenant %s: no such sandbox", request.sandbox_id, request.tenant
+            )
+            await self._answer(request, consumer, NotFound(f"no sandbox {request.sandbox_id}"))
             return
         status, revision = found
         if status.state is SandboxState.PROVISIONING:
@@ -108,18 +121,19 @@ class Destroying:
         except StaleStatus:
             raise Retry(0.1, "status changed concurrently") from None
 
-    async def _answer_not_found(self, request: DestroyRequest, *, exists: bool) -> None:
-        log.warning("destroy %s by tenant %s: no such sandbox", request.sandbox_id, request.tenant)
-        if exists:
-            return  # another tenant's sandbox: say nothing on its subject
+    async def _answer(
+        self, request: DestroyRequest, consumer: str | None, exc: SandboxerError
+    ) -> None:
+        """A refusal, announced to whoever asked (never stored: it is no sandbox's)."""
         await self._statuses.announce(
             SandboxStatus(
                 sandbox_id=request.sandbox_id,
                 request_id=request.request_id,
                 tenant=request.tenant,
+                owner=consumer or self._registry.owner_of(request.tenant),
                 profile="",
                 state=SandboxState.FAILED,
                 created_at=utcnow(),
-                error=error_info(NotFound(f"no sandbox {request.sandbox_id}")),
+                error=error_info(exc),
             )
         )

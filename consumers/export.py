@@ -75,7 +75,7 @@ async def exporter_subscription(
     )
     stack.push_async_callback(fin_hub.aclose)
     exporter = Exporter(fin_hub, markers, settings)
-    return Subscription(BILLING_STREAM, EXPORT_CONSUMER, USAGE_SUBJECT, exporter.on_usage)
+    return Subscription(BILLING_STREAM, EXPORT_CONSUMER, (USAGE_SUBJECT,), exporter.on_usage)
 
 
 async def run_exporter(

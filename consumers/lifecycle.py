@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from nats.js import JetStreamContext
 
+from adapters.registry import Registry
 from adapters.routing import Router
 from consumers.delivery import KeepAlive
 from consumers.metering import Metering
@@ -71,6 +72,7 @@ class Lifecycle:
     """The parts a sandbox's way from request to destroy goes through."""
 
     settings: Settings
+    registry: Registry
     router: Router
     keepalive: KeepAlive
     metering: Metering

@@ -23,8 +23,9 @@ from consumers.delivery import Delivery, Retry, reject_invalid, settle
 from consumers.lifecycle import Lifecycle
 from sandboxer import money
 from sandboxer.credits import Ledger
-from sandboxer.errors import NoRoute, ProviderRejected, SandboxerError, error_info
+from sandboxer.errors import Forbidden, NoRoute, ProviderRejected, SandboxerError, error_info
 from sandboxer.ids import sandbox_id_for
+from sandboxer.topology import consumer_of
 from schemas import Profile, ProvisionRequest, SandboxState, SandboxStatus
 
 log = logging.getLogger("sandboxer.provision")
@@ -49,7 +50,7 @@ class Provisioning:
         try:
             request = ProvisionRequest.model_validate_json(data)
         except ValidationError as exc:
-            await self._claims.answer_invalid(data, exc)
+            await self._claims.answer_invalid(data, exc, consumer_of(delivery.subject))
             await reject_invalid(delivery, "ProvisionRequest", exc)
             return
         sandbox_id = sandbox_id_for(request.tenant, request.request_id)
@@ -66,6 +67,12 @@ class Provisioning:
     async def _provision(
         self, request: ProvisionRequest, sandbox_id: str, delivery: Delivery
     ) -> None:
+        consumer = consumer_of(delivery.subject)
+        try:
+            self._claims.registry.authorize(consumer, request.tenant)
+        except Forbidden as exc:  # before anything is held, made or stored
+            await self._claims.answer_forbidden(request.tenant, request.request_id, consumer, exc)
+            return
         digest = request.digest()
         reopen = H_RETRY in delivery.headers  # an operator's `sandboxer dlq retry`
         status, revision = await self._claims.claim(request, sandbox_id, digest, reopen=reopen)

@@ -62,6 +62,7 @@ class Reconciler:
         self, lifecycle: Lifecycle, statuses: StatusStore, *, grace_s: float = 120.0
     ) -> None:
         self._router = lifecycle.router
+        self._registry = lifecycle.registry
         self._metering = lifecycle.metering
         self._expiry = lifecycle.expiry
         self._deployment = lifecycle.settings.deployment
@@ -133,7 +134,8 @@ class Reconciler:
         self, ext: str, sandbox: ProviderSandbox, credentials: Credentials, dry_run: bool
     ) -> Finding:
         sandbox_id = sandbox.tags.get(TAG_SANDBOX_ID)
-        found = await self._statuses.get(sandbox_id) if sandbox_id else None
+        owner = self._registry.owner_of(sandbox.tags.get(TAG_TENANT, ""))
+        found = await self._statuses.locate(owner, sandbox_id) if sandbox_id else None
         status = found[0] if found else None
         action, reason = self._judge(ext, sandbox, status, utcnow())
         finding = Finding(

@@ -34,6 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
+from adapters.registry import Registry
 from sandboxer.ids import sandbox_id_for
 from sandboxer.markers import BillingMarkers
 from sandboxer.statuses import StatusStore
@@ -78,8 +79,11 @@ def stream_of(subject: str) -> str:
         return REPLAYABLE[subject]
     if subject.startswith(f"{METER_SUBJECT_PREFIX}."):
         return METER_STREAM
+    if _is_request(subject, PROVISION_SUBJECT) or _is_request(subject, DESTROY_SUBJECT):
+        return REQUESTS_STREAM  # one consumer's (`sandbox.provision.<name>`), or all (`.*`)
     raise ValueError(
         f"cannot replay {subject!r}; replayable: {', '.join(REPLAYABLE)}, "
+        f"{PROVISION_SUBJECT}.<consumer>, {DESTROY_SUBJECT}.<consumer>, "
         f"{METER_SUBJECT_PREFIX}.<extension_id>"
     )
 
@@ -139,20 +143,26 @@ class Summary:
 class Judge:
     """What each message's consumer will find, read from the same state it reads."""
 
-    def __init__(self, statuses: StatusStore, markers: BillingMarkers, exporting: bool) -> None:
+    def __init__(
+        self, registry: Registry, statuses: StatusStore, markers: BillingMarkers, exporting: bool
+    ) -> None:
+        self._registry = registry
         self._statuses = statuses
         self._markers = markers
         self._exporting = exporting
 
     async def tenant_and_effect(self, subject: str, data: bytes) -> tuple[str | None, Effect]:
         try:
-            if subject == PROVISION_SUBJECT:
+            if _is_request(subject, PROVISION_SUBJECT):
                 request = ProvisionRequest.model_validate_json(data)
-                found = await self._statuses.get(sandbox_id_for(request.tenant, request.request_id))
+                owner = self._registry.owner_of(request.tenant)
+                sandbox_id = sandbox_id_for(request.tenant, request.request_id)
+                found = await self._statuses.get(owner, sandbox_id)
                 return request.tenant, "applied" if found else "new"
-            if subject == DESTROY_SUBJECT:
+            if _is_request(subject, DESTROY_SUBJECT):
                 destroy = DestroyRequest.model_validate_json(data)
-                found = await self._statuses.get(destroy.sandbox_id)
+                owner = self._registry.owner_of(destroy.tenant)
+                found = await self._statuses.get(owner, destroy.sandbox_id)
                 if found is None or found[0].tenant != destroy.tenant:
                     return destroy.tenant, "no-op"
                 done = found[0].state in (SandboxState.DESTROYED, SandboxState.FAILED)
@@ -175,6 +185,10 @@ class Judge:
             return (tenant if isinstance(tenant, str) else None), "invalid"
 
 
+def _is_request(subject: str, plain: str) -> bool:
+    return subject == plain or subject.startswith(f"{plain}.")
+
+
 def _effect(applied: bool) -> Effect:
     return "applied" if applied else "new"
 
@@ -189,6 +203,7 @@ async def replay(
     subject: str,
     span: Range,
     *,
+    registry: Registry,
     tenant: str | None = None,
     dry_run: bool = False,
     include_replays: bool = False,
@@ -203,7 +218,7 @@ async def replay(
         exporting = True
     except NotFoundError:
         exporting = False
-    judge = Judge(await StatusStore.open(js), await BillingMarkers.open(js), exporting)
+    judge = Judge(registry, await StatusStore.open(js), await BillingMarkers.open(js), exporting)
     summary = Summary(subject, dry_run)
     seen = 0
     messages = stored_messages(js, stream, subject, from_seq=span.from_seq, since=span.since)

@@ -79,6 +79,7 @@ async def open_worker(
     stack.push_async_callback(keepalive.aclose)
     lifecycle = Lifecycle(
         settings=settings,
+        registry=providers.registry,
         router=providers.router,
         keepalive=keepalive,
         metering=Metering(js, providers.registry, statuses),

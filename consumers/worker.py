@@ -28,6 +28,8 @@ from sandboxer.topology import (
     PROVISION_CONSUMER,
     PROVISION_SUBJECT,
     REQUESTS_STREAM,
+    destroy_subject,
+    provision_subject,
 )
 
 log = logging.getLogger("sandboxer.worker")
@@ -36,19 +38,23 @@ log = logging.getLogger("sandboxer.worker")
 def subscriptions(
     parts: WorkerParts, js: JetStreamContext, settings: Settings
 ) -> list[Subscription]:
-    """A crash on the last provision attempt still gets two more deliveries before the
-    server gives up (the handler itself fails the request at `max_deliver`); destroys
-    wait for provisioning to settle, which is itself bounded, so they have no limit."""
+    """Requests on the plain subjects and on every consumer's own. A crash on the last
+    provision attempt still gets two more deliveries before the server gives up (the
+    handler itself fails the request at `max_deliver`); destroys wait for provisioning
+    to settle, which is itself bounded, and retry outages for the long bound."""
     return [
         Subscription(
             REQUESTS_STREAM,
             PROVISION_CONSUMER,
-            PROVISION_SUBJECT,
+            (PROVISION_SUBJECT, provision_subject("*")),
             parts.provisioning.on_provision,
             settings.max_deliver + 2,
         ),
         Subscription(
-            REQUESTS_STREAM, DESTROY_CONSUMER, DESTROY_SUBJECT, parts.destroying.on_destroy
+            REQUESTS_STREAM,
+            DESTROY_CONSUMER,
+            (DESTROY_SUBJECT, destroy_subject("*")),
+            parts.destroying.on_destroy,
         ),
         advisory_subscription(js, settings),
     ]
@@ -72,7 +78,11 @@ def advisory_subscription(js: JetStreamContext, settings: Settings) -> Subscript
         )
 
     return Subscription(
-        ADVISORY_STREAM, ADVISORY_CONSUMER, f"{MAX_DELIVERIES_ADVISORIES}.>", on_advisory
+        ADVISORY_STREAM,
+        ADVISORY_CONSUMER,
+        (f"{MAX_DELIVERIES_ADVISORIES}.>",),
+        on_advisory,
+        settings.max_deliver + 2,
     )
 
 

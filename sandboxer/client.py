@@ -1,5 +1,10 @@
 """A small client of the service, over plain NATS: what the CLI, the tests and the
-benchmark use, and a model for publishers in other languages."""
+benchmark use, and a model for publishers in other languages.
+
+As an upstream consumer (`consumer="acme"`) it publishes on `sandbox.provision.acme`
+and `sandbox.destroy.acme` and reads statuses under `sandbox.status.acme.>`, all an
+upstream identity may do. Without one it is a trusted publisher (the plain subjects)
+that reads every status: an operator's, or the zero-config default's."""
 
 from __future__ import annotations
 
@@ -11,8 +16,13 @@ from nats.js import JetStreamContext
 from sandboxer.connect import connect_nats
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import NatsAuth, servers_of
-from sandboxer.statuses import StatusStore
-from sandboxer.topology import DESTROY_SUBJECT, PROVISION_SUBJECT, status_subject
+from sandboxer.statuses import StatusStore, last_status
+from sandboxer.topology import (
+    destroy_subject,
+    provision_subject,
+    status_key,
+    status_subject,
+)
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
 
 PROVISION_SETTLED = frozenset(
@@ -24,11 +34,19 @@ DESTROY_SETTLED = frozenset({SandboxState.DESTROYED, SandboxState.FAILED})
 class Client:
     """`async with Client(url) as client: await client.provision(request, wait_s=30)`."""
 
-    def __init__(self, url: str, *, reconnect: bool = False, auth: NatsAuth | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        reconnect: bool = False,
+        auth: NatsAuth | None = None,
+        consumer: str | None = None,
+    ) -> None:
         """`url` may list several servers, comma-separated; `auth` is the identity to
-        connect as. A CLI client fails fast (`reconnect=False`); a long-lived one may
-        ride over a server restart."""
+        connect as, `consumer` the upstream it publishes for. A CLI client fails fast
+        (`reconnect=False`); a long-lived one may ride over a server restart."""
         self.url = url
+        self.consumer = consumer
         self._reconnect = reconnect
         self._auth = auth or NatsAuth()
         self._nc: Nats | None = None
@@ -61,7 +79,7 @@ class Client:
         """Publish a ProvisionRequest; with `wait_s`, return its settled status."""
         sandbox_id = sandbox_id_for(request.tenant, request.request_id)
         return await self._request(
-            PROVISION_SUBJECT,
+            provision_subject(self.consumer),
             request.model_dump_json().encode(),
             sandbox_id,
             PROVISION_SETTLED,
@@ -73,7 +91,7 @@ class Client:
     ) -> SandboxStatus | None:
         """Publish a DestroyRequest; with `wait_s`, return the sandbox's final status."""
         return await self._request(
-            DESTROY_SUBJECT,
+            destroy_subject(self.consumer),
             request.model_dump_json().encode(),
             request.sandbox_id,
             DESTROY_SETTLED,
@@ -81,8 +99,10 @@ class Client:
         )
 
     async def status(self, sandbox_id: str) -> SandboxStatus | None:
-        """The stored status of a sandbox, or None."""
-        found = await (await StatusStore.open(self.js)).get(sandbox_id)
+        """The stored status of a sandbox, or None. A consumer reads its own with a
+        direct get of its key, the only read its permissions allow."""
+        assert self._nc is not None
+        found = await last_status(self._nc, status_key(self.consumer or "*", sandbox_id))
         return found[0] if found else None
 
     async def statuses(self) -> list[SandboxStatus]:
@@ -102,8 +122,9 @@ class Client:
             await self.js.publish(subject, payload)
             return None
         assert self._nc is not None
-        # Subscribe before publishing, so no answer can slip by.
-        answers = await self._nc.subscribe(status_subject(sandbox_id))
+        # Subscribe before publishing, so no answer can slip by. A trusted publisher
+        # does not know which consumer owns the tenant: any owner's subject will do.
+        answers = await self._nc.subscribe(status_subject(self.consumer or "*", sandbox_id))
         try:
             await self.js.publish(subject, payload)
             async with asyncio.timeout(wait_s):

@@ -1,25 +1,29 @@
 """Prepaid credits: a per-tenant journal on JetStream, the only source of truth.
 
 Every grant, hold, release and debit is one message on
-`credits.ledger.<tenant>.<entry_id>` in the CREDITS_LEDGER stream (see
-docs/payments.md):
+`credits.ledger.<tenant>.<kind>.<entry_id>` in the CREDITS_LEDGER stream (see
+docs/payments.md); nats-server's permissions say who may write which kind
+(docs/security.md):
 
 - the stream allows one message per subject and refuses the next one (discard new per
   subject), so an entry id is written at most once, ever: a replay a week later cannot
   debit again;
 - every append says which tenant entry it follows
-  (`Nats-Expected-Last-Subject-Sequence` over `credits.ledger.<tenant>.*`), so two
+  (`Nats-Expected-Last-Subject-Sequence` over `credits.ledger.<tenant>.>`), so two
   holds decided on the same balance cannot both land: the loser re-reads and decides
   again. No overspending, across any number of processes.
 
 A tenant's balance is the fold of its entries, cached per process and caught up
-incrementally; the server's checks make a stale cache harmless.
+incrementally; the server's checks make a stale cache harmless. An entry that does not
+validate, or whose body does not agree with its subject (tenant, kind, id), is skipped
+and logged: a junk message never breaks a tenant.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -28,12 +32,16 @@ from decimal import Decimal
 
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
+from pydantic import TypeAdapter, ValidationError
 
 from sandboxer.connect import connection_of
 from sandboxer.errors import InsufficientCredits
 from sandboxer.money import hold_entry_id
-from sandboxer.topology import LEDGER_STREAM, ledger_subject, read_subject
-from schemas import LedgerEntry, LedgerKind, utcnow
+from sandboxer.topology import LEDGER_STREAM, ledger_subject, read_subject, tenant_ledger
+from schemas import LedgerEntry, LedgerKind, TenantId, utcnow
+
+log = logging.getLogger("sandboxer.credits")
+_TENANT: TypeAdapter[str] = TypeAdapter(TenantId)
 
 #: Server error codes: the expected last sequence moved; the entry id exists already.
 _WRONG_LAST_SEQUENCE = 10071
@@ -79,6 +87,41 @@ class Balance:
 Decision = Callable[[Balance], LedgerEntry | None]
 
 
+def checked_tenant(tenant: str) -> str:
+    """`tenant`, or ValueError if it is no tenant name (a wildcard would read every
+    tenant's journal as one)."""
+    try:
+        return _TENANT.validate_python(tenant)
+    except ValidationError:
+        raise ValueError(f"not a tenant name: {tenant!r}") from None
+
+
+def entry_of(tenant: str, subject: str, data: bytes) -> LedgerEntry | None:
+    """The journal entry stored at `subject`, or None (logged) if it is not one of
+    `tenant`'s, or says something else than its subject does."""
+    try:
+        entry = LedgerEntry.model_validate_json(data)
+    except ValidationError as exc:
+        log.warning(
+            "ledger of %s: %s is no LedgerEntry, skipped (%d errors)",
+            tenant,
+            subject,
+            exc.error_count(),
+        )
+        return None
+    if subject != ledger_subject(tenant, entry.kind, entry.entry_id) or entry.tenant != tenant:
+        log.warning(
+            "ledger of %s: %s holds a %s entry %s of %s, skipped",
+            tenant,
+            subject,
+            entry.kind,
+            entry.entry_id,
+            entry.tenant,
+        )
+        return None
+    return entry
+
+
 def _entry(
     kind: LedgerKind,
     tenant: str,
@@ -113,6 +156,7 @@ class Ledger:
 
     async def grant(self, tenant: str, amount: Decimal, grant_id: str, note: str = "") -> bool:
         """Add credits; False if `grant_id` was granted before."""
+        checked_tenant(tenant)
         if amount <= 0:
             raise ValueError("a grant must be positive")
         entry = _entry("grant", tenant, amount, f"grant-{grant_id}", note=note)
@@ -168,16 +212,20 @@ class Ledger:
 
     async def balance(self, tenant: str) -> Balance:
         """The tenant's balance, read up to the latest entry."""
+        checked_tenant(tenant)
         async with self._lock(tenant):
             balance, _ = await self._catch_up(tenant)
             return Balance(balance.balance, dict(balance.holds), dict(balance.hold_ids))
 
     async def entries(self, tenant: str) -> list[LedgerEntry]:
-        """The tenant's journal, oldest first."""
-        return [
-            LedgerEntry.model_validate_json(data)
-            async for _, _, data in read_subject(self._js, LEDGER_STREAM, ledger_subject(tenant))
-        ]
+        """The tenant's journal, oldest first (entries that are not, skipped)."""
+        checked_tenant(tenant)
+        found = []
+        async for _, subject, data in read_subject(self._js, LEDGER_STREAM, tenant_ledger(tenant)):
+            entry = entry_of(tenant, subject, data)
+            if entry is not None:
+                found.append(entry)
+        return found
 
     # -- the journal -----------------------------------------------------------------
 
@@ -194,11 +242,11 @@ class Ledger:
                     return False
                 try:
                     ack = await self._js.publish(
-                        ledger_subject(tenant, entry.entry_id),
+                        ledger_subject(tenant, entry.kind, entry.entry_id),
                         entry.model_dump_json().encode(),
                         headers={
                             "Nats-Expected-Last-Subject-Sequence": str(last),
-                            "Nats-Expected-Last-Subject-Sequence-Subject": ledger_subject(tenant),
+                            "Nats-Expected-Last-Subject-Sequence-Subject": tenant_ledger(tenant),
                         },
                     )
                 except APIError as exc:
@@ -223,37 +271,41 @@ class Ledger:
         cached = self._cache.get(tenant)
         balance, last = cached or (Balance(), 0)
         entries = self._entries_after(tenant, last) if cached is None else self._next(tenant, last)
-        async for seq, data in entries:
-            balance.apply(LedgerEntry.model_validate_json(data))
+        async for seq, subject, data in entries:
+            entry = entry_of(tenant, subject, data)
+            if entry is not None:
+                balance.apply(entry)
             last = seq
         self._remember(tenant, balance, last)
         return balance, last
 
-    async def _next(self, tenant: str, last: int) -> AsyncIterator[tuple[int, bytes]]:
-        """(sequence, data) of the tenant's entries after `last`, one direct get each."""
+    async def _next(self, tenant: str, last: int) -> AsyncIterator[tuple[int, str, bytes]]:
+        """(sequence, subject, data) of the tenant's entries after `last`, one direct get
+        each."""
         while True:
             try:
                 message = await self._js.get_msg(
                     LEDGER_STREAM,
                     seq=last + 1,
-                    subject=ledger_subject(tenant),
+                    subject=tenant_ledger(tenant),
                     next=True,
                     direct=True,
                 )
             except NotFoundError:
                 return
             last = message.seq or last + 1
-            yield last, message.data or b""
+            yield last, message.subject or "", message.data or b""
 
-    async def _entries_after(self, tenant: str, last: int) -> AsyncIterator[tuple[int, bytes]]:
-        """(sequence, data) of the tenant's entries after `last`, read with batched
-        direct gets: one round trip per 256 entries, none of the cost of a consumer."""
+    async def _entries_after(self, tenant: str, last: int) -> AsyncIterator[tuple[int, str, bytes]]:
+        """(sequence, subject, data) of the tenant's entries after `last`, read with
+        batched direct gets: one round trip per 256 entries, none of the cost of a
+        consumer."""
         nc = connection_of(self._js)  # direct get batches answer many messages on one inbox
         inbox = nc.new_inbox()
         answers = await nc.subscribe(inbox)
         try:
             while True:
-                request = {"seq": last + 1, "next_by_subj": ledger_subject(tenant), "batch": 256}
+                request = {"seq": last + 1, "next_by_subj": tenant_ledger(tenant), "batch": 256}
                 await nc.publish(
                     f"$JS.API.DIRECT.GET.{LEDGER_STREAM}", json.dumps(request).encode(), inbox
                 )
@@ -270,7 +322,7 @@ class Ledger:
                     if status is not None:
                         raise RuntimeError(f"ledger read failed: {status} {headers}")
                     last = int(headers["Nats-Sequence"])
-                    yield last, message.data
+                    yield last, headers.get("Nats-Subject", ""), message.data
         finally:
             await answers.unsubscribe()
 

@@ -48,6 +48,13 @@ class NoRoute(SandboxerError):
         self.skipped = skipped or []
 
 
+class Forbidden(SandboxerError):
+    """The publisher may not act for the tenant it names (its consumer does not list
+    it): refused before anything is held, made or stored."""
+
+    code = ErrorCode.FORBIDDEN
+
+
 class ProviderRejected(SandboxerError):
     """The provider refused the request and provably created nothing."""
 

@@ -7,7 +7,7 @@ share the durable consumers, and a NATS cluster with replicated streams scales i
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +25,9 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
+#: Requests: the plain subjects are for trusted publishers (an operator, the TTL
+#: schedule, a deployment's one trusted upstream); an upstream consumer publishes on
+#: `<subject>.<its name>`, which nats-server lets only its identity use.
 PROVISION_SUBJECT = "sandbox.provision"
 DESTROY_SUBJECT = "sandbox.destroy"
 STATUS_SUBJECT_PREFIX = "sandbox.status"
@@ -38,7 +41,8 @@ METER_STREAM = "SANDBOX_METER"
 
 STATUS_BUCKET = "sandboxer-status"
 
-#: The credits journal: one subject per entry, `credits.ledger.<tenant>.<entry_id>`.
+#: The credits journal: one subject per entry, `credits.ledger.<tenant>.<kind>.<entry_id>`
+#: (the kind is a token of its own so that permissions can say who writes which).
 LEDGER_STREAM = "CREDITS_LEDGER"
 LEDGER_SUBJECT_PREFIX = "credits.ledger"
 
@@ -67,10 +71,49 @@ DAY_S = 24 * 3600.0
 #: events a month, so billing can be rebuilt after an outage.
 REQUESTS_MAX_AGE_S = 7 * DAY_S
 EVENTS_MAX_AGE_S = 30 * DAY_S
+#: A status untouched this long expires (a live sandbox's changes at least every 7
+#: days, its longest TTL): longer than any stream a replay reads from.
+STATUS_RETENTION_S = 35 * DAY_S
+#: Billing marks outlive the meter events and usage records they stop replays of.
+MARKER_RETENTION_S = 60 * DAY_S
+
+KIB, MIB, GIB = 1024, 1024**2, 1024**3
+#: The largest message each input stream takes (the server refuses a larger publish):
+#: a ProvisionRequest is at most about 6 KiB, a meter event or a status about 2 KiB.
+MAX_REQUEST_BYTES = 64 * KIB
+MAX_EVENT_BYTES = 64 * KIB
+MAX_LEDGER_ENTRY_BYTES = 8 * KIB
+MAX_USAGE_RECORD_BYTES = 16 * KIB
 
 
-def status_subject(sandbox_id: str) -> str:
-    return f"{STATUS_SUBJECT_PREFIX}.{sandbox_id}"
+def provision_subject(consumer: str | None = None) -> str:
+    """Where `consumer` publishes provisions (None: the trusted plain subject)."""
+    return PROVISION_SUBJECT if consumer is None else f"{PROVISION_SUBJECT}.{consumer}"
+
+
+def destroy_subject(consumer: str | None = None) -> str:
+    """Where `consumer` publishes destroys (None: the trusted plain subject)."""
+    return DESTROY_SUBJECT if consumer is None else f"{DESTROY_SUBJECT}.{consumer}"
+
+
+def consumer_of(subject: str) -> str | None:
+    """The consumer a request subject belongs to (`sandbox.provision.<name>`), or None
+    for a plain subject. nats-server's permissions guarantee it is the publisher's."""
+    for plain in (PROVISION_SUBJECT, DESTROY_SUBJECT):
+        if subject.startswith(f"{plain}."):
+            return subject[len(plain) + 1 :]
+    return None
+
+
+def status_subject(owner: str, sandbox_id: str) -> str:
+    """Where a sandbox's statuses are announced: under its owner (a consumer's name, or
+    `default`), which only that consumer may subscribe to."""
+    return f"{STATUS_SUBJECT_PREFIX}.{owner}.{sandbox_id}"
+
+
+def status_key(owner: str, sandbox_id: str) -> str:
+    """A sandbox's key in the status bucket (republished as its status subject)."""
+    return f"{owner}.{sandbox_id}"
 
 
 def meter_subject(extension_id: str) -> str:
@@ -81,8 +124,14 @@ def schedule_subject(sandbox_id: str) -> str:
     return f"{SCHEDULE_SUBJECT_PREFIX}.{sandbox_id}"
 
 
-def ledger_subject(tenant: str, entry_id: str = "*") -> str:
-    return f"{LEDGER_SUBJECT_PREFIX}.{tenant}.{entry_id}"
+def ledger_subject(tenant: str, kind: str, entry_id: str) -> str:
+    """The subject of one journal entry."""
+    return f"{LEDGER_SUBJECT_PREFIX}.{tenant}.{kind}.{entry_id}"
+
+
+def tenant_ledger(tenant: str) -> str:
+    """The subjects of a tenant's whole journal."""
+    return f"{LEDGER_SUBJECT_PREFIX}.{tenant}.>"
 
 
 def republishable_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -104,16 +153,40 @@ def stream_configs(replicas: int) -> list[StreamConfig]:
             **options,
         )
 
+    # Streams that hold money (meter events until billed, the journal, usage records
+    # until exported) have no size bound; the others do. A full dead-letter stream
+    # refuses new letters (the message stays where it was, and is retried); a full
+    # request stream drops its oldest requests, long since handled (message schedules
+    # rule out refusing new ones there), which shortens the window of replays.
     return [
         stream(
             REQUESTS_STREAM,
-            [PROVISION_SUBJECT, DESTROY_SUBJECT, f"{SCHEDULE_SUBJECT_PREFIX}.*"],
+            [
+                PROVISION_SUBJECT,
+                f"{PROVISION_SUBJECT}.*",
+                DESTROY_SUBJECT,
+                f"{DESTROY_SUBJECT}.*",
+                f"{SCHEDULE_SUBJECT_PREFIX}.*",
+            ],
             max_age=REQUESTS_MAX_AGE_S,
+            max_msg_size=MAX_REQUEST_BYTES,
+            max_bytes=GIB,
             # nats-server >= 2.12 fires `Nats-Schedule` messages onto `sandbox.destroy`.
             allow_msg_schedules=True,
         ),
-        stream(STATUS_STREAM, [f"{STATUS_SUBJECT_PREFIX}.*"], max_age=EVENTS_MAX_AGE_S),
-        stream(METER_STREAM, [f"{METER_SUBJECT_PREFIX}.>"], max_age=EVENTS_MAX_AGE_S),
+        stream(
+            STATUS_STREAM,
+            [f"{STATUS_SUBJECT_PREFIX}.>"],
+            max_age=EVENTS_MAX_AGE_S,
+            max_msg_size=MAX_EVENT_BYTES,
+            max_bytes=GIB,
+        ),
+        stream(
+            METER_STREAM,
+            [f"{METER_SUBJECT_PREFIX}.>"],
+            max_age=EVENTS_MAX_AGE_S,
+            max_msg_size=MAX_EVENT_BYTES,
+        ),
         stream(
             LEDGER_STREAM,
             [f"{LEDGER_SUBJECT_PREFIX}.>"],
@@ -123,11 +196,13 @@ def stream_configs(replicas: int) -> list[StreamConfig]:
             discard=DiscardPolicy.NEW,
             discard_new_per_subject=True,
             allow_direct=True,
+            max_msg_size=MAX_LEDGER_ENTRY_BYTES,
         ),
         stream(
             BILLING_STREAM,
             [USAGE_SUBJECT],
             max_age=EVENTS_MAX_AGE_S,
+            max_msg_size=MAX_USAGE_RECORD_BYTES,
             # Usage records are deduplicated by Nats-Msg-Id over a day, far longer than
             # any crash-and-redeliver; later replays are stopped by a durable marker.
             duplicate_window=DAY_S,
@@ -136,25 +211,34 @@ def stream_configs(replicas: int) -> list[StreamConfig]:
             DEAD_LETTER_STREAM,
             [f"{DLQ_SUBJECT_PREFIX}.*"],
             max_age=EVENTS_MAX_AGE_S,
+            max_bytes=GIB,
+            discard=DiscardPolicy.NEW,
             duplicate_window=DAY_S,
         ),
         stream(
             ADVISORY_STREAM,
             [f"{MAX_DELIVERIES_ADVISORIES}.>"],
             max_age=REQUESTS_MAX_AGE_S,
+            max_msg_size=MAX_EVENT_BYTES,
+            max_bytes=256 * MIB,
         ),
     ]
 
 
 def status_bucket_config(replicas: int) -> KeyValueConfig:
-    """Latest SandboxStatus per sandbox. Every write is republished by the server on
-    `sandbox.status.<id>` (and so lands in SANDBOX_STATUS): one write stores and
-    announces a state change."""
+    """Latest SandboxStatus per sandbox, keyed `<owner>.<sandbox_id>`. Every write is
+    republished by the server on `sandbox.status.<owner>.<sandbox_id>` (and so lands in
+    SANDBOX_STATUS): one write stores and announces a state change. A status untouched
+    for `STATUS_RETENTION_S` expires."""
     return KeyValueConfig(
         bucket=STATUS_BUCKET,
         history=1,
         storage=StorageType.FILE,
         replicas=replicas,
+        ttl=STATUS_RETENTION_S,
+        max_bytes=4 * GIB,
+        max_value_size=MAX_EVENT_BYTES,
+        direct=True,
         republish=RePublish(src=f"$KV.{STATUS_BUCKET}.>", dest=f"{STATUS_SUBJECT_PREFIX}.>"),
     )
 
@@ -167,20 +251,35 @@ async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
         except BadRequestError:
             await js.update_stream(config)
     await ensure_bucket(js, status_bucket_config(replicas))
-    await ensure_bucket(
-        js, KeyValueConfig(bucket=BILLING_BUCKET, storage=StorageType.FILE, replicas=replicas)
-    )
-    await ensure_bucket(
-        js, KeyValueConfig(bucket=LEASE_BUCKET, storage=StorageType.FILE, replicas=replicas)
-    )
+    for bucket, ttl in ((BILLING_BUCKET, MARKER_RETENTION_S), (LEASE_BUCKET, None)):
+        kv = KeyValueConfig(bucket=bucket, storage=StorageType.FILE, replicas=replicas, ttl=ttl)
+        await ensure_bucket(js, kv)
 
 
 async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
-    """The bucket of `config`, created if missing."""
+    """The bucket of `config`, created if missing; an existing one gets its limits
+    (retention, size bounds) brought in line."""
     try:
-        return await js.key_value(config.bucket)
+        bucket = await js.key_value(config.bucket)
     except NotFoundError:
         return await js.create_key_value(config)
+    stream = await js.stream_info(f"KV_{config.bucket}")
+    wanted: dict[str, Any] = {
+        "max_age": config.ttl or 0.0,
+        "max_bytes": config.max_bytes or -1,
+        "max_msg_size": config.max_value_size or -1,
+        "allow_direct": bool(config.direct),
+    }
+    current = stream.config
+    found = {
+        "max_age": current.max_age or 0.0,
+        "max_bytes": current.max_bytes or -1,
+        "max_msg_size": current.max_msg_size or -1,
+        "allow_direct": bool(current.allow_direct),
+    }
+    if found != wanted:
+        await js.update_stream(replace(current, **wanted))
+    return bucket
 
 
 async def kv_entries(

@@ -6,6 +6,7 @@ meter event schema per installed extension) for publishers in other languages.
 
 from schemas._types import (
     USD_QUANTUM,
+    ConsumerName,
     ExtensionId,
     Factor,
     ProfileId,
@@ -21,6 +22,8 @@ from schemas._types import (
 )
 from schemas.billing import LedgerEntry, LedgerKind, UsageRecord, usage_record_id
 from schemas.manifest import (
+    DEFAULT_OWNER,
+    ConsumerManifest,
     ExtensionManifest,
     Pricing,
     Profile,
@@ -40,7 +43,10 @@ from schemas.status import (
 )
 
 __all__ = [
+    "DEFAULT_OWNER",
     "USD_QUANTUM",
+    "ConsumerManifest",
+    "ConsumerName",
     "CredentialSource",
     "DestroyRequest",
     "ErrorCode",

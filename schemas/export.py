@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from schemas.billing import LedgerEntry, UsageRecord
-from schemas.manifest import ExtensionManifest, Profile
+from schemas.manifest import ConsumerManifest, ExtensionManifest, Profile
 from schemas.meter import MeterEvent, meter_event_model
 from schemas.requests import DestroyRequest, ProvisionRequest
 from schemas.status import SandboxStatus
@@ -24,6 +24,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "LedgerEntry": LedgerEntry,
     "ExtensionManifest": ExtensionManifest,
     "Profile": Profile,
+    "ConsumerManifest": ConsumerManifest,
 }
 
 

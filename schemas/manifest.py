@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas._types import ExtensionId, ProfileId, TenantId, UsdRate
 
+#: The owner of statuses whose tenant no consumer lists; not a consumer's name.
+DEFAULT_OWNER = "default"
+
 
 class Pricing(BaseModel):
     """How an extension charges. `rates` are read by the adapter's own pricing formula,
@@ -130,3 +133,31 @@ class Profile(BaseModel):
                 f"ttl_s={ttl_s} is outside {self.id}'s limits [{self.ttl.min_s}, {self.ttl.max_s}]"
             )
         return ttl_s
+
+
+class ConsumerManifest(BaseModel):
+    """An upstream system (`extensions/consumer.<name>.yaml`): the tenants it may act for.
+    Its requests come on `sandbox.provision.<name>` and `sandbox.destroy.<name>`, which
+    nats-server lets only its identity publish (docs/security.md); a request there for a
+    tenant it does not list is refused with `forbidden`. A tenant belongs to one
+    consumer at most, which alone may read its statuses."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["consumer"]
+    id: str = Field(max_length=73, pattern=r"^consumer\.[a-z0-9][a-z0-9-]*$")
+    description: str = Field(default="", max_length=2000)
+    tenants: list[TenantId] = Field(min_length=1, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _sound(self) -> Self:
+        if self.name == DEFAULT_OWNER:
+            raise ValueError(f"consumer.{DEFAULT_OWNER} is reserved (tenants no consumer lists)")
+        if len(set(self.tenants)) != len(self.tenants):
+            raise ValueError("tenants must not repeat")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The name in its subjects: `sandbox.provision.<name>`."""
+        return self.id.removeprefix("consumer.")

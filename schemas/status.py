@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas._types import (
+    ConsumerName,
     ExtensionId,
     RequestId,
     SandboxId,
@@ -30,6 +31,7 @@ class ErrorCode(StrEnum):
     PROVIDER_UNAVAILABLE = "provider_unavailable"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     NOT_FOUND = "not_found"
+    FORBIDDEN = "forbidden"
     INTERNAL = "internal"
 
 
@@ -69,6 +71,12 @@ class SandboxStatus(BaseModel):
     sandbox_id: SandboxId
     request_id: RequestId
     tenant: TenantId
+    owner: ConsumerName = Field(
+        default="default",
+        description="The consumer the status belongs to (the tenant's, or `default`): "
+        "it is stored and announced under it, `sandbox.status.<owner>.<sandbox_id>`, "
+        "which only that consumer may read.",
+    )
     profile: str = Field(max_length=64)
     extension_id: ExtensionId | None = None
     provider_sandbox_id: str | None = Field(default=None, max_length=128)

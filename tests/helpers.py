@@ -14,10 +14,12 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
+from adapters.registry import Registry
 from consumers.reconcile import Finding
+from consumers.replay import Range, Summary, replay
 from consumers.wiring import open_worker
 from sandboxer.client import Client
-from sandboxer.settings import Settings
+from sandboxer.settings import Settings, default_extensions_dir
 from sandboxer.topology import kv_entries, read_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
 
@@ -42,6 +44,12 @@ def stopped_event(n: int, **changes: object) -> dict[str, object]:
         "usd_per_second": "0.000010",
         **changes,
     }
+
+
+async def replay_all(js: JetStreamContext, subject: str, span: Range, **options: Any) -> Summary:
+    """`sandboxer replay` of the shipped extensions' deployment."""
+    registry = Registry.load(default_extensions_dir())
+    return await replay(js, subject, span, registry=registry, **options)
 
 
 def as_started(settings: Settings) -> Settings:

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.js import JetStreamContext
 
-from consumers.replay import Range, replay
+from consumers.replay import Range
 from consumers.wiring import open_worker
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
@@ -41,7 +41,7 @@ from sandboxer.topology import ensure_topology
 from schemas import DestroyRequest, ProvisionRequest, SandboxState
 from tests.conftest import Start
 from tests.fake_finhub import FakeFinHub
-from tests.helpers import FIGURES, deliveries, stream_messages, stub_sandboxes
+from tests.helpers import FIGURES, deliveries, replay_all, stream_messages, stub_sandboxes
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ async def test_r1_replaying_every_request_duplicates_nothing(
 
             replayed = 0
             for subject in ("sandbox.provision", "sandbox.destroy"):
-                summary = await replay(js, subject, Range())
+                summary = await replay_all(js, subject, Range())
                 assert summary.effects["new"] == 0, summary.line()
                 replayed += summary.replayed
             assert await drained(js, REQUEST_CONSUMERS + BILLING_CONSUMERS) == 0

@@ -18,6 +18,7 @@ class Recording:
     def __init__(self, attempt: int = 1) -> None:
         self.attempt = attempt
         self.headers: Mapping[str, str] = {}
+        self.subject = "sandbox.provision"
         self.outcomes: list[str] = []
         self.kept_alive = 0
 

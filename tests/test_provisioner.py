@@ -129,7 +129,7 @@ async def test_hand_written_json_over_raw_nats_reaches_ready(
 ) -> None:
     # What a publisher in another language does: plain JSON, plain subjects.
     sandbox_id = sandbox_id_for("t1", "r1")
-    statuses = await nc.subscribe(f"sandbox.status.{sandbox_id}")
+    statuses = await nc.subscribe(f"sandbox.status.default.{sandbox_id}")  # t1: no consumer
     await js.publish(
         "sandbox.provision",
         b'{"request_id": "r1", "tenant": "t1", "profile": "profile.burst-sandbox"}',

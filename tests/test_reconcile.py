@@ -32,7 +32,7 @@ async def test_failed_claims_orphans_expired_and_kept_sandboxes(
     async with Client(settings.nats_url) as client:
         kept = await provision(client, "acme", "profile.burst-sandbox")
         expired = await provision(client, "acme", "profile.burst-sandbox")
-        found = await statuses.get(expired.sandbox_id)
+        found = await statuses.get(expired.owner, expired.sandbox_id)
         assert found is not None
         status, revision = found
         past = utcnow() - timedelta(seconds=1)

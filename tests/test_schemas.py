@@ -178,6 +178,7 @@ def test_exported_json_schemas_describe_every_contract(tmp_path: Path) -> None:
             "LedgerEntry",
             "ExtensionManifest",
             "Profile",
+            "ConsumerManifest",
             "MeterEvent.ext.gpu-cloud",
         )
     )

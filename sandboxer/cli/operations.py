@@ -15,6 +15,7 @@ from sandboxer.cli._common import (
     app,
     die,
     dlq_app,
+    load_registry,
     nats_client,
     route_app,
     run,
@@ -64,6 +65,8 @@ def replay(
     except ValueError as exc:
         die(str(exc))
 
+    registry = load_registry()
+
     def progress(done: int, left: int) -> None:
         typer.echo(f"  {done} read, {left} left", err=True)
 
@@ -74,6 +77,7 @@ def replay(
                 client.js,
                 subject,
                 span,
+                registry=registry,
                 tenant=tenant,
                 dry_run=dry_run,
                 include_replays=include_replays,
