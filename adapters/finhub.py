@@ -57,6 +57,7 @@ class FinHubClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url
+        self._token = token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(
             headers=headers, timeout=httpx.Timeout(timeout_s), transport=transport
@@ -76,6 +77,8 @@ class FinHubClient:
             return Outcome(Verdict.RETRY, None, f"connection failed: {type(exc).__name__}")
         status = response.status_code
         detail = f"HTTP {status}: {response.text[:500]}"
+        if self._token:  # should fin-hub ever echo it
+            detail = detail.replace(self._token, "***")
         if 200 <= status < 300 or status == _ALREADY_THERE:
             return Outcome(Verdict.DELIVERED, status, detail)
         if status >= 500 or status in _RETRYABLE_4XX:

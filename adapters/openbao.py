@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import hvac
@@ -31,14 +31,9 @@ from hvac import exceptions as bao_errors
 from adapters.base import Credentials
 from sandboxer.errors import ProviderRejected, ProviderUnavailable
 from sandboxer.settings import BaoSettings
-from schemas import CredentialSource, SecretRef
+from schemas import CredentialSource, SecretRef, byok_path
 
 log = logging.getLogger("sandboxer.openbao")
-
-
-def byok_path(tenant: str, extension_id: str) -> str:
-    """Where a tenant keeps its own key for an extension (under the secret's mount)."""
-    return f"sandboxer/tenants/{tenant}/{extension_id}"
 
 
 @dataclass(frozen=True)
@@ -56,7 +51,7 @@ class ResolvedKey:
 
 @dataclass(frozen=True)
 class _Read:
-    values: dict[str, str] | None  # None: no such secret
+    values: dict[str, str] | None = field(repr=False)  # None: no such secret
     version: int
     expires: float
 

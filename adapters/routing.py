@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from adapters.base import NO_CREDENTIALS, Credentials, SandboxAdapter
 from sandboxer.errors import NoRoute, ProviderUnavailable, UnknownExtension
-from schemas import ExtensionManifest, Profile, SandboxStatus
+from schemas import ExtensionManifest, Profile, SandboxStatus, byok_path
 
 if TYPE_CHECKING:  # hvac is imported only where OpenBao is configured
     from adapters.openbao import CredentialResolver, ResolvedKey
@@ -134,23 +134,26 @@ class Router:
         raise NoRoute(f"no eligible route in {profile.id} ({reasons})", skipped=skipped)
 
     async def credentials(self, status: SandboxStatus) -> Credentials:
-        """The key a sandbox was created with: the same path, at the recorded version (or
-        the current one if a rotation removed it). For destroy and metering."""
-        if status.credential_path is None or status.credential_source == "none":
+        """The key a sandbox was created with, at the recorded version (or the current
+        one if a rotation removed it). For destroy and metering. Where it is read is
+        derived from the tenant and the extension, never taken from the status: the
+        status says only which of the two keys (BYOK or the platform's) it was."""
+        if status.credential_source == "none":
             return NO_CREDENTIALS
         if self._resolver is None:
             raise ProviderUnavailable("the sandbox needs a key and OpenBao is not configured")
         manifest = self._manifests.get(status.extension_id or "")
         if manifest is None or manifest.secret_ref is None:
             raise UnknownExtension(f"extension {status.extension_id} has no secret_ref")
-        mount, _, path = status.credential_path.partition("/")
+        ref = manifest.secret_ref
+        path = (
+            byok_path(status.tenant, manifest.id)
+            if status.credential_source == "byok"
+            else ref.path
+        )
         key = await self._resolver.read(
-            mount,
-            path,
-            manifest.secret_ref.keys,
-            status.credential_source,
-            version=status.credential_version,
+            ref.mount, path, ref.keys, status.credential_source, version=status.credential_version
         )
         if key is None:
-            raise ProviderUnavailable(f"the key at {status.credential_path} was deleted")
+            raise ProviderUnavailable(f"the key at {ref.mount}/{path} was deleted")
         return key.credentials

@@ -1,6 +1,7 @@
 """The billing app (`sandboxer billing`): turns `stopped` meter events into exactly one
 debit and one usage record each, and runs the fin-hub exporter (`consumers/export.py`)
-when a fin-hub URL is configured.
+when a fin-hub URL is configured. What it bills comes from its own records, not from
+the event: the sandbox's status and the price its extension's formula makes of it.
 
 Exactly once, here, means: every step is idempotent by a deterministic id and
 durable, so a redelivery, a crash or a replay a week later repeats nothing that
@@ -25,15 +26,21 @@ from functools import partial
 from nats.js import JetStreamContext
 from pydantic import ValidationError
 
+from adapters.base import Usage
+from adapters.shared import backoff_s
 from consumers.app import Lifeline, Subscription, connect, serve
-from consumers.delivery import Delivery, reject_invalid, settle
+from consumers.delivery import Delivery, Retry, reject_invalid, settle
 from consumers.export import exporter_subscription
+from consumers.metering import recorded_sandbox
+from consumers.wiring import Providers, open_providers
 from sandboxer.credits import Ledger
+from sandboxer.errors import SandboxerError
 from sandboxer.markers import BillingMarkers
 from sandboxer.money import debit_amount, pays_with_credits
 from sandboxer.settings import Settings
+from sandboxer.statuses import StatusStore
 from sandboxer.topology import BILLING_CONSUMER, METER_STREAM, METER_SUBJECT_PREFIX, USAGE_SUBJECT
-from schemas import MeterEvent, UsageRecord, usage_record_id
+from schemas import MeterEvent, SandboxStatus, UsageRecord, usage_record_id
 
 log = logging.getLogger("sandboxer.billing")
 
@@ -42,38 +49,64 @@ log = logging.getLogger("sandboxer.billing")
 FAULT_KILL_AFTER_DEBIT = "kill-after-debit"
 
 
-def usage_record(event: MeterEvent) -> UsageRecord:
-    """The usage record of a `stopped` event: what the provider charged, and what the
-    tenant's credits were debited for it."""
-    assert event.actual_usd is not None and event.stopped_at is not None
-    assert event.duration_s is not None
+class Disagreement(SandboxerError):
+    """A meter event (or usage record) that does not agree with sandboxer's own records:
+    never billed, kept as a dead letter with what differs."""
+
+
+def usage_record(status: SandboxStatus, usage: Usage) -> UsageRecord:
+    """The usage record of a stopped sandbox, from its status and the price recomputed
+    from it: what the provider charged, and what the tenant's credits pay."""
+    assert status.extension_id is not None
     return UsageRecord(
-        record_id=usage_record_id(event.sandbox_id),
-        sandbox_id=event.sandbox_id,
-        extension_id=event.extension_id,
-        tenant=event.tenant,
-        credential_source=event.credential_source,
-        duration_s=event.duration_s,
-        actual_usd=debit_amount(event.credential_source, event.actual_usd),
-        provider_cost_usd=event.actual_usd,
-        started_at=event.started_at,
-        stopped_at=event.stopped_at,
+        record_id=usage_record_id(status.sandbox_id),
+        sandbox_id=status.sandbox_id,
+        extension_id=status.extension_id,
+        tenant=status.tenant,
+        credential_source=status.credential_source,
+        duration_s=usage.duration_s,
+        actual_usd=debit_amount(status.credential_source, usage.actual_usd),
+        provider_cost_usd=usage.actual_usd,
+        started_at=usage.started_at,
+        stopped_at=usage.stopped_at,
     )
 
 
+def disagreements(event: MeterEvent, status: SandboxStatus, usage: Usage) -> list[str]:
+    """What a `stopped` event says that the records (the status, and the price the
+    extension's formula makes of it) do not."""
+    said = {
+        "tenant": (event.tenant, status.tenant),
+        "extension_id": (event.extension_id, status.extension_id),
+        "provider_sandbox_id": (event.provider_sandbox_id, status.provider_sandbox_id),
+        "credential_source": (event.credential_source, status.credential_source),
+        "started_at": (event.started_at, usage.started_at),
+        "stopped_at": (event.stopped_at, usage.stopped_at),
+        "duration_s": (event.duration_s, usage.duration_s),
+        "actual_usd": (event.actual_usd, usage.actual_usd),
+    }
+    return [f"{name} {theirs} != {ours}" for name, (theirs, ours) in said.items() if theirs != ours]
+
+
 class Billing:
-    """Debits `stopped` sandboxes and publishes their usage records."""
+    """Debits `stopped` sandboxes and publishes their usage records, for what the records
+    say: the sandbox's status, and the price its extension's formula makes of it. An
+    event is only the occasion; one that disagrees with the records is not billed."""
 
     def __init__(
         self,
         js: JetStreamContext,
         ledger: Ledger,
         markers: BillingMarkers,
+        statuses: StatusStore,
+        providers: Providers,
         settings: Settings,
     ) -> None:
         self._js = js
         self._ledger = ledger
         self._markers = markers
+        self._statuses = statuses
+        self._providers = providers
         self._settings = settings
 
     async def on_meter(self, data: bytes, delivery: Delivery) -> None:
@@ -87,7 +120,7 @@ class Billing:
             return
         await settle(
             f"billing {event.sandbox_id}",
-            partial(self._bill, event),
+            partial(self._bill, event, delivery),
             delivery,
             self._settings,
             give_up=partial(self._failed_for_good, event),
@@ -98,11 +131,20 @@ class Billing:
     async def _failed_for_good(event: MeterEvent, exc: Exception) -> None:
         log.error("billing of %s failed for good: %s", event.sandbox_id, exc)
 
-    async def _bill(self, event: MeterEvent) -> None:
-        record = usage_record(event)
+    async def _bill(self, event: MeterEvent, delivery: Delivery) -> None:
+        status = await self._stopped_status(event, delivery)
+        assert status.extension_id is not None and status.destroyed_at is not None
+        adapter = self._providers.router.adapter(status.extension_id)
+        usage = adapter.meter_actual(recorded_sandbox(status), status.destroyed_at)
+        differences = disagreements(event, status, usage)
+        if differences:
+            raise Disagreement(
+                f"{event.event_id} disagrees with the records: {'; '.join(differences)}"
+            )
+        record = usage_record(status, usage)
         debited = False
-        if pays_with_credits(event.credential_source):
-            debited = await self._ledger.bill(event.tenant, event.sandbox_id, record.actual_usd)
+        if pays_with_credits(status.credential_source):
+            debited = await self._ledger.bill(status.tenant, status.sandbox_id, record.actual_usd)
         if debited and self._settings.fault_inject == FAULT_KILL_AFTER_DEBIT:
             os.kill(os.getpid(), signal.SIGKILL)
         # Only a delivery that did not write the debit itself can be a replay.
@@ -114,6 +156,26 @@ class Billing:
             headers={"Nats-Msg-Id": record.record_id},
         )
         await self._markers.mark_published(record.record_id)
+
+    async def _stopped_status(self, event: MeterEvent, delivery: Delivery) -> SandboxStatus:
+        """The status of the event's sandbox, once it records the stop. A replica a
+        little behind may not show it yet: a few deliveries are given; after that the
+        event has no sandbox of ours behind it."""
+        owner = self._providers.registry.owner_of(event.tenant)
+        found = await self._statuses.locate(owner, event.sandbox_id)
+        if found is not None and found[0].destroyed_at is not None:
+            return found[0]
+        what = "no such sandbox" if found is None else f"sandbox is {found[0].state}"
+        if delivery.attempt < self._settings.max_deliver:
+            raise Retry(
+                backoff_s(
+                    delivery.attempt,
+                    base_s=self._settings.retry_backoff_s,
+                    cap_s=self._settings.retry_cap_s,
+                ),
+                f"{event.event_id}: {what}, not stopped (yet)",
+            )
+        raise Disagreement(f"{event.event_id} names no stopped sandbox of ours ({what})")
 
 
 async def run_billing(
@@ -127,14 +189,16 @@ async def run_billing(
         lifeline = Lifeline("sandboxer-billing")
         js = await connect(settings, lifeline, stack)
         markers = await BillingMarkers.open(js)
-        billing = Billing(js, Ledger(js), markers, settings)
+        providers = await open_providers(settings, stack, keys=False)
+        statuses = await StatusStore.open(js)
+        billing = Billing(js, Ledger(js), markers, statuses, providers, settings)
         subscriptions = [
             Subscription(
                 METER_STREAM, BILLING_CONSUMER, (f"{METER_SUBJECT_PREFIX}.>",), billing.on_meter
             ),
         ]
         if settings.fin_hub_url:
-            subscriptions.append(await exporter_subscription(settings, markers, stack))
+            subscriptions.append(await exporter_subscription(settings, js, markers, stack))
             log.info("fin-hub export on: %s", settings.fin_hub_url)
         else:
             log.info(

@@ -10,12 +10,17 @@ import logging
 from contextlib import AsyncExitStack
 from functools import partial
 
+from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from adapters.finhub import FinHubClient, FinHubRejected, FinHubUnavailable, Verdict
+from adapters.shared import backoff_s
 from consumers.app import Lifeline, Subscription, connect, serve
-from consumers.delivery import Delivery, reject_invalid, settle
+from consumers.delivery import Delivery, Retry, reject_invalid, settle
+from sandboxer.credits import Ledger
+from sandboxer.errors import SandboxerError
 from sandboxer.markers import BillingMarkers
+from sandboxer.money import pays_with_credits
 from sandboxer.settings import Settings
 from sandboxer.topology import BILLING_STREAM, EXPORT_CONSUMER, USAGE_SUBJECT
 from schemas import UsageRecord
@@ -23,12 +28,22 @@ from schemas import UsageRecord
 log = logging.getLogger("sandboxer.export")
 
 
-class Exporter:
-    """POSTs usage records to fin-hub; acks only after fin-hub took them."""
+class Unbacked(SandboxerError):
+    """A usage record that billing did not publish, or whose debit differs: never
+    exported, kept as a dead letter."""
 
-    def __init__(self, fin_hub: FinHubClient, markers: BillingMarkers, settings: Settings) -> None:
+
+class Exporter:
+    """POSTs usage records to fin-hub; acks only after fin-hub took them. A record is
+    exported only if billing's own marks say it published it, and the journal holds its
+    debit (for credits-paid sandboxes) at the same amount."""
+
+    def __init__(
+        self, fin_hub: FinHubClient, markers: BillingMarkers, ledger: Ledger, settings: Settings
+    ) -> None:
         self._fin_hub = fin_hub
         self._markers = markers
+        self._ledger = ledger
         self._settings = settings
 
     async def on_usage(self, data: bytes, delivery: Delivery) -> None:
@@ -39,7 +54,7 @@ class Exporter:
             return
         await settle(
             f"export {record.record_id}",
-            partial(self._export, record),
+            partial(self._export, record, delivery),
             delivery,
             self._settings,
             give_up=partial(self._failed_for_good, record),
@@ -50,9 +65,10 @@ class Exporter:
     async def _failed_for_good(record: UsageRecord, exc: Exception) -> None:
         log.error("export of %s failed for good: %s", record.record_id, exc)
 
-    async def _export(self, record: UsageRecord) -> None:
+    async def _export(self, record: UsageRecord, delivery: Delivery) -> None:
         if await self._markers.exported(record.record_id):
             return
+        await self._check_backed(record, delivery)
         outcome = await self._fin_hub.post(record)
         if outcome.verdict is Verdict.DELIVERED:
             await self._markers.mark_exported(record.record_id, outcome.status)
@@ -64,9 +80,31 @@ class Exporter:
         await self._markers.mark_refused(record.record_id, outcome.status)
         raise FinHubRejected(f"fin-hub refused {record.record_id} for good: {outcome.detail}")
 
+    async def _check_backed(self, record: UsageRecord, delivery: Delivery) -> None:
+        """Billing publishes a record, then marks it: a record seen before its mark gets
+        a few deliveries; one never marked, or whose debit differs, is not exported."""
+        if not await self._markers.published(record.record_id):
+            if delivery.attempt < self._settings.max_deliver:
+                raise Retry(
+                    backoff_s(
+                        delivery.attempt,
+                        base_s=self._settings.retry_backoff_s,
+                        cap_s=self._settings.retry_cap_s,
+                    ),
+                    f"{record.record_id}: not marked published by billing (yet)",
+                )
+            raise Unbacked(f"{record.record_id}: billing never published it")
+        if pays_with_credits(record.credential_source):
+            debit = await self._ledger.entry(record.tenant, "debit", f"debit-{record.sandbox_id}")
+            if debit is None or debit.amount_usd != record.actual_usd:
+                journal = "none" if debit is None else str(debit.amount_usd)
+                raise Unbacked(
+                    f"{record.record_id}: {record.actual_usd} USD, the journal's debit: {journal}"
+                )
+
 
 async def exporter_subscription(
-    settings: Settings, markers: BillingMarkers, stack: AsyncExitStack
+    settings: Settings, js: JetStreamContext, markers: BillingMarkers, stack: AsyncExitStack
 ) -> Subscription:
     """The exporter's durable consumer on `billing.usage`, its client closed by `stack`."""
     assert settings.fin_hub_url is not None
@@ -74,7 +112,7 @@ async def exporter_subscription(
         settings.fin_hub_url, token=settings.fin_hub_token, timeout_s=settings.fin_hub_timeout_s
     )
     stack.push_async_callback(fin_hub.aclose)
-    exporter = Exporter(fin_hub, markers, settings)
+    exporter = Exporter(fin_hub, markers, Ledger(js), settings)
     return Subscription(BILLING_STREAM, EXPORT_CONSUMER, (USAGE_SUBJECT,), exporter.on_usage)
 
 
@@ -89,6 +127,7 @@ async def run_exporter(
     async with AsyncExitStack() as stack:
         lifeline = Lifeline("sandboxer-export")
         js = await connect(settings, lifeline, stack)
-        subscription = await exporter_subscription(settings, await BillingMarkers.open(js), stack)
+        markers = await BillingMarkers.open(js)
+        subscription = await exporter_subscription(settings, js, markers, stack)
         log.info("fin-hub export on: %s", settings.fin_hub_url)
         await serve(lifeline, js, [subscription], settings, stop or asyncio.Event(), ready)

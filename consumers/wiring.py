@@ -37,17 +37,17 @@ class Providers:
 
 
 async def open_providers(
-    settings: Settings, stack: AsyncExitStack, nats: Nats | None = None
+    settings: Settings, stack: AsyncExitStack, nats: Nats | None = None, *, keys: bool = True
 ) -> Providers:
     """Load `extensions/`, build one adapter per extension (on the process's NATS
-    connection `nats`, if it has one) and the OpenBao resolver (when configured);
-    `stack` closes them."""
+    connection `nats`, if it has one) and, with `keys`, the OpenBao resolver (when
+    configured); `stack` closes them. Billing prices with the adapters and needs no key."""
     registry = Registry.load(settings.extensions_dir)
     adapters = registry.build_adapters(settings, nats)
     for adapter in adapters.values():
         stack.push_async_callback(adapter.aclose)
     resolver = None
-    if settings.bao is not None:
+    if keys and settings.bao is not None:
         from adapters.openbao import CredentialResolver  # hvac only when needed
 
         resolver = CredentialResolver(settings.bao)

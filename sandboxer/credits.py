@@ -227,6 +227,15 @@ class Ledger:
                 found.append(entry)
         return found
 
+    async def entry(self, tenant: str, kind: LedgerKind, entry_id: str) -> LedgerEntry | None:
+        """One entry of the journal (the debit of a sandbox, say), or None."""
+        subject = ledger_subject(checked_tenant(tenant), kind, entry_id)
+        try:
+            message = await self._js.get_msg(LEDGER_STREAM, subject=subject, direct=True)
+        except NotFoundError:
+            return None
+        return entry_of(tenant, subject, message.data or b"")
+
     # -- the journal -----------------------------------------------------------------
 
     def _lock(self, tenant: str) -> asyncio.Lock:

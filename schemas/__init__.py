@@ -31,6 +31,7 @@ from schemas.manifest import (
     SecretRef,
     TtlLimits,
     TtlOutOfRange,
+    byok_path,
 )
 from schemas.meter import MeterEvent, MeterKind, meter_event_id, meter_event_model
 from schemas.requests import DestroyRequest, ProvisionRequest
@@ -76,6 +77,7 @@ __all__ = [
     "UsageRecord",
     "Usd",
     "UsdRate",
+    "byok_path",
     "meter_event_id",
     "meter_event_model",
     "quantize_usd",

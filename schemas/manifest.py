@@ -38,6 +38,11 @@ class SecretRef(BaseModel):
     keys: list[str] = Field(min_length=1, max_length=8)
 
 
+def byok_path(tenant: str, extension_id: str) -> str:
+    """Where a tenant keeps its own key for an extension (under the secret's mount)."""
+    return f"sandboxer/tenants/{tenant}/{extension_id}"
+
+
 class ExtensionManifest(BaseModel):
     """One provider adapter: which class implements it and what it costs."""
 

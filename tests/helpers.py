@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -20,8 +22,12 @@ from consumers.replay import Range, Summary, replay
 from consumers.wiring import open_worker
 from sandboxer.client import Client
 from sandboxer.settings import Settings, default_extensions_dir
+from sandboxer.statuses import StatusStore
 from sandboxer.topology import kv_entries, read_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
+
+#: The stub's manifest rate, which made-up stopped sandboxes ran at.
+STUB_RATE = Decimal("0.000010")
 
 
 def stopped_event(n: int, **changes: object) -> dict[str, object]:
@@ -50,6 +56,43 @@ async def replay_all(js: JetStreamContext, subject: str, span: Range, **options:
     """`sandboxer replay` of the shipped extensions' deployment."""
     registry = Registry.load(default_extensions_dir())
     return await replay(js, subject, span, registry=registry, **options)
+
+
+async def stopped_sandbox(
+    js: JetStreamContext, n: int, tenant: str = "acme", usd: str = "0.000600"
+) -> bytes:
+    """A made-up stub sandbox that ran long enough to cost `usd`, as a worker leaves it:
+    its `destroyed` status stored, and its `stopped` meter event (returned, to publish)."""
+    duration = Decimal(usd) / STUB_RATE
+    started = datetime(2026, 1, 1, tzinfo=UTC)
+    stopped = started + timedelta(seconds=float(duration))
+    status = SandboxStatus(
+        sandbox_id=f"sbx-{n:024x}",
+        request_id=f"r{n}",
+        tenant=tenant,
+        profile="profile.burst-sandbox",
+        extension_id="ext.saas-stub",
+        provider_sandbox_id=f"stub-{n}",
+        state=SandboxState.DESTROYED,
+        created_at=started,
+        ready_at=started,
+        started_at=started,
+        expires_at=started + timedelta(hours=1),
+        destroyed_at=stopped,
+        meter_fields={"usd_per_second": str(STUB_RATE)},
+        estimate_usd=Decimal("0.036000"),
+        actual_usd=Decimal(usd),
+    )
+    await (await StatusStore.open(js)).create(status)
+    event = stopped_event(
+        n,
+        tenant=tenant,
+        actual_usd=usd,
+        duration_s=f"{duration:.3f}",
+        stopped_at=stopped.isoformat(),
+        estimate_usd="0.036000",
+    )
+    return json.dumps(event).encode()
 
 
 def as_started(settings: Settings) -> Settings:

@@ -21,14 +21,9 @@ from sandboxer.credits import Ledger
 from sandboxer.settings import Settings
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, UsageRecord
 from tests.fake_finhub import FakeFinHub, Script
-from tests.helpers import sandboxer, stream_messages
-from tests.helpers import stopped_event as event_of
+from tests.helpers import sandboxer, stopped_sandbox, stream_messages
 
 Start = Callable[..., Any]
-
-
-def stopped_event(n: int, tenant: str = "acme", usd: str = "0.000123") -> bytes:
-    return json.dumps(event_of(n, tenant=tenant, actual_usd=usd)).encode()
 
 
 async def until(check: Callable[[], Any], timeout_s: float = 20.0) -> None:
@@ -58,7 +53,9 @@ async def test_stopped_event_delivered_five_times_and_replayed_bills_once(
 ) -> None:
     billing = await start_billing(fin_hub_url=fin_hub.url)
     for _ in range(5):  # five copies on the stream: no Nats-Msg-Id to hide behind
-        await js.publish("sandbox.meter.ext.saas-stub", stopped_event(1))
+        await js.publish(
+            "sandbox.meter.ext.saas-stub", await stopped_sandbox(js, 1, usd="0.000123")
+        )
 
     async def exported() -> bool:
         return len(fin_hub.accepted) == 1
@@ -91,7 +88,9 @@ async def test_fin_hub_outage_and_hang_lose_nothing_and_ack_nothing_early(
     with FakeFinHub(Script(fail=4, hang=2, hang_s=3.0)) as hub:
         await start_billing(fin_hub_url=hub.url, fin_hub_timeout_s=0.5)
         for n in range(3):
-            await js.publish("sandbox.meter.ext.saas-stub", stopped_event(n, usd=f"0.00010{n}"))
+            await js.publish(
+                "sandbox.meter.ext.saas-stub", await stopped_sandbox(js, n, usd=f"0.00010{n}")
+            )
 
         async def failing_phase_over() -> bool:
             return hub.script.fail == 0 and hub.script.hang == 0
@@ -117,8 +116,12 @@ async def test_rejected_record_goes_to_the_dead_letter_subject(
     rejected = f"usage-sbx-{7:024x}"
     with FakeFinHub(Script(reject={rejected})) as hub:
         await start_billing(fin_hub_url=hub.url)
-        await js.publish("sandbox.meter.ext.saas-stub", stopped_event(7))
-        await js.publish("sandbox.meter.ext.saas-stub", stopped_event(8))
+        await js.publish(
+            "sandbox.meter.ext.saas-stub", await stopped_sandbox(js, 7, usd="0.000123")
+        )
+        await js.publish(
+            "sandbox.meter.ext.saas-stub", await stopped_sandbox(js, 8, usd="0.000123")
+        )
 
         async def settled() -> bool:
             return len(hub.accepted) == 1 and await _drained(js, "BILLING", "finhub-export")
@@ -135,7 +138,7 @@ async def test_export_disabled_keeps_records_on_the_stream(
     start_billing: Start, js: JetStreamContext
 ) -> None:
     await start_billing(fin_hub_url=None)
-    await js.publish("sandbox.meter.ext.saas-stub", stopped_event(3))
+    await js.publish("sandbox.meter.ext.saas-stub", await stopped_sandbox(js, 3, usd="0.000123"))
 
     async def recorded() -> bool:
         return len(await usage_records(js)) == 1
@@ -149,7 +152,7 @@ async def test_billing_killed_between_debit_and_usage_record(
 ) -> None:
     crashing = spawn_billing(SANDBOXER_FAULT_INJECT="kill-after-debit")
     await asyncio.sleep(1.0)
-    await js.publish("sandbox.meter.ext.saas-stub", stopped_event(5))
+    await js.publish("sandbox.meter.ext.saas-stub", await stopped_sandbox(js, 5, usd="0.000123"))
     assert await asyncio.to_thread(crashing.wait, 30) == -signal.SIGKILL
     assert await debits(js) == [Decimal("0.000123")]
     assert await usage_records(js) == []

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.openbao import CredentialResolver, byok_path
+from adapters.openbao import CredentialResolver
 from sandboxer.dev.servers import EmbeddedOpenBao
 from sandboxer.errors import ProviderUnavailable
 from sandboxer.settings import BaoSettings
-from schemas import SecretRef
+from schemas import SecretRef, byok_path
 from tests.conftest import OPENBAO_ROOT_TOKEN
 
 

@@ -18,14 +18,13 @@ import hvac
 import pytest
 from nats.js import JetStreamContext
 
-from adapters.openbao import byok_path
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
 from sandboxer.dev.servers import EmbeddedOpenBao
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings, default_extensions_dir
 from sandboxer.topology import read_subject
-from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
+from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus, byok_path
 from tests.conftest import OPENBAO_ROOT_TOKEN, Start
 from tests.fake_adapters import fingerprint
 from tests.helpers import meter_events, stream_messages, stub_sandboxes, wait_for_status
@@ -285,7 +284,8 @@ async def test_byok_sandbox_holds_and_debits_no_credits(
 ) -> None:
     tenant = "t1"  # funded, so a hold would have been possible
     put(admin, byok_path(tenant, "ext.e2b"), "byok-billing-placeholder")
-    await start_billing(fin_hub_url=None)
+    # Billing prices with the same extensions as the workers.
+    await start_billing(fin_hub_url=None, extensions_dir=keyed_worker.settings.extensions_dir)
     status = await provision(settings, tenant)
     assert status.credential_source == "byok"
     await asyncio.sleep(1.0)  # so the sandbox costs something at provider prices
