@@ -32,10 +32,8 @@ from adapters.base import (
 )
 from adapters.shared import metered_usage
 from sandboxer.errors import ProviderRejected, ProviderUnavailable
-from sandboxer.topology import ensure_bucket, kv_entries
+from sandboxer.topology import STUB_BUCKET, ensure_bucket, kv_entries
 from schemas import Profile, UsdRate, quantize_usd, utcnow
-
-STUB_BUCKET = "sandboxer-stub"
 
 
 class StubRates(BaseModel):

@@ -213,12 +213,14 @@ def build_broker(
     lifeline: Lifeline,
 ) -> NatsBroker:
     """A FastStream broker whose subscribers start their handlers in `in_flight`."""
+    # Replies and pulled messages come to this identity's own inboxes (its permissions).
+    inbox = settings.nats_auth.inbox_prefix or "_INBOX"
     # Per-message logging off: the handlers log what matters, at a fraction of the cost.
     broker = NatsBroker(
         settings.nats_servers,
         max_reconnect_attempts=-1,
         security=broker_security(settings.nats_auth),
-        inbox_prefix=settings.nats_auth.inbox_prefix or "_INBOX",
+        inbox_prefix=inbox,
         closed_cb=lifeline.watch("broker connection"),
         logger=None,
         apply_types=False,
@@ -236,6 +238,7 @@ def build_broker(
             max_workers=min(settings.max_in_flight, 64),
             ack_policy=AckPolicy.MANUAL,
             decoder=_message_itself,
+            inbox_prefix=f"{inbox}.".encode(),  # nats-py adds no dot here
         )(_start_in_background(subscription.handler, in_flight, js))
     return broker
 

@@ -20,7 +20,7 @@ publishes the body (or a fixed one) again on its subject, marked `Sandboxer-Retr
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +28,10 @@ from datetime import datetime
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sandboxer.connect import connection_of
+from sandboxer.errors import validation_problems
 from sandboxer.topology import (
     DEAD_LETTER_STREAM,
     DLQ_SUBJECT_PREFIX,
@@ -47,6 +50,11 @@ H_CONSUMER = "Sandboxer-Dlq-Consumer"
 H_DELIVERIES = "Sandboxer-Dlq-Deliveries"
 H_AT = "Sandboxer-Dlq-At"
 H_MSG_ID = "Sandboxer-Dlq-Msg-Id"
+#: A letter whose original did not fit: the original's size and sha256; or how many
+#: original headers were dropped.
+H_TRUNCATED = "Sandboxer-Dlq-Truncated"
+H_SHA256 = "Sandboxer-Dlq-Sha256"
+H_HEADERS_DROPPED = "Sandboxer-Dlq-Headers-Dropped"
 #: On a message published by `dlq retry`: the dead letter it came from. A provision
 #: carrying it may reopen its `failed` claim (an operator asked for another try).
 H_RETRY = "Sandboxer-Retry"
@@ -95,11 +103,56 @@ class DeadLetter:
             "deliveries": self.origin.deliveries,
             "reason": self.reason,
             "at": self.at.isoformat() if self.at else None,
+            "truncated_from": self.headers.get(H_TRUNCATED),
+            "sha256": self.headers.get(H_SHA256),
         }
+
+
+class _Advisory(BaseModel):
+    """What sandboxer reads of nats-server's `MAX_DELIVERIES` advisory."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    stream: str = Field(max_length=256)
+    consumer: str = Field(default="?", max_length=256)
+    stream_seq: int = Field(default=0, ge=0)
+    deliveries: int = Field(default=0, ge=0)
 
 
 def _one_line(reason: str) -> str:
     return " ".join(reason.split())[:MAX_REASON]
+
+
+#: What a dead letter leaves for its own headers (reason, origin...) under the server's
+#: `max_payload`, and the most of the original's headers it copies.
+_OWN_HEADERS_BYTES = 4 * 1024
+_COPIED_HEADERS_BYTES = 16 * 1024
+
+
+def _size(headers: Mapping[str, str]) -> int:
+    return sum(len(k) + len(v) + 4 for k, v in headers.items())
+
+
+def bounded(
+    data: bytes, headers: Mapping[str, str] | None, max_payload: int
+) -> tuple[bytes, dict[str, str]]:
+    """The body and original headers a dead letter can carry within `max_payload`: all
+    of them when they fit; otherwise the headers are dropped first, then the body is cut,
+    and the letter says so, with the original's size and sha256 (`dlq show` prints
+    them), so that the message is kept by what is left of it and a digest."""
+    copied = republishable_headers(headers)
+    if headers and "Nats-Msg-Id" in headers:
+        copied[H_MSG_ID] = headers["Nats-Msg-Id"][:256]
+    notes: dict[str, str] = {}
+    if _size(copied) > _COPIED_HEADERS_BYTES:
+        notes[H_HEADERS_DROPPED] = str(len(copied))
+        copied = {}
+    room = max_payload - _OWN_HEADERS_BYTES - _size(copied)
+    if len(data) > room:
+        notes[H_TRUNCATED] = str(len(data))
+        notes[H_SHA256] = hashlib.sha256(data).hexdigest()
+        data = data[: max(0, room)]
+    return data, {**copied, **notes}
 
 
 async def dead_letter(
@@ -109,7 +162,8 @@ async def dead_letter(
     headers: Mapping[str, str] | None,
     reason: str,
 ) -> None:
-    """Keep a message on `sandbox.dlq.<consumer>` with why; once per origin."""
+    """Keep a message on `sandbox.dlq.<consumer>` with why; once per origin. Never over
+    the server's `max_payload`, which would close the connection (see `bounded`)."""
     log.error(
         "%s: %s seq %d moved to %s.%s: %s",
         origin.consumer,
@@ -119,20 +173,20 @@ async def dead_letter(
         origin.consumer,
         _one_line(reason),
     )
+    body, kept = bounded(data, headers, connection_of(js).max_payload)
     await js.publish(
         f"{DLQ_SUBJECT_PREFIX}.{origin.consumer}",
-        data,
+        body,
         headers={
-            **republishable_headers(headers),
+            **kept,
             "Nats-Msg-Id": f"dlq.{origin.consumer}.{origin.stream}.{origin.seq}",
             H_REASON: _one_line(reason),
-            H_STREAM: origin.stream,
+            H_STREAM: origin.stream[:256],
             H_SEQ: str(origin.seq),
-            H_SUBJECT: origin.subject,
-            H_CONSUMER: origin.consumer,
+            H_SUBJECT: origin.subject[:256],
+            H_CONSUMER: origin.consumer[:256],
             H_DELIVERIES: str(origin.deliveries),
             H_AT: utcnow().isoformat(),
-            **({H_MSG_ID: headers["Nats-Msg-Id"]} if headers and "Nats-Msg-Id" in headers else {}),
         },
     )
 
@@ -178,7 +232,13 @@ async def retry_dead_letter(
     js: JetStreamContext, letter: DeadLetter, body: bytes | None = None
 ) -> int:
     """Publish the message (or its fixed `body`) again on its subject, then forget the
-    dead letter. Returns the new message's stream sequence."""
+    dead letter. Returns the new message's stream sequence. A letter whose original was
+    cut to fit needs the fixed `body`: ValueError otherwise."""
+    if body is None and H_TRUNCATED in letter.headers:
+        raise ValueError(
+            f"dead letter {letter.id} keeps only part of its {letter.headers[H_TRUNCATED]}-byte "
+            "original; give the body to send with --body"
+        )
     ack = await js.publish(
         letter.origin.subject,
         letter.data if body is None else body,
@@ -212,8 +272,12 @@ async def drop_dead_letter(js: JetStreamContext, letter: DeadLetter) -> None:
 
 async def on_max_deliveries(js: JetStreamContext, data: bytes, streams: set[str]) -> None:
     """Turn one `MAX_DELIVERIES` advisory of one of `streams` into a dead letter."""
-    advisory = json.loads(data)
-    stream, seq = advisory.get("stream"), int(advisory.get("stream_seq") or 0)
+    try:
+        advisory = _Advisory.model_validate_json(data)
+    except ValidationError as exc:
+        log.error("not a max-deliveries advisory, ignored: %s", validation_problems(exc))
+        return
+    stream, seq = advisory.stream, advisory.stream_seq
     if stream not in streams or not seq:
         return
     try:
@@ -225,8 +289,8 @@ async def on_max_deliveries(js: JetStreamContext, data: bytes, streams: set[str]
         stream,
         seq,
         raw.subject or "?",
-        str(advisory.get("consumer", "?")),
-        int(advisory.get("deliveries") or 0),
+        advisory.consumer,
+        advisory.deliveries,
     )
     reason = (
         f"delivered {origin.deliveries} times without an answer "

@@ -22,7 +22,6 @@ sandbox) or `invalid` (it will be dead-lettered).
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from typing import Literal
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from adapters.registry import Registry
 from sandboxer.ids import sandbox_id_for
@@ -56,6 +55,7 @@ from schemas import (
     MeterEvent,
     ProvisionRequest,
     SandboxState,
+    TenantId,
     UsageRecord,
     usage_record_id,
 )
@@ -179,10 +179,15 @@ class Judge:
             return event.tenant, _effect(published)
         except ValidationError:
             try:
-                tenant = json.loads(data).get("tenant")
-            except (ValueError, AttributeError):
-                tenant = None
-            return (tenant if isinstance(tenant, str) else None), "invalid"
+                return _Tenant.model_validate_json(data).tenant, "invalid"
+            except ValidationError:
+                return None, "invalid"
+
+
+class _Tenant(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    tenant: TenantId
 
 
 def _is_request(subject: str, plain: str) -> bool:

@@ -182,6 +182,9 @@ class Settings:
     nats_url: str = field(default="nats://127.0.0.1:4222", repr=False)
     #: How this process authenticates to NATS (none: the zero-config default).
     nats_auth: NatsAuth = field(default_factory=NatsAuth)
+    #: The upstream consumer a CLI publishes for (`sandbox.provision.<consumer>`);
+    #: None: the plain subjects, for trusted identities.
+    consumer: str | None = None
     #: Tag on every provider sandbox; reconciliation never touches another deployment's.
     deployment: str = "default"
     extensions_dir: Path = field(default_factory=default_extensions_dir)
@@ -252,6 +255,7 @@ class Settings:
         return cls(
             nats_url=env.text("SANDBOXER_NATS_URL") or "nats://127.0.0.1:4222",
             nats_auth=NatsAuth.from_env(source),
+            consumer=env.text("SANDBOXER_CONSUMER"),
             deployment=env.text("SANDBOXER_DEPLOYMENT") or cls.deployment,
             extensions_dir=Path(env.text("SANDBOXER_EXTENSIONS_DIR") or default_extensions_dir()),
             max_in_flight=env.whole("SANDBOXER_MAX_IN_FLIGHT", cls.max_in_flight),

@@ -58,6 +58,8 @@ MAX_DELIVERIES_ADVISORIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 ADVISORY_CONSUMER = "dead-letter-advisories"
 #: Durable markers of the billing consumers (usage published, record exported).
 BILLING_BUCKET = "sandboxer-billing"
+#: The stub cloud's own sandboxes (adapters/saas_stub.py): not sandboxer's state.
+STUB_BUCKET = "sandboxer-stub"
 #: Leases that let one process of many do a periodic job (reconciliation).
 LEASE_BUCKET = "sandboxer-leases"
 BILLING_CONSUMER = "billing-meter"

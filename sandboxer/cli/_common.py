@@ -41,6 +41,10 @@ dlq_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(dlq_app, name="dlq")
+security_app = typer.Typer(
+    help="Identities and permissions on NATS (docs/security.md).", no_args_is_help=True
+)
+app.add_typer(security_app, name="security")
 
 T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
@@ -131,4 +135,4 @@ def exit_for(status: SandboxStatus | None, as_json: bool) -> None:
 def nats_client() -> Client:
     """A client of the NATS this process is configured for (`async with`)."""
     current = settings()
-    return Client(current.nats_url, auth=current.nats_auth)
+    return Client(current.nats_url, auth=current.nats_auth, consumer=current.consumer)

@@ -1,5 +1,5 @@
-"""Commands for operators: `replay`, `reconcile`, `dlq ls|show|retry|drop` and
-`route explain`."""
+"""Commands for operators: `replay`, `reconcile`, `dlq ls|show|retry|drop`,
+`route explain` and `security generate|show`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from sandboxer.cli._common import (
     nats_client,
     route_app,
     run,
+    security_app,
     settings,
     setup_logging,
 )
@@ -261,3 +262,50 @@ def route_explain(
     typer.echo(f"{profile} for tenant {tenant} (OpenBao: {bao})")
     for position, (extension, verdict) in enumerate(rows, 1):
         typer.echo(f"  {position}. {extension:<16} {verdict}")
+
+
+@security_app.command("generate")
+def security_generate(
+    directory: Annotated[Path, typer.Argument(help="Where to write the files (kept secret).")],
+    rotate: Annotated[
+        list[str] | None,
+        typer.Option(help="Make a new key for this identity (repeatable); others are kept."),
+    ] = None,
+) -> None:
+    """Write nats-server's authorization (nats-auth.conf: one nkey user per role and
+    upstream consumer, with least-privilege permissions) and each identity's nkey seed
+    and environment (<identity>.nk, <identity>.env). Run again after adding a consumer
+    or to rotate a key, then reload nats-server."""
+    from sandboxer.access import generate
+
+    registry = load_registry()
+    try:
+        written = generate(directory, sorted(registry.consumers), rotate=tuple(rotate or ()))
+    except ValueError as exc:
+        die(str(exc))
+    for path in written:
+        typer.echo(str(path))
+    typer.echo(
+        f"include {directory / 'nats-auth.conf'} from nats-server.conf, reload the server, "
+        "and start each process with its <identity>.env",
+        err=True,
+    )
+
+
+@security_app.command("show")
+def security_show(
+    identity: Annotated[
+        str, typer.Argument(help="worker, billing, exporter, operator or consumer-<name>.")
+    ],
+) -> None:
+    """What an identity may publish and subscribe to."""
+    from sandboxer.access import permissions
+
+    try:
+        allowed = permissions(identity)
+    except ValueError as exc:
+        die(str(exc))
+    for subject in allowed.publish:
+        typer.echo(f"publish    {subject}")
+    for subject in allowed.subscribe:
+        typer.echo(f"subscribe  {subject}")

@@ -15,11 +15,19 @@ from typing import Annotated, Any
 import typer
 from nats.errors import NoServersError
 
-from sandboxer.cli._common import LogLevelOpt, app, die, run_service, settings, setup_logging
+from sandboxer.cli._common import (
+    LogLevelOpt,
+    app,
+    die,
+    load_registry,
+    run_service,
+    settings,
+    setup_logging,
+)
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
 from sandboxer.errors import ManifestError
-from sandboxer.settings import Settings
+from sandboxer.settings import NatsAuth, Settings
 from sandboxer.topology import ensure_topology
 
 #: What `sandboxer dev` grants the `demo` tenant, once per state folder.
@@ -94,13 +102,23 @@ def dev(
             "token, so that profile.modal-gpu works offline.",
         ),
     ] = False,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure",
+            help="Run NATS with the generated authorization (docs/security.md): every "
+            "process on its own least-privilege identity, keys in <state-dir>/security/. "
+            "Without it the bus is trusted: anyone who reaches the port can do anything.",
+        ),
+    ] = False,
 ) -> None:
-    """Start an embedded nats-server with JetStream and a worker, for local use."""
+    """Start an embedded nats-server with JetStream, a worker and billing, for local use."""
     from sandboxer.dev.servers import EmbeddedNats
 
     setup_logging(log_level)
     stack = ExitStack()
-    server = EmbeddedNats(state_dir / "nats", port=port)
+    config = _secure_config(state_dir) if secure else None
+    server = EmbeddedNats(state_dir / "nats", port=port, config=config)
     try:
         stack.enter_context(server)
     except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
@@ -121,6 +139,19 @@ def dev(
             die(f"cannot start the fake providers: {exc}")
         for line in said:
             typer.echo(f"sandboxer dev: {line}", err=True)
+    identities = _identities(current, state_dir / "security") if secure else None
+    if identities:
+        env = f"{env}env $(cat {state_dir}/security/operator.env) "
+        typer.echo(
+            f"sandboxer dev: secure mode: each process has its own identity; as the demo "
+            f"upstream:\n  env $(cat {state_dir}/security/consumer-demo-app.env) "
+            f".venv/bin/sandboxer provision --tenant demo --profile {profile} --wait",
+            err=True,
+        )
+    else:
+        typer.echo(
+            "sandboxer dev: the bus is trusted (no --secure): anyone on it is anyone", err=True
+        )
     typer.echo(
         f"sandboxer dev: NATS with JetStream on {server.url}, state in {state_dir}/\n"
         f"In another shell:\n"
@@ -133,21 +164,48 @@ def dev(
         err=True,
     )
     try:
-        run_service(_dev_services(current))
+        run_service(_dev_services(current, identities))
     except ManifestError as exc:
         die(str(exc))
     finally:
         stack.close()
 
 
-async def _dev_services(current: Settings) -> None:
-    """Worker and billing in one process, and credits for the demo tenant."""
+def _secure_config(state_dir: Path) -> Path:
+    """The embedded server's configuration in secure mode: the authorization that
+    `sandboxer security generate` writes (kept, keys and all, from run to run)."""
+    from sandboxer.access import generate
+
+    generate(state_dir / "security", sorted(load_registry().consumers))
+    config = state_dir / "nats-secure.conf"
+    config.write_text('include "security/nats-auth.conf"\n')
+    return config
+
+
+def _identities(current: Settings, directory: Path) -> dict[str, Settings]:
+    """The settings of each dev process, as the identity its `.env` file says."""
+    from sandboxer.access import read_env_file
+
+    return {
+        role: replace(
+            current,
+            nats_auth=NatsAuth.from_env(read_env_file(directory / f"{role}.env")),
+        )
+        for role in ("worker", "billing", "operator")
+    }
+
+
+async def _dev_services(current: Settings, identities: dict[str, Settings] | None) -> None:
+    """Worker and billing in one process (each as its own identity in secure mode), and
+    credits for the demo tenant (granted as the operator)."""
     from consumers.billing import run_billing
     from consumers.worker import run_worker
 
-    async with Client(current.nats_url, auth=current.nats_auth) as client:
+    who = identities or {"worker": current, "billing": current, "operator": current}
+    operator = who["operator"]
+    async with Client(operator.nats_url, auth=operator.nats_auth) as client:
         await ensure_topology(client.js, replicas=current.replicas)
         if await Ledger(client.js).grant("demo", DEMO_CREDITS, "dev-welcome", "sandboxer dev"):
             logging.getLogger("sandboxer.dev").info("granted %s USD to tenant demo", DEMO_CREDITS)
     stop = asyncio.Event()
-    await asyncio.gather(run_worker(current, stop), run_billing(current, stop))
+    await asyncio.gather(run_worker(who["worker"], stop), run_billing(who["billing"], stop))

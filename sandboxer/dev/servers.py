@@ -117,10 +117,13 @@ class EmbeddedNats(_ChildServer):
         server_name: str | None = None,
         cluster_port: int | None = None,
         routes: list[int] | None = None,
+        config: Path | None = None,
     ) -> None:
         """One server; with `cluster_port` and `routes` (the other servers' cluster
-        ports), a node of a cluster named `sandboxer`."""
+        ports), a node of a cluster named `sandboxer`; with `config`, a configuration
+        file of more settings (the authorization of `sandboxer security generate`, TLS)."""
         super().__init__(store_dir, port=port)
+        self.config = config
         self.store_dir = store_dir
         self.server_name = server_name
         self.cluster_port = cluster_port
@@ -141,6 +144,8 @@ class EmbeddedNats(_ChildServer):
             "--port",
             str(self.port),
         ]
+        if self.config is not None:
+            command += ["--config", str(self.config)]
         if self.server_name:
             command += ["--server_name", self.server_name]
         if self.cluster_port is not None:
