@@ -30,7 +30,7 @@ from nats.js.api import DeliverPolicy
 
 from consumers.deadletter import Origin, dead_letter
 from consumers.delivery import Delivery, InFlight
-from sandboxer.connect import close_nats, connect_service, tls_context
+from sandboxer.connect import Refusals, close_nats, connect_service, tls_context
 from sandboxer.settings import NatsAuth, Settings
 from sandboxer.topology import ensure_topology
 
@@ -120,7 +120,7 @@ class Lifeline:
         self._stopping = False
 
     def watch(self, what: str) -> Callable[[], Awaitable[None]]:
-        """The `closed_cb` of one connection."""
+        """The `closed_cb` of one connection (and what its refused credentials call)."""
 
         async def closed() -> None:
             if not self._stopping:
@@ -139,7 +139,8 @@ async def connect(
 ) -> JetStreamContext:
     """A JetStream context on a connection that reconnects forever and is drained when
     `stack` closes, with every stream and bucket in place."""
-    nc = await connect_service(settings, lifeline.name, on_closed=lifeline.watch("connection"))
+    lost = lifeline.watch("connection")
+    nc = await connect_service(settings, lifeline.name, on_closed=lost, on_refused=lost)
     stack.push_async_callback(close_nats, nc)
     stack.callback(lifeline.stopping)  # unwinds first: the close is this process's own
     js = nc.jetstream(timeout=10.0)
@@ -216,12 +217,16 @@ def build_broker(
     # Replies and pulled messages come to this identity's own inboxes (its permissions).
     inbox = settings.nats_auth.inbox_prefix or "_INBOX"
     # Per-message logging off: the handlers log what matters, at a fraction of the cost.
+    lost = lifeline.watch("broker connection")
+    refusals = Refusals(f"{lifeline.name} broker", lost)
     broker = NatsBroker(
         settings.nats_servers,
         max_reconnect_attempts=-1,
+        error_cb=refusals.on_error,
+        reconnected_cb=refusals.on_reconnected,
         security=broker_security(settings.nats_auth),
         inbox_prefix=inbox,
-        closed_cb=lifeline.watch("broker connection"),
+        closed_cb=lost,
         logger=None,
         apply_types=False,
         # On SIGTERM, FastStream's handlers get this long; they only start tasks.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,6 +16,8 @@ from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
 
 from sandboxer.settings import NatsAuth, Settings
+
+log = logging.getLogger("sandboxer.connect")
 
 
 def tls_context(auth: NatsAuth) -> ssl.SSLContext | None:
@@ -47,6 +50,43 @@ async def _quiet(exc: Exception) -> None:
     return None
 
 
+#: Reconnects refused for bad credentials in a row before a connection gives up.
+MAX_AUTH_REFUSALS = 5
+
+
+class Refusals:
+    """Counts reconnects the server refuses for bad credentials (a revoked or rotated
+    key): nats-py would retry them forever, and the process would stay up, failing.
+    After `MAX_AUTH_REFUSALS` in a row, `give_up` is called (the process then exits)."""
+
+    def __init__(self, name: str, give_up: Callable[[], Awaitable[None]]) -> None:
+        self.name = name
+        self._give_up = give_up
+        self._in_a_row = 0
+
+    async def on_error(self, exc: Exception) -> None:
+        if not _is_auth_refusal(exc):
+            return
+        self._in_a_row += 1
+        if self._in_a_row == MAX_AUTH_REFUSALS:
+            log.error(
+                "%s: NATS refused its credentials %d times in a row", self.name, self._in_a_row
+            )
+            await self._give_up()
+
+    async def on_reconnected(self) -> None:
+        self._in_a_row = 0
+
+
+def _is_auth_refusal(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return (
+        "authorization violation" in text
+        or "authentication" in text
+        or (type(exc).__name__ == "AuthorizationError")
+    )
+
+
 async def connect_nats(
     servers: list[str],
     auth: NatsAuth,
@@ -56,11 +96,13 @@ async def connect_nats(
     reconnect_wait_s: float = 2.0,
     quiet: bool = False,
     on_closed: Callable[[], Awaitable[None]] | None = None,
+    on_refused: Callable[[], Awaitable[None]] | None = None,
 ) -> Nats:
     """A connection to `servers` as the identity `auth` says. A long-lived one
     (`reconnect`) rides over a server restart or a cluster's leader election; a CLI's
     fails fast. `quiet` leaves reporting connection errors to the caller; `on_closed`
-    is called once the connection is closed for good."""
+    is called once the connection is closed for good, `on_refused` once the server has
+    refused its credentials `MAX_AUTH_REFUSALS` times in a row."""
     options = auth_options(auth)
     context = tls_context(auth)
     if context is not None:
@@ -74,6 +116,9 @@ async def connect_nats(
         options["error_cb"] = _quiet
     if reconnect:
         options.update(max_reconnect_attempts=-1, reconnect_time_wait=reconnect_wait_s)
+        if on_refused is not None:
+            refusals = Refusals(name, on_refused)
+            options.update(error_cb=refusals.on_error, reconnected_cb=refusals.on_reconnected)
     else:
         options.update(
             connect_timeout=5,
@@ -84,10 +129,19 @@ async def connect_nats(
 
 
 async def connect_service(
-    settings: Settings, name: str, on_closed: Callable[[], Awaitable[None]] | None = None
+    settings: Settings,
+    name: str,
+    on_closed: Callable[[], Awaitable[None]] | None = None,
+    on_refused: Callable[[], Awaitable[None]] | None = None,
 ) -> Nats:
     """The long-lived connection of a service process (`settings`' servers and identity)."""
-    return await connect_nats(settings.nats_servers, settings.nats_auth, name, on_closed=on_closed)
+    return await connect_nats(
+        settings.nats_servers,
+        settings.nats_auth,
+        name,
+        on_closed=on_closed,
+        on_refused=on_refused,
+    )
 
 
 async def close_nats(nc: Nats, timeout_s: float = 10.0) -> None:
