@@ -24,6 +24,8 @@ class Script:
     hang: int = 0
     hang_s: float = 5.0
     reject: set[str] = field(default_factory=set)
+    #: Refusals echo the request's Authorization header (a careless fin-hub).
+    echo_auth: bool = False
 
 
 class FakeFinHub(LoopbackHTTP):
@@ -62,7 +64,10 @@ class FakeFinHub(LoopbackHTTP):
                 self.send_response(answer)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
-                self.wfile.write(b'{"ok": true}' if answer == 200 else b'{"error": "nope"}')
+                refusal = {"error": "nope"}
+                if hub.script.echo_auth:
+                    refusal["authorization"] = self.headers.get("Authorization") or ""
+                self.wfile.write(b'{"ok": true}' if answer == 200 else json.dumps(refusal).encode())
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

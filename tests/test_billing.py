@@ -232,3 +232,21 @@ async def test_finhub_export_by_hand(
     fin_hub.script.reject.add(record.record_id)
     code, _, err = await sandboxer(settings, *command)
     assert code == 1 and "rejected" in err and "422" in err
+
+
+async def test_a_refusal_that_echoes_the_token_keeps_no_token(
+    start_billing: Start, js: JetStreamContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = "fin-hub-s3cret"  # noqa: S105 - a test placeholder
+    rejected = f"usage-sbx-{9:024x}"
+    with FakeFinHub(Script(reject={rejected}, echo_auth=True)) as hub:
+        await start_billing(fin_hub_url=hub.url, fin_hub_token=token)
+        await js.publish("sandbox.meter.ext.saas-stub", await stopped_sandbox(js, 9))
+        for _ in range(200):
+            letters = await list_dead_letters(js)
+            if letters:
+                break
+            await asyncio.sleep(0.05)
+    [letter] = letters
+    assert "HTTP 422" in letter.reason and "***" in letter.reason
+    assert token not in letter.reason and token not in caplog.text

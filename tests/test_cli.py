@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.core import TyperGroup
 from typer.main import get_command
@@ -101,3 +104,23 @@ def test_compose_services_run_existing_cli_commands() -> None:
             assert command[1] in commands, f"compose service {name}: no `sandboxer {command[1]}`"
             checked += 1
     assert checked >= 1
+
+
+def test_a_wildcard_is_no_tenant() -> None:
+    for command in (["credits", "balance", "*"], ["credits", "ledger", ">"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1 and "not a tenant name" in result.output
+        assert result.output.strip().count("\n") == 0
+
+
+async def test_a_password_in_the_url_is_never_logged(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    host = settings.nats_url.removeprefix("nats://")
+    with_password = replace(settings, nats_url=f"nats://bob:s3cret-pw@{host}")
+    worker = WorkerHandle(with_password)
+    await worker.start()
+    await worker.stop()
+    assert "nats://***@" in caplog.text and "s3cret-pw" not in caplog.text
+    assert "s3cret-pw" not in repr(with_password)

@@ -13,10 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.openbao import CredentialResolver
+from adapters.registry import Registry
+from adapters.routing import Router
 from sandboxer.dev.servers import EmbeddedOpenBao
 from sandboxer.errors import ProviderUnavailable
-from sandboxer.settings import BaoSettings
-from schemas import SecretRef, byok_path
+from sandboxer.settings import BaoSettings, default_extensions_dir
+from schemas import SandboxState, SandboxStatus, SecretRef, byok_path, utcnow
 from tests.conftest import OPENBAO_ROOT_TOKEN
 
 
@@ -54,6 +56,7 @@ async def test_platform_key_when_the_tenant_has_none(
     assert key.credentials.values == {"api_key": "platform-placeholder"}
     assert key.path == f"secret/{ref.path}" and key.version == 1
     assert "platform-placeholder" not in repr(key)  # values never print
+    assert "platform-placeholder" not in repr(resolver._cache)  # cached reads neither
 
 
 async def test_tenant_key_wins_over_platform_key(
@@ -147,3 +150,30 @@ async def test_a_tenant_never_gets_another_tenants_key(
         assert key is not None
         expected = f"key-of-{tenant}-{run}" if tenant in owners else f"platform-{run}"
         assert key.credentials.values["api_key"] == expected
+
+
+async def test_destroy_reads_the_key_where_tenant_and_extension_say_not_where_the_status_says(
+    admin: hvac.Client, resolver: CredentialResolver, ref: SecretRef
+) -> None:
+    """Whoever could write a status must not choose which key a worker uses."""
+    manifest = Registry.load(default_extensions_dir()).extensions["ext.e2b"]
+    manifest = manifest.model_copy(update={"secret_ref": ref})
+    put(admin, ref.path, api_key="platform-placeholder")
+    put(admin, byok_path("victim", "ext.e2b"), api_key="victims-own-key")
+    router = Router({}, {"ext.e2b": manifest}, resolver)
+    tampered = SandboxStatus(
+        sandbox_id="sbx-" + "c" * 24,
+        request_id="r",
+        tenant="mallory",
+        profile="profile.e2b-burst",
+        extension_id="ext.e2b",
+        state=SandboxState.READY,
+        created_at=utcnow(),
+        credential_source="platform",
+        credential_path=f"secret/{byok_path('victim', 'ext.e2b')}",
+    )
+    credentials = await router.credentials(tampered)
+    assert credentials.values == {"api_key": "platform-placeholder"}
+    byok = tampered.with_changes(credential_source="byok")
+    with pytest.raises(ProviderUnavailable, match="mallory"):  # mallory has no key of her own
+        await router.credentials(byok)

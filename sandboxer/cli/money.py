@@ -12,8 +12,15 @@ from typing import Annotated
 import typer
 
 from sandboxer.cli._common import JsonOpt, credits_app, die, finhub_app, nats_client, run, settings
-from sandboxer.credits import Balance, Ledger
+from sandboxer.credits import Balance, Ledger, checked_tenant
 from schemas import USD_QUANTUM, LedgerEntry, UsageRecord
+
+
+def _tenant(raw: str) -> str:
+    try:
+        return checked_tenant(raw)
+    except ValueError as exc:
+        die(f"{exc} (letters, digits, - and _; no wildcards)")
 
 
 def _amount(raw: str) -> Decimal:
@@ -36,6 +43,7 @@ def credits_grant(
     note: Annotated[str, typer.Option(help="Why, for the ledger.")] = "",
 ) -> None:
     """Add prepaid credits. The same --grant-id is applied once, however often sent."""
+    tenant = _tenant(tenant)
     usd = _amount(amount)
     key = grant_id or uuid.uuid4().hex
 
@@ -56,6 +64,7 @@ def credits_balance(
     as_json: JsonOpt = False,
 ) -> None:
     """Balance, open holds and what is available for new sandboxes."""
+    tenant = _tenant(tenant)
 
     async def go() -> Balance:
         async with nats_client() as client:
@@ -84,6 +93,7 @@ def credits_ledger(
     as_json: JsonOpt = False,
 ) -> None:
     """The tenant's journal, newest first."""
+    tenant = _tenant(tenant)
 
     async def go() -> list[LedgerEntry]:
         async with nats_client() as client:
