@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import subprocess
+import uuid
 from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
 
 from consumers.replay import Range
@@ -437,30 +439,89 @@ def generated_payloads(count: int) -> list[bytes]:
     return found
 
 
+def extreme_payloads(max_payload: int) -> list[bytes]:
+    """From nothing to the server's `max_payload`, and nesting to 100,000 levels."""
+    sizes = [0, 1, 1024, 60 * 1024, 64 * 1024 + 1, 512 * 1024, max_payload - 1024]
+    deep = [b"[" * n for n in (1_000, 60_000, 100_000)]
+    return [
+        *(b"x" * n for n in sizes),
+        *deep,
+        b'{"tenant": "acme", "request_id": "r6-deep", "metadata": ' + b"[" * 60_000,
+        b'{"a": ' * 10_000 + b"1" + b"}" * 10_000,
+        json.dumps({"tenant": "t1", "request_id": "r6-big", "pad": "x" * 60_000}).encode(),
+    ]
+
+
+#: Every subject a message from the bus reaches a sandboxer consumer on, and the two
+#: whose records are money (meter events, the journal).
+R6_SUBJECTS = [
+    "sandbox.provision",
+    "sandbox.provision.demo-app",
+    "sandbox.destroy",
+    "sandbox.destroy.demo-app",
+    "sandbox.meter.ext.saas-stub",
+    "billing.usage",
+    "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.SANDBOX_REQUESTS.provisioner-provision",
+    "credits.ledger.t1.hold",  # + a unique entry id: one message per journal subject
+]
+
+
+async def _publish_all(js: JetStreamContext, subject: str, payloads: list[bytes]) -> int:
+    """Publish each payload on `subject`; how many the server refused at the door (over
+    a stream's `max_msg_size`, or the client's `max_payload`)."""
+    refused = 0
+    for i, payload in enumerate(payloads):
+        target = f"{subject}.junk-{i}" if subject.startswith("credits.ledger") else subject
+        try:
+            await js.publish(target, payload)
+        except Exception:
+            refused += 1
+    return refused
+
+
+async def _serves_end_to_end(client: Client, js: JetStreamContext, tenant: str) -> bool:
+    """A provision gets ready, its destroy is metered, and billing debits it."""
+    request = ProvisionRequest(
+        request_id=f"r6-probe-{uuid.uuid4().hex[:8]}",
+        tenant=tenant,
+        profile="profile.burst-sandbox",
+    )
+    ready = await client.provision(request, wait_s=20)
+    if ready is None or ready.state is not SandboxState.READY:
+        return False
+    destroy = DestroyRequest(
+        request_id=f"d-{ready.sandbox_id}", tenant=tenant, sandbox_id=ready.sandbox_id
+    )
+    done = await client.destroy(destroy, wait_s=20)
+    if done is None or done.state is not SandboxState.DESTROYED:
+        return False
+    for _ in range(400):
+        if any(e.entry_id == f"debit-{ready.sandbox_id}" for e in await Ledger(js).entries(tenant)):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
     start_worker: Start,
     start_billing: Start,
     settings: Settings,
     js: JetStreamContext,
+    nc: Nats,
     funded: tuple[str, ...],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with FakeFinHub() as hub:
         worker = await start_worker()
         billing = await start_billing(fin_hub_url=hub.url)
-        payloads = generated_payloads(SCALE.r6_per_subject)
-        subjects = [
-            "sandbox.provision",
-            "sandbox.destroy",
-            "sandbox.meter.ext.saas-stub",
-            "billing.usage",
-        ]
-        for subject in subjects:
-            for payload in payloads:
-                await js.publish(subject, payload)
+        generated = generated_payloads(SCALE.r6_per_subject)
+        payloads = [*generated, *extreme_payloads(nc.max_payload)]
+        refused = 0
+        for subject in R6_SUBJECTS:
+            refused += await _publish_all(js, subject, payloads)
         left = await drained(js, REQUEST_CONSUMERS + BILLING_CONSUMERS)
         attributable = {}
-        for payload in payloads:
+        for payload in generated:
             try:
                 body = json.loads(payload)
             except ValueError:
@@ -476,20 +537,21 @@ async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
                 or statuses[i].state is not SandboxState.FAILED
                 or statuses[i].error is None
             ]
-            probe = ProvisionRequest(
-                request_id="r6-good", tenant="acme", profile="profile.burst-sandbox"
-            )
-            good = await client.provision(probe, wait_s=20)
+            # Still at work, each of them: t1's journal holds the junk of the ledger
+            # subjects, acme's is clean.
+            serving = [await _serves_end_to_end(client, js, tenant) for tenant in ("acme", "t1")]
         crashes = sum(1 for w in (worker, billing) if w.crashed) + caplog.text.count(
             "handler crashed"
         )
-    figure("R6 worker crashes", crashes, f"{len(payloads)} payloads x {len(subjects)} subjects")
-    figure("R6 messages left in redelivery", left)
+        disabled = sum(1 for w in (worker, billing) if w.crashed) + serving.count(False)
+    total = len(payloads) * len(R6_SUBJECTS)
+    figure("R6 worker crashes", crashes, f"{len(payloads)} payloads x {len(R6_SUBJECTS)} subjects")
+    figure("R6 workers disabled", disabled, f"0 B to {nc.max_payload:,} B, nesting to 100,000")
+    figure("R6 messages left in redelivery", left, f"{refused} of {total} refused at the door")
     figure(
         "R6 attributable payloads without a failed status",
         len(unanswered),
         f"{len(attributable)} attributable",
     )
-    assert len(payloads) * len(subjects) >= (200 if SCALE is FULL else 4 * 40)
-    assert crashes == 0 and left == 0 and unanswered == []
-    assert good is not None and good.state is SandboxState.READY
+    assert len(generated) * len(R6_SUBJECTS) >= (200 if SCALE is FULL else 4 * 40)
+    assert crashes == 0 and disabled == 0 and left == 0 and unanswered == []
