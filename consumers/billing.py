@@ -27,9 +27,8 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from adapters.base import Usage
-from adapters.shared import backoff_s
 from consumers.app import Lifeline, Subscription, connect, serve
-from consumers.delivery import Delivery, Retry, reject_invalid, settle
+from consumers.delivery import Delivery, reject_invalid, retry_while_deliveries_remain, settle
 from consumers.export import exporter_subscription
 from consumers.metering import recorded_sandbox
 from consumers.wiring import Providers, open_providers
@@ -166,15 +165,9 @@ class Billing:
         if found is not None and found[0].destroyed_at is not None:
             return found[0]
         what = "no such sandbox" if found is None else f"sandbox is {found[0].state}"
-        if delivery.attempt < self._settings.max_deliver:
-            raise Retry(
-                backoff_s(
-                    delivery.attempt,
-                    base_s=self._settings.retry_backoff_s,
-                    cap_s=self._settings.retry_cap_s,
-                ),
-                f"{event.event_id}: {what}, not stopped (yet)",
-            )
+        retry_while_deliveries_remain(
+            delivery, self._settings, f"{event.event_id}: {what}, not stopped (yet)"
+        )
         raise Disagreement(f"{event.event_id} names no stopped sandbox of ours ({what})")
 
 

@@ -74,6 +74,19 @@ class Retry(Exception):
         self.delay_s = delay_s
 
 
+def retry_while_deliveries_remain(delivery: Delivery, settings: Settings, reason: str) -> None:
+    """Raise `Retry` (with backoff) unless this was the last delivery `settings` allow:
+    for what may only be late (a record another process writes a moment after the
+    message), never for what is wrong. Returns when the caller should give up."""
+    if delivery.attempt < settings.max_deliver:
+        raise Retry(
+            backoff_s(
+                delivery.attempt, base_s=settings.retry_backoff_s, cap_s=settings.retry_cap_s
+            ),
+            reason,
+        )
+
+
 #: How long one delivery keeps repeating its work while JetStream is unavailable (a
 #: leader election, a reconnect) before the failure counts as a failed delivery.
 JETSTREAM_PATIENCE_S = 60.0

@@ -14,9 +14,8 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from adapters.finhub import FinHubClient, FinHubRejected, FinHubUnavailable, Verdict
-from adapters.shared import backoff_s
 from consumers.app import Lifeline, Subscription, connect, serve
-from consumers.delivery import Delivery, Retry, reject_invalid, settle
+from consumers.delivery import Delivery, reject_invalid, retry_while_deliveries_remain, settle
 from sandboxer.credits import Ledger
 from sandboxer.errors import SandboxerError
 from sandboxer.markers import BillingMarkers
@@ -84,15 +83,9 @@ class Exporter:
         """Billing publishes a record, then marks it: a record seen before its mark gets
         a few deliveries; one never marked, or whose debit differs, is not exported."""
         if not await self._markers.published(record.record_id):
-            if delivery.attempt < self._settings.max_deliver:
-                raise Retry(
-                    backoff_s(
-                        delivery.attempt,
-                        base_s=self._settings.retry_backoff_s,
-                        cap_s=self._settings.retry_cap_s,
-                    ),
-                    f"{record.record_id}: not marked published by billing (yet)",
-                )
+            retry_while_deliveries_remain(
+                delivery, self._settings, f"{record.record_id}: not marked published (yet)"
+            )
             raise Unbacked(f"{record.record_id}: billing never published it")
         if pays_with_credits(record.credential_source):
             debit = await self._ledger.entry(record.tenant, "debit", f"debit-{record.sandbox_id}")
