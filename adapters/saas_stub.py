@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -203,8 +203,12 @@ class SaasStubAdapter(SandboxAdapter):
     async def find(
         self, tags: Mapping[str, str], credentials: Credentials
     ) -> list[ProviderSandbox]:
-        await self._kv()
-        assert self._js is not None
+        if self._js is None:
+            raise ProviderUnavailable("ext.saas-stub: this process has no NATS connection")
+        try:  # a look never creates the cloud (a CLI's reconcile, say)
+            await self._js.key_value(STUB_BUCKET)
+        except NotFoundError:
+            return []
         found = []
         async for _key, value in kv_entries(self._js, STUB_BUCKET, "sbx.>"):
             record = _Record.model_validate_json(value)

@@ -245,8 +245,33 @@ def status_bucket_config(replicas: int) -> KeyValueConfig:
     )
 
 
+class TopologyMissing(RuntimeError):
+    """Streams or buckets of sandboxer are not on the server: no worker has run there
+    yet (only the service creates or changes them)."""
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(f"missing: {', '.join(missing)}")
+        self.missing = missing
+
+
+def topology_names() -> list[str]:
+    """Every stream sandboxer needs, buckets included (`KV_<bucket>`)."""
+    buckets = (STATUS_BUCKET, BILLING_BUCKET, LEASE_BUCKET)
+    return [c.name for c in stream_configs(1) if c.name] + [f"KV_{b}" for b in buckets]
+
+
+async def require_topology(js: JetStreamContext) -> None:
+    """Raise `TopologyMissing` unless every stream and bucket is there; never creates or
+    changes one (a CLI must not reset a cluster's replicas, say)."""
+    present = {info.config.name for info in await js.streams_info()}
+    missing = [name for name in topology_names() if name not in present]
+    if missing:
+        raise TopologyMissing(missing)
+
+
 async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
-    """Create or update every stream and bucket; safe to run from many processes."""
+    """Create or update every stream and bucket; safe to run from many processes. Only
+    the service (workers, billing, the exporter, `sandboxer dev`) calls it."""
     for config in stream_configs(replicas):
         try:
             await js.add_stream(config)

@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -21,9 +22,10 @@ from consumers.reconcile import Finding
 from consumers.replay import Range, Summary, replay
 from consumers.wiring import open_worker
 from sandboxer.client import Client
+from sandboxer.dev.servers import EmbeddedNats, free_port
 from sandboxer.settings import Settings, default_extensions_dir
 from sandboxer.statuses import StatusStore
-from sandboxer.topology import kv_entries, read_subject
+from sandboxer.topology import ensure_topology, kv_entries, read_subject
 from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
 
 #: The stub's manifest rate, which made-up stopped sandboxes ran at.
@@ -228,3 +230,46 @@ async def provision_by_cli(settings: Settings, tenant: str, profile: str) -> San
     )
     assert code == 0, err
     return SandboxStatus.model_validate_json(out.splitlines()[-1])
+
+
+class Cluster:
+    """Three nats-servers on loopback, routed to each other, with JetStream."""
+
+    def __init__(self, root: Path) -> None:
+        cluster_ports = [free_port() for _ in range(3)]
+        self.nodes = [
+            EmbeddedNats(
+                root / f"n{i}",
+                server_name=f"n{i}",
+                cluster_port=cluster_ports[i],
+                routes=[p for j, p in enumerate(cluster_ports) if j != i],
+            )
+            for i in range(3)
+        ]
+
+    @property
+    def url(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def __enter__(self) -> Cluster:
+        for node in self.nodes:
+            node.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+async def until_topology(url: str, replicas: int, timeout_s: float = 60) -> None:
+    """Create the streams and buckets once the cluster has a JetStream leader."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            async with Client(url, reconnect=True) as client:
+                await ensure_topology(client.js, replicas=replicas)
+                return
+        except Exception:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)

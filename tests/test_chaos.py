@@ -36,14 +36,20 @@ from consumers.replay import Range
 from consumers.wiring import open_worker
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
-from sandboxer.dev.servers import EmbeddedNats, free_port
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings
-from sandboxer.topology import ensure_topology
 from schemas import DestroyRequest, ProvisionRequest, SandboxState
 from tests.conftest import Start
 from tests.fake_finhub import FakeFinHub
-from tests.helpers import FIGURES, deliveries, replay_all, stream_messages, stub_sandboxes
+from tests.helpers import (
+    FIGURES,
+    Cluster,
+    deliveries,
+    replay_all,
+    stream_messages,
+    stub_sandboxes,
+    until_topology,
+)
 
 
 @dataclass(frozen=True)
@@ -260,49 +266,6 @@ async def test_r2_workers_killed_at_random_lose_nothing_and_leave_no_orphan(
 
 
 # -- R3 --------------------------------------------------------------------------------
-
-
-class Cluster:
-    """Three nats-servers on loopback, routed to each other, with JetStream."""
-
-    def __init__(self, root: Path) -> None:
-        cluster_ports = [free_port() for _ in range(3)]
-        self.nodes = [
-            EmbeddedNats(
-                root / f"n{i}",
-                server_name=f"n{i}",
-                cluster_port=cluster_ports[i],
-                routes=[p for j, p in enumerate(cluster_ports) if j != i],
-            )
-            for i in range(3)
-        ]
-
-    @property
-    def url(self) -> str:
-        return ",".join(node.url for node in self.nodes)
-
-    def __enter__(self) -> Cluster:
-        for node in self.nodes:
-            node.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for node in self.nodes:
-            node.stop()
-
-
-async def until_topology(url: str, replicas: int, timeout_s: float = 60) -> None:
-    """Create the streams and buckets once the cluster has a JetStream leader."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        try:
-            async with Client(url, reconnect=True) as client:
-                await ensure_topology(client.js, replicas=replicas)
-                return
-        except Exception:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.5)
 
 
 async def test_r3_a_cluster_losing_a_node_under_load_loses_and_doubles_nothing(

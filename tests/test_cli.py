@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
+from nats.aio.client import Client as Nats
 from typer.core import TyperGroup
 from typer.main import get_command
 from typer.testing import CliRunner
 
 from sandboxer.cli import app
+from sandboxer.client import Client
 from sandboxer.dev.servers import free_port
 from sandboxer.settings import Settings
 from tests.conftest import ROOT, WorkerHandle
-from tests.helpers import sandboxer
+from tests.helpers import Cluster, sandboxer, until_topology
 
 runner = CliRunner()
 
@@ -124,3 +127,49 @@ async def test_a_password_in_the_url_is_never_logged(
     await worker.stop()
     assert "nats://***@" in caplog.text and "s3cret-pw" not in caplog.text
     assert "s3cret-pw" not in repr(with_password)
+
+
+# -- commands that are not the service never create or change topology ----------------
+
+OPERATOR_COMMANDS = [
+    ("replay", "--subject", "sandbox.provision", "--dry-run"),
+    ("dlq", "ls"),
+    ("reconcile", "--dry-run"),
+    ("ls",),
+    ("status", "sbx-" + "0" * 24),
+    ("destroy", "sbx-" + "0" * 24, "--tenant", "acme", "--timeout", "5"),
+    ("credits", "balance", "acme"),
+    ("credits", "ledger", "acme"),
+    ("credits", "grant", "acme", "5", "--grant-id", "g1"),
+]
+
+
+@pytest.mark.parametrize("command", OPERATOR_COMMANDS, ids=lambda c: " ".join(c[:2]))
+async def test_on_a_fresh_server_a_command_says_so_and_creates_nothing(
+    settings: Settings, nc: Nats, command: tuple[str, ...]
+) -> None:
+    code, out, err = await sandboxer(settings, *command)
+    assert code == 1 and "no sandboxer streams" in err and "start a worker" in err, (out, err)
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert [s async for s in _stream_names(nc)] == []
+
+
+async def _stream_names(nc: Nats) -> AsyncIterator[str]:
+    for info in await nc.jetstream().streams_info():
+        yield info.config.name or "?"
+
+
+async def test_no_command_changes_a_clusters_replicas(tmp_path: Path) -> None:
+    with Cluster(tmp_path / "cluster") as cluster:
+        await until_topology(cluster.url, replicas=3)
+        for command in OPERATOR_COMMANDS:
+            for replicas in ("1", "3"):
+                await sandboxer(
+                    Settings(nats_url=cluster.url), *command, SANDBOXER_REPLICAS=replicas
+                )
+        async with Client(cluster.url, reconnect=True) as client:
+            replicas_of = {
+                info.config.name: info.config.num_replicas
+                for info in await client.js.streams_info()
+            }
+    assert replicas_of and {n: r for n, r in replicas_of.items() if r != 3} == {}

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -19,6 +20,7 @@ from adapters.registry import Registry
 from sandboxer.client import Client
 from sandboxer.errors import ManifestError
 from sandboxer.settings import Settings, SettingsError
+from sandboxer.topology import TopologyMissing, require_topology
 from schemas import SandboxState, SandboxStatus
 
 app = typer.Typer(
@@ -70,12 +72,14 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     url = settings().nats_where
     try:
         return asyncio.run(coro)
+    except TopologyMissing as exc:
+        die(f"no sandboxer streams on {url} ({exc}); start a worker, which creates them")
+    except (TimeoutError, NatsTimeout):  # before OSError: TimeoutError is one since 3.11
+        die("NATS did not answer in time (or this identity may not do that)")
     except (NoServersError, OSError) as exc:
         die(f"cannot reach NATS at {url} ({exc}); is `sandboxer dev` running?")
     except (NoStreamResponseError, ServiceUnavailableError):
         die(f"no sandboxer streams on {url}; start a worker first")
-    except (TimeoutError, NatsTimeout):
-        die("timed out waiting for an answer")
     except ManifestError as exc:
         die(str(exc))
 
@@ -132,7 +136,13 @@ def exit_for(status: SandboxStatus | None, as_json: bool) -> None:
         raise typer.Exit(1)
 
 
-def nats_client() -> Client:
-    """A client of the NATS this process is configured for (`async with`)."""
+@asynccontextmanager
+async def nats_client() -> AsyncIterator[Client]:
+    """A client of the running sandboxer this process is configured for. Its streams
+    must be there already: no command but the service creates or changes them (an
+    upstream identity may not look, and does not need to)."""
     current = settings()
-    return Client(current.nats_url, auth=current.nats_auth, consumer=current.consumer)
+    async with Client(current.nats_url, auth=current.nats_auth, consumer=current.consumer) as c:
+        if current.consumer is None:
+            await require_topology(c.js)
+        yield c

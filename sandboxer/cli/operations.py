@@ -24,7 +24,6 @@ from sandboxer.cli._common import (
     setup_logging,
 )
 from sandboxer.errors import SandboxerError
-from sandboxer.topology import ensure_topology
 
 
 @app.command()
@@ -73,7 +72,6 @@ def replay(
 
     async def go() -> Any:
         async with nats_client() as client:
-            await ensure_topology(client.js)
             return await run_replay(
                 client.js,
                 subject,
@@ -109,7 +107,6 @@ def reconcile(
     async def go() -> list[Finding]:
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(nats_client())
-            await ensure_topology(client.js, replicas=current.replicas)
             parts = await open_worker(current, client.js, stack)
             reconciler = parts.reconciler(grace_s=grace)
             return await reconciler.run(extension, dry_run=dry_run)
@@ -160,7 +157,6 @@ def dlq_ls(
 
     async def go() -> list[Any]:
         async with nats_client() as client:
-            await ensure_topology(client.js)
             return await list_dead_letters(client.js, consumer)
 
     for letter in run(go()):
