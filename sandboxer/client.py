@@ -9,8 +9,10 @@ that reads every status: an operator's, or the zero-config default's."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from nats.aio.client import Client as Nats
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 
 from sandboxer.connect import connect_nats
@@ -31,6 +33,23 @@ PROVISION_SETTLED = frozenset(
 DESTROY_SETTLED = frozenset({SandboxState.DESTROYED, SandboxState.FAILED})
 
 
+#: How often a long wait says it is still waiting.
+PROGRESS_EVERY_S = 10.0
+
+#: Told of a wait's progress: the sandbox, its last status (None: none yet), seconds.
+Progress = Callable[[str, SandboxStatus | None, float], None]
+
+
+class WaitTimedOut(Exception):
+    """No settled answer came within the wait; the request was sent all the same."""
+
+    def __init__(self, sandbox_id: str, waited_s: float, last: SandboxStatus | None) -> None:
+        state = last.state.value if last else "not claimed yet"
+        super().__init__(f"no answer within {waited_s:g} s; {sandbox_id} is {state}")
+        self.sandbox_id = sandbox_id
+        self.last = last
+
+
 class Client:
     """`async with Client(url) as client: await client.provision(request, wait_s=30)`."""
 
@@ -41,12 +60,15 @@ class Client:
         reconnect: bool = False,
         auth: NatsAuth | None = None,
         consumer: str | None = None,
+        progress: Progress | None = None,
     ) -> None:
         """`url` may list several servers, comma-separated; `auth` is the identity to
-        connect as, `consumer` the upstream it publishes for. A CLI client fails fast
-        (`reconnect=False`); a long-lived one may ride over a server restart."""
+        connect as, `consumer` the upstream it publishes for; `progress` hears how a
+        wait goes. A CLI client fails fast (`reconnect=False`); a long-lived one may
+        ride over a server restart."""
         self.url = url
         self.consumer = consumer
+        self._progress = progress
         self._reconnect = reconnect
         self._auth = auth or NatsAuth()
         self._nc: Nats | None = None
@@ -125,13 +147,26 @@ class Client:
         # Subscribe before publishing, so no answer can slip by. A trusted publisher
         # does not know which consumer owns the tenant: any owner's subject will do.
         answers = await self._nc.subscribe(status_subject(self.consumer or "*", sandbox_id))
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        last: SandboxStatus | None = None
         try:
             await self.js.publish(subject, payload)
-            async with asyncio.timeout(wait_s):
-                while True:
-                    message = await answers.next_msg(timeout=None)
-                    status = SandboxStatus.model_validate_json(message.data)
-                    if status.state in settled:
-                        return status
+            while True:
+                left = began + wait_s - loop.time()
+                if left <= 0:
+                    raise WaitTimedOut(sandbox_id, wait_s, last)
+                try:
+                    message = await answers.next_msg(timeout=min(left, PROGRESS_EVERY_S))
+                except NatsTimeout:
+                    if self._progress is not None and left > PROGRESS_EVERY_S:
+                        self._progress(sandbox_id, last, loop.time() - began)
+                    continue
+                status = SandboxStatus.model_validate_json(message.data)
+                if self._progress is not None and (last is None or status.state != last.state):
+                    self._progress(sandbox_id, status, loop.time() - began)
+                last = status
+                if status.state in settled:
+                    return status
         finally:
             await answers.unsubscribe()

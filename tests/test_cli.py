@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -18,9 +19,17 @@ from typer.testing import CliRunner
 from sandboxer.cli import app
 from sandboxer.client import Client
 from sandboxer.dev.servers import free_port
+from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings
-from tests.conftest import ROOT, WorkerHandle
-from tests.helpers import Cluster, sandboxer, until_topology
+from schemas import SandboxState
+from tests.conftest import ROOT, Start, WorkerHandle
+from tests.helpers import (
+    Cluster,
+    provision_by_cli,
+    sandboxer,
+    until_topology,
+    wait_for_state,
+)
 
 runner = CliRunner()
 
@@ -173,3 +182,37 @@ async def test_no_command_changes_a_clusters_replicas(tmp_path: Path) -> None:
                 for info in await client.js.streams_info()
             }
     assert replicas_of and {n: r for n, r in replicas_of.items() if r != 3} == {}
+
+
+async def test_a_wait_that_times_out_says_so_and_the_request_still_runs(
+    settings: Settings, worker: WorkerHandle
+) -> None:
+    command = ("provision", "--tenant", "demo", "--profile", "profile.burst-sandbox")
+    code, _, err = await sandboxer(
+        settings, *command, "--request-id", "slow-wait", "--wait", "--timeout", "0.001"
+    )
+    sandbox_id = sandbox_id_for("demo", "slow-wait")
+    assert code == 1 and "no answer within 0.001 s" in err and sandbox_id in err, err
+    assert "cannot reach NATS" not in err
+    async with Client(settings.nats_url) as client:
+        ready = await wait_for_state(client, sandbox_id, SandboxState.READY)
+    assert ready.extension_id == "ext.saas-stub"
+
+
+async def test_a_long_wait_shows_its_progress(settings: Settings, start_worker: Start) -> None:
+    await start_worker()
+    code, _, err = await sandboxer(
+        settings, "provision", "--tenant", "demo", "--profile", "profile.burst-sandbox", "--wait"
+    )
+    assert code == 0, err
+    assert " provisioning (" in err and " ready (" in err
+
+
+async def test_destroying_another_tenants_sandbox_is_answered_at_once(
+    settings: Settings, worker: WorkerHandle
+) -> None:
+    status = await provision_by_cli(settings, "acme", "profile.burst-sandbox")
+    began = asyncio.get_running_loop().time()
+    code, out, err = await sandboxer(settings, "destroy", status.sandbox_id, "--tenant", "t1")
+    assert code == 1 and "not_found" in out, (out, err)
+    assert asyncio.get_running_loop().time() - began < 10

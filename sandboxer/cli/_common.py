@@ -17,7 +17,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from adapters.registry import Registry
-from sandboxer.client import Client
+from sandboxer.client import Client, WaitTimedOut
 from sandboxer.errors import ManifestError
 from sandboxer.settings import Settings, SettingsError
 from sandboxer.topology import TopologyMissing, require_topology
@@ -72,6 +72,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     url = settings().nats_where
     try:
         return asyncio.run(coro)
+    except WaitTimedOut as exc:
+        die(f"{exc}; the request was sent (see `sandboxer status {exc.sandbox_id}`)")
     except TopologyMissing as exc:
         die(f"no sandboxer streams on {url} ({exc}); start a worker, which creates them")
     except (TimeoutError, NatsTimeout):  # before OSError: TimeoutError is one since 3.11
@@ -136,13 +138,23 @@ def exit_for(status: SandboxStatus | None, as_json: bool) -> None:
         raise typer.Exit(1)
 
 
+def _progress(sandbox_id: str, status: SandboxStatus | None, elapsed_s: float) -> None:
+    state = status.state.value if status else "not claimed yet"
+    typer.echo(f"sandboxer: {sandbox_id} {state} ({elapsed_s:.0f} s)", err=True)
+
+
 @asynccontextmanager
 async def nats_client() -> AsyncIterator[Client]:
-    """A client of the running sandboxer this process is configured for. Its streams
-    must be there already: no command but the service creates or changes them (an
-    upstream identity may not look, and does not need to)."""
+    """A client of the running sandboxer this process is configured for, saying on
+    stderr how a wait goes. Its streams must be there already: no command but the
+    service creates or changes them (an upstream identity may not look, and need not)."""
     current = settings()
-    async with Client(current.nats_url, auth=current.nats_auth, consumer=current.consumer) as c:
+    async with Client(
+        current.nats_url,
+        auth=current.nats_auth,
+        consumer=current.consumer,
+        progress=_progress,
+    ) as c:
         if current.consumer is None:
             await require_topology(c.js)
         yield c
