@@ -35,8 +35,8 @@ from nats.js.errors import APIError, NotFoundError
 from pydantic import TypeAdapter, ValidationError
 
 from sandboxer.connect import connection_of
-from sandboxer.errors import InsufficientCredits
-from sandboxer.money import hold_entry_id
+from sandboxer.errors import IdempotencyConflict, InsufficientCredits
+from sandboxer.money import hold_entry_id, usd_text
 from sandboxer.topology import LEDGER_STREAM, ledger_subject, read_subject, tenant_ledger
 from schemas import LedgerEntry, LedgerKind, TenantId, utcnow
 
@@ -155,12 +155,21 @@ class Ledger:
     # -- operations ------------------------------------------------------------------
 
     async def grant(self, tenant: str, amount: Decimal, grant_id: str, note: str = "") -> bool:
-        """Add credits; False if `grant_id` was granted before."""
+        """Add credits; False if `grant_id` was granted before, for this amount;
+        `IdempotencyConflict` if it was granted for another."""
         checked_tenant(tenant)
         if amount <= 0:
             raise ValueError("a grant must be positive")
         entry = _entry("grant", tenant, amount, f"grant-{grant_id}", note=note)
-        return await self._append(tenant, lambda balance: entry)
+        if await self._append(tenant, lambda balance: entry):
+            return True
+        before = await self.entry(tenant, "grant", entry.entry_id)
+        if before is not None and before.amount_usd != amount:
+            raise IdempotencyConflict(
+                f"{entry.entry_id} granted {usd_text(before.amount_usd)} USD to {tenant} already; "
+                f"the same grant id cannot grant {usd_text(amount)}"
+            )
+        return False
 
     async def hold(self, tenant: str, sandbox_id: str, amount: Decimal, route: int = 1) -> bool:
         """Reserve `amount` for a sandbox on its `route`-th route, or raise

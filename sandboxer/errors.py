@@ -96,9 +96,14 @@ def validation_problems(exc: ValidationError, prefix: str = "") -> str:
     """`field.path: what is wrong; ...` for each problem pydantic found, at most 900
     characters (it goes into statuses, dead letters and logs)."""
     return "; ".join(
-        f"{prefix}{'.'.join(str(p) for p in item['loc']) or 'body'}: {item['msg']}"
+        f"{prefix}{'.'.join(str(p) for p in item['loc']) or 'body'}: {plain_message(item['msg'])}"
         for item in exc.errors()
     )[:900]
+
+
+def plain_message(msg: str) -> str:
+    """A pydantic message without the `Value error, ` its validators' errors start with."""
+    return msg.removeprefix("Value error, ")
 
 
 class ManifestError(Exception):

@@ -60,3 +60,9 @@ def seconds_between(started_at: datetime, stopped_at: datetime) -> Decimal:
     delta = stopped_at - started_at
     micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     return max(Decimal(micros) / _MICROS_PER_SECOND, Decimal(0)).quantize(SECONDS_QUANTUM)
+
+
+def usd_text(amount: Decimal) -> str:
+    """An amount as people write it: `1000`, `12.5`; never `1E+3` or `1000.000000`."""
+    text = f"{amount:f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text

@@ -49,9 +49,15 @@ def _text_schema(pattern: str) -> WithJsonSchema:
     return WithJsonSchema({"type": "string", "pattern": pattern})
 
 
+#: No amount sandboxer handles comes near it; it keeps every one exact to 0.000001.
+MAX_USD = Decimal(10) ** 15
+
+
 def _exact_usd(value: Decimal) -> Decimal:
     if not value.is_finite():
         raise ValueError("amount must be finite")
+    if abs(value) >= MAX_USD:
+        raise ValueError("amount must be below 10^15 USD")
     if value != value.quantize(USD_QUANTUM):
         raise ValueError("amount is finer than 0.000001 USD")
     return value.quantize(USD_QUANTUM)

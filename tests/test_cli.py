@@ -7,17 +7,20 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import yaml
 from nats.aio.client import Client as Nats
+from nats.js import JetStreamContext
 from typer.core import TyperGroup
 from typer.main import get_command
 from typer.testing import CliRunner
 
 from sandboxer.cli import app
 from sandboxer.client import Client
+from sandboxer.credits import Ledger
 from sandboxer.dev.servers import free_port
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings
@@ -216,3 +219,21 @@ async def test_destroying_another_tenants_sandbox_is_answered_at_once(
     code, out, err = await sandboxer(settings, "destroy", status.sandbox_id, "--tenant", "t1")
     assert code == 1 and "not_found" in out, (out, err)
     assert asyncio.get_running_loop().time() - began < 10
+
+
+async def test_a_grant_says_what_it_did_and_refuses_what_it_cannot(
+    settings: Settings, js: JetStreamContext
+) -> None:
+    code, out, err = await sandboxer(
+        settings, "credits", "grant", "acme", "1e3", "--grant-id", "g1"
+    )
+    assert code == 0 and "granted 1000 USD to acme" in out, err
+    code, out, _ = await sandboxer(settings, "credits", "grant", "acme", "1000", "--grant-id", "g1")
+    assert code == 0 and "already granted 1000 USD" in out
+    code, _, err = await sandboxer(settings, "credits", "grant", "acme", "25", "--grant-id", "g1")
+    assert code == 1 and "idempotency_conflict" in err and "1000" in err and "25" in err
+    for amount, reason in (("1e22", "below 10^15"), ("-5", "positive"), ("ten", "not an amount")):
+        code, _, err = await sandboxer(settings, "credits", "grant", "acme", amount)
+        assert code == 1 and reason in err and "Traceback" not in err, (amount, err)
+        assert err.strip().count("\n") == 0
+    assert (await Ledger(js).balance("acme")).balance == Decimal("1000")

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import TypeAdapter, ValidationError
 
 from sandboxer.cli._common import JsonOpt, credits_app, die, finhub_app, nats_client, run, settings
 from sandboxer.credits import Balance, Ledger, checked_tenant
-from schemas import USD_QUANTUM, LedgerEntry, UsageRecord
+from sandboxer.errors import IdempotencyConflict, plain_message
+from sandboxer.money import usd_text
+from schemas import LedgerEntry, UsageRecord, Usd
 
 
 def _tenant(raw: str) -> str:
@@ -23,17 +26,26 @@ def _tenant(raw: str) -> str:
         die(f"{exc} (letters, digits, - and _; no wildcards)")
 
 
+_USD: TypeAdapter[Decimal] = TypeAdapter(Usd)
+
+
 def _amount(raw: str) -> Decimal:
+    """A grant's amount: a positive decimal of at most 6 decimals, below 10^15 USD."""
     try:
-        amount = Decimal(raw)
-    except InvalidOperation:
-        die(f"not an amount: {raw!r} (use a decimal like 12.50)")
-    if not amount.is_finite() or amount <= 0 or amount != amount.quantize(USD_QUANTUM):
-        die(f"amount must be positive with at most 6 decimals: {raw}")
+        amount = _USD.validate_python(raw)
+    except ValidationError as exc:
+        reason = plain_message(exc.errors()[0]["msg"])
+        die(f"not an amount: {raw!r}: {reason} (use a decimal like 12.50)")
+    if amount <= 0:
+        die(f"amount must be positive: {raw}")
     return amount
 
 
-@credits_app.command("grant")
+@credits_app.command(
+    "grant",
+    # A negative amount reaches the validation instead of being taken for an option.
+    context_settings={"ignore_unknown_options": True},
+)
 def credits_grant(
     tenant: Annotated[str, typer.Argument(help="Tenant to credit.")],
     amount: Annotated[str, typer.Argument(help="USD, e.g. 25 or 12.50.")],
@@ -41,8 +53,10 @@ def credits_grant(
         str | None, typer.Option(help="Idempotency key (default: a new one).")
     ] = None,
     note: Annotated[str, typer.Option(help="Why, for the ledger.")] = "",
+    as_json: JsonOpt = False,
 ) -> None:
-    """Add prepaid credits. The same --grant-id is applied once, however often sent."""
+    """Add prepaid credits. The same --grant-id is applied once, however often sent;
+    the same --grant-id with another amount is an `idempotency_conflict`."""
     tenant = _tenant(tenant)
     usd = _amount(amount)
     key = grant_id or uuid.uuid4().hex
@@ -53,9 +67,16 @@ def credits_grant(
 
     try:
         applied = run(go())
+    except IdempotencyConflict as exc:
+        die(f"{exc.code}: {exc}")
     except ValueError as exc:
         die(f"invalid grant: {exc}".replace("\n", " "))
-    typer.echo(f"grant-{key}: {'granted' if applied else 'already granted'} {usd} USD to {tenant}")
+    verb = "granted" if applied else "already granted"
+    if as_json:
+        entry = {"entry_id": f"grant-{key}", "tenant": tenant, "amount_usd": f"{usd:f}"}
+        typer.echo(json.dumps({**entry, "applied": applied}))
+    else:
+        typer.echo(f"grant-{key}: {verb} {usd_text(usd)} USD to {tenant}")
 
 
 @credits_app.command("balance")
