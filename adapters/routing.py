@@ -33,6 +33,19 @@ class Route:
         return self.key.credentials if self.key else NO_CREDENTIALS
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """What routing makes of each route of a profile for a tenant, in order; `chosen`
+    is the extension a provision would use now (None: no route is eligible)."""
+
+    rows: list[tuple[str, str]]
+    chosen: str | None
+
+    def as_dict(self) -> dict[str, object]:
+        routes = [{"extension_id": ext, "verdict": verdict} for ext, verdict in self.rows]
+        return {"chosen": self.chosen, "routes": routes}
+
+
 class Router:
     """Walks a profile's routes in order."""
 
@@ -70,13 +83,13 @@ class Router:
         key = await self._resolver.read(ref.mount, ref.path, ref.keys, "platform")
         return key.credentials if key else None
 
-    async def explain(self, profile: Profile, tenant: str) -> list[tuple[str, str]]:
+    async def explain(self, profile: Profile, tenant: str) -> Explanation:
         """Every route of `profile` for `tenant`, with what routing makes of it: the
         chosen one, why others are skipped, what comes after. No key values."""
         try:
             route = await self.choose(profile, tenant)
         except NoRoute as exc:
-            return [*exc.skipped, ("-", "no_route: nothing eligible")]
+            return Explanation([*exc.skipped, ("-", "no_route: nothing eligible")], None)
         routes = profile.routes_for(tenant)
         chosen_at = routes.index(route.extension_id)
         key = (
@@ -85,11 +98,12 @@ class Router:
             else "needs no key"
         )
         pinned = " pinned for this tenant" if tenant in profile.pins else ""
-        return [
+        rows = [
             *route.skipped,
             (route.extension_id, f"CHOSEN{pinned} ({key})"),
             *((ext, "not tried") for ext in routes[chosen_at + 1 :]),
         ]
+        return Explanation(rows, route.extension_id)
 
     async def choose(self, profile: Profile, tenant: str, after: str | None = None) -> Route:
         """The first eligible route (after the extension `after`, when falling back), or

@@ -10,6 +10,10 @@ deployment, compared with their claims in the status bucket.
 | `ready` / `destroying`, past its TTL by more than the grace| expire: destroy request  |
 | `destroyed`                                                | destroy again            |
 
+An extension whose sandboxes could not be listed (no key to list them with, or the
+provider refused or did not answer) is one `unlisted` finding: a pass that saw nothing
+must not read as a pass that found nothing to do.
+
 Adopted and expired sandboxes go through the normal destroy path, so they are metered
 and billed once; an orphan is torn down and logged, and bills nobody (its tenant was
 told the request failed, or never asked). Sandboxes of another deployment, or without
@@ -35,12 +39,14 @@ from nats.js.kv import KeyValue
 
 from adapters.base import TAG_DEPLOYMENT, TAG_SANDBOX_ID, TAG_TENANT, Credentials, ProviderSandbox
 from consumers.lifecycle import Lifecycle
+from sandboxer.errors import SandboxerError
 from sandboxer.statuses import StatusStore
 from schemas import SandboxState, SandboxStatus, utcnow
 
 log = logging.getLogger("sandboxer.reconcile")
 
-Action = Literal["adopt", "destroy", "expire", "keep", "wait"]
+Action = Literal["adopt", "destroy", "expire", "keep", "wait", "unlisted"]
+ACTIONS_TAKEN = ("adopt", "destroy", "expire")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,11 @@ class Finding:
     tenant: str | None
     action: Action
     reason: str
+
+
+def _unlisted(extension_id: str, reason: str) -> Finding:
+    log.warning("reconcile %s: cannot list its sandboxes: %s", extension_id, reason)
+    return Finding(extension_id, "-", None, None, "unlisted", reason)
 
 
 class Reconciler:
@@ -80,14 +91,15 @@ class Reconciler:
             seen: set[str] = set()
             accounts = await self._accounts(ext, byok.get(ext, []))
             if not accounts:
-                log.warning(
-                    "reconcile %s: no key to list its sandboxes with (no platform "
-                    "key, or OpenBao not configured)",
-                    ext,
-                )
+                findings.append(_unlisted(ext, "no key to list its sandboxes with"))
             for credentials in accounts:
                 tags = {TAG_DEPLOYMENT: self._deployment}
-                for sandbox in await adapter.find(tags, credentials):
+                try:
+                    listed = await adapter.find(tags, credentials)
+                except SandboxerError as exc:
+                    findings.append(_unlisted(ext, f"{exc.code}: {exc}"))
+                    continue
+                for sandbox in listed:
                     if sandbox.provider_sandbox_id in seen:
                         continue
                     seen.add(sandbox.provider_sandbox_id)

@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 from consumers.app import Lifeline, Subscription, connect, serve
 from consumers.deadletter import on_max_deliveries
 from consumers.delivery import Delivery, settle
-from consumers.reconcile import Reconciler, take_turn
+from consumers.reconcile import ACTIONS_TAKEN, Reconciler, take_turn
 from consumers.wiring import WorkerParts, open_worker
 from sandboxer.settings import Settings
 from sandboxer.topology import (
@@ -102,7 +102,7 @@ async def reconcile_forever(
         except Exception:  # a provider or OpenBao outage: try again next time
             log.exception("reconcile pass failed")
         else:
-            acted = [f for f in findings if f.action not in ("keep", "wait")]
+            acted = [f for f in findings if f.action in ACTIONS_TAKEN]
             log.info("reconcile: %d sandboxes, %d acted on", len(findings), len(acted))
 
 

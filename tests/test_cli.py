@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
+import hvac
 import pytest
 import yaml
 from nats.aio.client import Client as Nats
@@ -237,3 +240,88 @@ async def test_a_grant_says_what_it_did_and_refuses_what_it_cannot(
         assert code == 1 and reason in err and "Traceback" not in err, (amount, err)
         assert err.strip().count("\n") == 0
     assert (await Ledger(js).balance("acme")).balance == Decimal("1000")
+
+
+async def test_a_second_shell_reaches_what_dev_started(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    log = tmp_path / "dev.log"
+    with log.open("wb") as sink:
+        dev = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sandboxer",
+            "dev",
+            "--fake-e2b",
+            "--port",
+            str(free_port()),
+            "--state-dir",
+            str(state),
+            stdout=sink,
+            stderr=sink,
+            cwd=ROOT,
+        )
+    try:
+        for _ in range(600):
+            if "Ctrl-C" in log.read_text() or dev.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        said = log.read_text()
+        assert f"env $(cat {state}/dev.env) .venv/bin/sandboxer route explain" in said, said
+        env_file = state / "dev.env"
+        assert env_file.stat().st_mode & 0o077 == 0  # the OpenBao token is this user's
+        shell = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+        assert shell["BAO_TOKEN"] not in said  # printed nowhere
+        where = Settings(nats_url=shell.pop("SANDBOXER_NATS_URL"))
+
+        code, out, err = await sandboxer(
+            where,
+            "route",
+            "explain",
+            "--tenant",
+            "demo",
+            "--profile",
+            "profile.e2b-burst",
+            "--json",
+            **shell,
+        )
+        assert code == 0, err
+        assert json.loads(out)["chosen"] == "ext.e2b"
+        ready = await provision_by_cli(where, "demo", "profile.e2b-burst")
+        assert ready.extension_id == "ext.e2b"
+        assert "reconcile --dry-run --extension ext.e2b" in said
+        code, out, err = await sandboxer(
+            where, "reconcile", "--dry-run", "--extension", "ext.e2b", "--json", **shell
+        )
+        assert code == 0, err
+        found = {f["sandbox_id"]: f["action"] for f in json.loads(out)}
+        assert found == {ready.sandbox_id: "keep"}
+        # The token in the file may read provider keys and nothing else.
+        bao = hvac.Client(url=shell["BAO_ADDR"], token=shell["BAO_TOKEN"])
+        with pytest.raises(hvac.exceptions.Forbidden):
+            bao.secrets.kv.v2.create_or_update_secret(path="x", secret={"a": "b"})
+    finally:
+        dev.send_signal(signal.SIGINT)
+        await asyncio.wait_for(dev.wait(), 90)
+
+
+async def test_what_cannot_be_listed_or_routed_exits_non_zero(
+    settings: Settings, worker: WorkerHandle
+) -> None:
+    # No OpenBao: E2B's sandboxes cannot be listed and its profile has no route.
+    code, out, err = await sandboxer(settings, "reconcile", "--dry-run", "--extension", "ext.e2b")
+    assert code == 1 and "could not list the sandboxes of ext.e2b" in err, (out, err)
+    code, out, err = await sandboxer(
+        settings, "route", "explain", "--tenant", "demo", "--profile", "profile.e2b-burst"
+    )
+    assert code == 1 and "no_route" in err and "ext.e2b" in out
+    code, out, _ = await sandboxer(
+        settings,
+        "route",
+        "explain",
+        "--tenant",
+        "demo",
+        "--profile",
+        "profile.burst-sandbox",
+        "--json",
+    )
+    assert code == 0 and json.loads(out)["chosen"] == "ext.saas-stub"

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from adapters.routing import Explanation
 from sandboxer.cli._common import (
     JsonOpt,
     app,
@@ -99,7 +100,7 @@ def reconcile(
 ) -> None:
     """Find this deployment's provider sandboxes ($SANDBOXER_DEPLOYMENT) and adopt,
     expire or destroy those whose claims disagree (see docs/cloud-adapters.md)."""
-    from consumers.reconcile import Finding
+    from consumers.reconcile import ACTIONS_TAKEN, Finding
     from consumers.wiring import open_worker
 
     current = settings()
@@ -115,21 +116,28 @@ def reconcile(
         findings = run(go())
     except SandboxerError as exc:
         die(f"{exc.code}: {exc}")
+    unlisted = [f for f in findings if f.action == "unlisted"]
     if as_json:
         typer.echo(json.dumps([f.__dict__ for f in findings]))
-        return
-    for f in findings:
-        verb = "would " if dry_run and f.action not in ("keep", "wait") else ""
+    else:
+        for f in findings:
+            verb = "would " if dry_run and f.action in ACTIONS_TAKEN else ""
+            typer.echo(
+                f"{f.extension_id:<14} {f.provider_sandbox_id:<28} {f.sandbox_id or '-':<28} "
+                f"{verb}{f.action:<8} {f.reason}"
+            )
+        listed = len(findings) - len(unlisted)
+        acted = sum(f.action in ACTIONS_TAKEN for f in findings)
         typer.echo(
-            f"{f.extension_id:<14} {f.provider_sandbox_id:<28} {f.sandbox_id or '-':<28} "
-            f"{verb}{f.action:<8} {f.reason}"
+            f"{listed} sandbox(es) of deployment {current.deployment}; "
+            f"{acted} {'to act on' if dry_run else 'acted on'}",
+            err=True,
         )
-    acted = sum(f.action not in ("keep", "wait") for f in findings)
-    typer.echo(
-        f"{len(findings)} sandbox(es) of deployment {current.deployment}; "
-        f"{acted} {'to act on' if dry_run else 'acted on'}",
-        err=True,
-    )
+    if unlisted:
+        die(
+            f"could not list the sandboxes of {', '.join(f.extension_id for f in unlisted)}"
+            " (see above): they were not reconciled"
+        )
 
 
 def _dead_letter(letter_id: int) -> Any:
@@ -237,27 +245,34 @@ def dlq_drop(letter_id: int) -> None:
 def route_explain(
     tenant: Annotated[str, typer.Option(help="Tenant to route for.")],
     profile: Annotated[str, typer.Option(help="Profile id, e.g. profile.burst-sandbox.")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Which extension a provision would use now, and why the others would be skipped.
-    Reads OpenBao ($BAO_ADDR) like a worker; prints key paths and versions, never keys."""
+    Reads OpenBao ($BAO_ADDR) like a worker; prints key paths and versions, never keys.
+    Exits 1 when no route is eligible."""
     from consumers.wiring import open_providers
 
     current = settings()
 
-    async def go() -> list[tuple[str, str]]:
+    async def go() -> Explanation:
         async with AsyncExitStack() as stack:
             providers = await open_providers(current, stack)
             chosen = providers.registry.profile(profile)
             return await providers.router.explain(chosen, tenant)
 
     try:
-        rows = run(go())
+        answer = run(go())
     except SandboxerError as exc:
         die(f"{exc.code}: {exc}")
-    bao = current.bao.addr if current.bao else "not configured"
-    typer.echo(f"{profile} for tenant {tenant} (OpenBao: {bao})")
-    for position, (extension, verdict) in enumerate(rows, 1):
-        typer.echo(f"  {position}. {extension:<16} {verdict}")
+    if as_json:
+        typer.echo(json.dumps({"profile": profile, "tenant": tenant, **answer.as_dict()}))
+    else:
+        bao = current.bao.addr if current.bao else "not configured"
+        typer.echo(f"{profile} for tenant {tenant} (OpenBao: {bao})")
+        for position, (extension, verdict) in enumerate(answer.rows, 1):
+            typer.echo(f"  {position}. {extension:<16} {verdict}")
+    if answer.chosen is None:
+        die(f"no_route: no route of {profile} is eligible for tenant {tenant}")
 
 
 @security_app.command("generate")

@@ -124,24 +124,28 @@ def dev(
     except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
         die(f"cannot start nats-server: {exc} (try --port)")
     current = replace(settings(), nats_url=server.url)
-    env = "" if port == 4222 else f"SANDBOXER_NATS_URL={server.url} "
+    shell_env = {"SANDBOXER_NATS_URL": server.url}
     profile = "profile.modal-gpu" if fake_modal else "profile.burst-sandbox"
     profile = "profile.e2b-burst" if fake_e2b else profile
     if fake_e2b or fake_modal:
         from sandboxer.dev.providers import start_fake_providers
 
         try:
-            current, said = start_fake_providers(
-                stack, current, state_dir, e2b=fake_e2b, modal=fake_modal
-            )
+            fakes = start_fake_providers(stack, current, state_dir, e2b=fake_e2b, modal=fake_modal)
         except (RuntimeError, TimeoutError, FileNotFoundError, ImportError) as exc:
             stack.close()
             die(f"cannot start the fake providers: {exc}")
-        for line in said:
+        current = fakes.settings
+        shell_env.update(fakes.env)
+        for line in fakes.said:
             typer.echo(f"sandboxer dev: {line}", err=True)
+    env_file = _write_env(state_dir / "dev.env", shell_env)
+    # Reconcile what has a key here (an extension it cannot list makes it exit 1).
+    only = "" if fake_e2b == fake_modal else f" --extension ext.{'e2b' if fake_e2b else 'modal'}"
+    env = f"env $(cat {env_file}) " if port != 4222 or fake_e2b or fake_modal else ""
     identities = _identities(current, state_dir / "security") if secure else None
     if identities:
-        env = f"{env}env $(cat {state_dir}/security/operator.env) "
+        env = f"env $(cat {env_file}) $(cat {state_dir}/security/operator.env) "
         typer.echo(
             f"sandboxer dev: secure mode: each process has its own identity; as the demo "
             f"upstream:\n  env $(cat {state_dir}/security/consumer-demo-app.env) "
@@ -160,6 +164,8 @@ def dev(
         f"  {env}.venv/bin/sandboxer ls\n"
         f"  {env}.venv/bin/sandboxer credits balance demo\n"
         f"  {env}.venv/bin/sandboxer credits ledger demo\n"
+        f"  {env}.venv/bin/sandboxer route explain --tenant demo --profile {profile}\n"
+        f"  {env}.venv/bin/sandboxer reconcile --dry-run{only}\n"
         f"Ctrl-C stops the worker and the server.",
         err=True,
     )
@@ -169,6 +175,16 @@ def dev(
         die(str(exc))
     finally:
         stack.close()
+
+
+def _write_env(path: Path, values: dict[str, str]) -> Path:
+    """What a second shell needs to reach this dev stack (an OpenBao token that may read
+    keys, nothing else), readable by this user only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
+    return path
 
 
 def _secure_config(state_dir: Path) -> Path:

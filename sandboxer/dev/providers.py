@@ -6,14 +6,18 @@ never used in production.
 The worker is configured through the `Settings` this returns. Modal's client is the
 exception: it reads its server URL only from its own `MODAL_SERVER_URL` variable, so
 that one (and `MODAL_DISABLE_API_PROXY`, to keep 127.0.0.1 off any proxy) is set in
-this process's environment."""
+this process's environment.
+
+Commands in another shell (`route explain`, `reconcile`) need the same: the variables
+returned as `FakeProviders.env`, with an OpenBao token that may only read keys (the
+worker keeps the root token), which `sandboxer dev` writes to `<state-dir>/dev.env`."""
 
 from __future__ import annotations
 
 import os
 import secrets
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import hvac
@@ -23,17 +27,35 @@ from sandboxer.dev.servers import EmbeddedOpenBao
 from sandboxer.settings import BaoSettings, Settings
 
 
+@dataclass(frozen=True)
+class FakeProviders:
+    """The worker's settings that use the fakes, a line about each, and the variables
+    another process needs to reach them (a read-only OpenBao token)."""
+
+    settings: Settings
+    said: list[str]
+    env: dict[str, str]
+
+
+_READ_KEYS = 'path "{mount}/data/*" {{ capabilities = ["read"] }}\n'
+
+
 def start_fake_providers(
     stack: ExitStack, settings: Settings, state_dir: Path, *, e2b: bool, modal: bool
-) -> tuple[Settings, list[str]]:
-    """Start what is asked for (closed with `stack`); the settings that use them, and a
-    line about each."""
+) -> FakeProviders:
+    """Start what is asked for (closed with `stack`)."""
     registry = Registry.load(settings.extensions_dir)
     token = secrets.token_hex(16)
     bao = stack.enter_context(EmbeddedOpenBao(state_dir / "openbao", root_token=token))
     admin = hvac.Client(url=bao.url, token=token)
     adapter_env = dict(settings.adapter_env)
     said = [f"dev OpenBao on {bao.url} (in memory) holds the platform keys"]
+    mounts = {m.secret_ref.mount for m in registry.extensions.values() if m.secret_ref}
+    admin.sys.create_or_update_policy(
+        name="sandboxer-dev-reader", policy="".join(_READ_KEYS.format(mount=m) for m in mounts)
+    )
+    reader = admin.auth.token.create(policies=["sandboxer-dev-reader"], ttl="24h")
+    env = {"BAO_ADDR": bao.url, "BAO_TOKEN": reader["auth"]["client_token"]}
 
     def keep(extension_id: str, values: dict[str, str]) -> str:
         ref = registry.extensions[extension_id].secret_ref
@@ -48,7 +70,7 @@ def start_fake_providers(
 
         api_key = "e2b_" + secrets.token_hex(20)
         fake_e2b = stack.enter_context(FakeE2B(api_keys={api_key}))
-        adapter_env["SANDBOXER_E2B_API_URL"] = fake_e2b.url
+        adapter_env["SANDBOXER_E2B_API_URL"] = env["SANDBOXER_E2B_API_URL"] = fake_e2b.url
         where = keep("ext.e2b", {"api_key": api_key})
         said.append(f"fake E2B API on {fake_e2b.url}; its key at {where}")
     if modal:
@@ -58,9 +80,10 @@ def start_fake_providers(
             token_id="ak-" + secrets.token_hex(8), token_secret="as-" + secrets.token_hex(16)
         )
         fake_modal = stack.enter_context(FakeModal(state))
-        os.environ["MODAL_SERVER_URL"] = fake_modal.url
-        os.environ["MODAL_DISABLE_API_PROXY"] = "1"
+        modal_env = {"MODAL_SERVER_URL": fake_modal.url, "MODAL_DISABLE_API_PROXY": "1"}
+        os.environ.update(modal_env)
+        env.update(modal_env)
         where = keep("ext.modal", {"token_id": state.token_id, "token_secret": state.token_secret})
         said.append(f"fake Modal API (gRPC) on {fake_modal.url}; its token at {where}")
     changed = replace(settings, bao=BaoSettings(addr=bao.url, token=token), adapter_env=adapter_env)
-    return changed, said
+    return FakeProviders(changed, said, env)
