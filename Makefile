@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# `make run PORT=4333` beside a NATS server that already has 4222.
+PORT ?= 4222
 
 .PHONY: run check lint types test bench chaos install clean
 
@@ -16,7 +18,7 @@ install: $(STAMP)
 
 ## Start the service on an embedded NATS server with the stub adapter.
 run: $(STAMP)
-	$(BIN)/sandboxer dev
+	$(BIN)/sandboxer dev --port $(PORT)
 
 ## Lint, types and the whole test suite: what CI runs.
 check: lint types test

@@ -97,7 +97,10 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     if found:
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[found.group(2)]
         return (now or datetime.now(UTC)) - timedelta(**{unit: int(found.group(1))})
-    moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not a time: {text!r} (ISO 8601, or ago: 30m, 2h, 1d)") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
@@ -127,10 +130,16 @@ class Summary:
     replayed: int = 0
     skipped_replays: int = 0
     skipped_tenants: int = 0
+    stored: int = 0  # on the subject, in or out of the range
     effects: Counter[str] = field(default_factory=Counter)
 
     def line(self) -> str:
-        span = f"seq {self.first_seq}..{self.last_seq}" if self.first_seq else "nothing stored"
+        if self.first_seq:
+            span = f"seq {self.first_seq}..{self.last_seq}"
+        elif self.stored:
+            span = f"none of the {self.stored} stored is in the range"
+        else:
+            span = "nothing stored"
         verb = "would replay" if self.dry_run else "replayed"
         counts = ", ".join(f"{self.effects[e]} {e}" for e in ("applied", "new", "no-op", "invalid"))
         return (
@@ -138,6 +147,19 @@ class Summary:
             f"skipped {self.skipped_replays} earlier replay(s), "
             f"{self.skipped_tenants} of other tenants"
         )
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "subject": self.subject,
+            "dry_run": self.dry_run,
+            "stored": self.stored,
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "replayed": self.replayed,
+            "skipped_replays": self.skipped_replays,
+            "skipped_tenants": self.skipped_tenants,
+            "effects": {e: self.effects[e] for e in ("applied", "new", "no-op", "invalid")},
+        }
 
 
 class Judge:
@@ -224,7 +246,8 @@ async def replay(
     except NotFoundError:
         exporting = False
     judge = Judge(registry, await StatusStore.open(js), await BillingMarkers.open(js), exporting)
-    summary = Summary(subject, dry_run)
+    info = await js.stream_info(stream, subjects_filter=subject)
+    summary = Summary(subject, dry_run, stored=sum((info.state.subjects or {}).values()))
     seen = 0
     messages = stored_messages(js, stream, subject, from_seq=span.from_seq, since=span.since)
     async with contextlib.aclosing(messages):  # an early end drops the read consumer now

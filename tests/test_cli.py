@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -235,7 +236,11 @@ async def test_a_grant_says_what_it_did_and_refuses_what_it_cannot(
     assert code == 0 and "already granted 1000 USD" in out
     code, _, err = await sandboxer(settings, "credits", "grant", "acme", "25", "--grant-id", "g1")
     assert code == 1 and "idempotency_conflict" in err and "1000" in err and "25" in err
-    for amount, reason in (("1e22", "below 10^15"), ("-5", "positive"), ("ten", "not an amount")):
+    for amount, reason in (
+        ("1e22", "below 10^15"),
+        ("-5", "positive"),
+        ("ten", "not a decimal amount"),
+    ):
         code, _, err = await sandboxer(settings, "credits", "grant", "acme", amount)
         assert code == 1 and reason in err and "Traceback" not in err, (amount, err)
         assert err.strip().count("\n") == 0
@@ -325,3 +330,50 @@ async def test_what_cannot_be_listed_or_routed_exits_non_zero(
         "--json",
     )
     assert code == 0 and json.loads(out)["chosen"] == "ext.saas-stub"
+
+
+async def test_a_wrong_command_line_is_one_line_and_no_pydantic_text(settings: Settings) -> None:
+    wrong: tuple[tuple[str, ...], ...] = (
+        ("provision", "--tenant", "demo"),  # a missing option
+        ("dlq", "show", "abc"),  # a bad value
+        ("credits", "nope"),  # no such command
+        ("status", "--bogus"),  # no such option
+    )
+    for args in wrong:
+        code, out, err = await sandboxer(settings, *args)
+        assert code == 2 and out == "", (args, out, err)
+        assert err.count("\n") == 1 and err.startswith("sandboxer"), (args, err)
+        assert "╭" not in err and "Usage:" not in err
+    invalid: tuple[tuple[str, ...], ...] = (
+        ("provision", "--tenant", "demo", "--profile", "profile.x", "--ttl", "0"),
+        ("destroy", "sbx-nope", "--tenant", "demo"),
+        ("status", "nope"),
+        ("replay", "--subject", "sandbox.provision", "--since", "yesterday"),
+    )
+    for args in invalid:
+        code, _, err = await sandboxer(settings, *args)
+        assert code == 1 and err.count("\n") == 1, (args, err)
+        assert "pydantic" not in err and "http" not in err and "Traceback" not in err, err
+
+
+def test_every_command_that_prints_a_result_has_json() -> None:
+    # The services, and the commands that write files, print no result to parse.
+    exempt = {"worker", "billing", "export", "dev", "schemas export", "security generate"}
+    group = get_command(app)
+    assert isinstance(group, TyperGroup)
+    lacking = []
+    for name, command in group.commands.items():
+        leaves = getattr(command, "commands", {name: command})
+        for leaf_name, leaf in leaves.items():
+            full = name if leaf is command else f"{name} {leaf_name}"
+            options = {opt for param in leaf.params for opt in param.opts}
+            if full not in exempt and "--json" not in options:
+                lacking.append(full)
+    assert lacking == []
+
+
+def test_make_run_takes_another_port() -> None:
+    said = subprocess.run(
+        ["make", "-n", "run", "PORT=4333"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert "sandboxer dev --port 4333" in said.stdout

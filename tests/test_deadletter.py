@@ -164,14 +164,19 @@ async def test_cli_lists_shows_retries_and_drops(
         '{"tenant": "acme", "profile": "profile.burst-sandbox", "request_id": "cli-fixed"}'
     )
     retried = await asyncio.to_thread(
-        runner.invoke, app, ["dlq", "retry", str(first.id), "--body", str(fixed)]
+        runner.invoke, app, ["dlq", "retry", str(first.id), "--body", str(fixed), "--json"]
     )
     assert retried.exit_code == 0, retried.output
+    said = json.loads(retried.output)
+    assert (said["id"], said["subject"], said["dropped"]) == (first.id, "sandbox.provision", True)
     await wait_for_state(client, sandbox_id_for("acme", "cli-fixed"), SandboxState.READY)
 
     caplog.set_level(logging.WARNING)
-    dropped = await asyncio.to_thread(runner.invoke, app, ["dlq", "drop", str(second.id)])
-    assert dropped.exit_code == 0
+    dropped = await asyncio.to_thread(runner.invoke, app, ["dlq", "drop", str(second.id), "--json"])
+    assert dropped.exit_code == 0 and json.loads(dropped.output) == {
+        "id": second.id,
+        "dropped": True,
+    }
     assert f"dead letter {second.id}" in caplog.text and "dropped" in caplog.text
     assert await list_dead_letters(js) == []
     missing = await asyncio.to_thread(runner.invoke, app, ["dlq", "show", str(second.id)])

@@ -4,6 +4,7 @@ applies what was missed."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 from nats.js import JetStreamContext
 
@@ -134,3 +135,26 @@ async def test_ranges_and_tenants(
         f"would replay 8 message(s) of sandbox.provision (seq {seqs[0]}..{seqs[-1]})"
     )
     assert "8 applied, 0 new" in out
+
+    # Stored, but none in the range: not "nothing stored".
+    code, out, _ = await sandboxer(
+        settings,
+        "replay",
+        "--subject",
+        "sandbox.provision",
+        "--since",
+        "1h",
+        "--until",
+        "1d",
+        "--dry-run",
+    )
+    assert code == 0 and "(none of the 8 stored is in the range)" in out, out
+    code, out, _ = await sandboxer(
+        settings, "replay", "--subject", "billing.usage", "--dry-run", "--json"
+    )
+    assert code == 0 and json.loads(out)["stored"] == 0
+    code, out, _ = await sandboxer(
+        settings, "replay", "--subject", "sandbox.provision", "--dry-run", "--json"
+    )
+    said = json.loads(out)
+    assert (said["replayed"], said["stored"], said["effects"]["applied"]) == (8, 8, 8)

@@ -15,10 +15,11 @@ import uvloop
 from nats.errors import NoServersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+from pydantic import ValidationError
 
 from adapters.registry import Registry
 from sandboxer.client import Client, WaitTimedOut
-from sandboxer.errors import ManifestError
+from sandboxer.errors import ManifestError, validation_problems
 from sandboxer.settings import Settings, SettingsError
 from sandboxer.topology import TopologyMissing, require_topology
 from schemas import SandboxState, SandboxStatus
@@ -57,6 +58,12 @@ def die(reason: str) -> NoReturn:
     """Say why on one line of stderr, and exit 1."""
     typer.echo(f"sandboxer: {reason}", err=True)
     raise typer.Exit(1)
+
+
+def invalid(what: str, exc: ValueError) -> NoReturn:
+    """`invalid <what>: field: problem; …` on one line, never pydantic's own text."""
+    problems = validation_problems(exc) if isinstance(exc, ValidationError) else str(exc)
+    die(f"invalid {what}: {problems}".replace("\n", " "))
 
 
 def settings() -> Settings:

@@ -12,7 +12,16 @@ from typing import Annotated
 import typer
 from pydantic import TypeAdapter, ValidationError
 
-from sandboxer.cli._common import JsonOpt, credits_app, die, finhub_app, nats_client, run, settings
+from sandboxer.cli._common import (
+    JsonOpt,
+    credits_app,
+    die,
+    finhub_app,
+    invalid,
+    nats_client,
+    run,
+    settings,
+)
 from sandboxer.credits import Balance, Ledger, checked_tenant
 from sandboxer.errors import IdempotencyConflict, plain_message
 from sandboxer.money import usd_text
@@ -35,7 +44,7 @@ def _amount(raw: str) -> Decimal:
         amount = _USD.validate_python(raw)
     except ValidationError as exc:
         reason = plain_message(exc.errors()[0]["msg"])
-        die(f"not an amount: {raw!r}: {reason} (use a decimal like 12.50)")
+        die(f"{reason} (use a decimal like 12.50)")
     if amount <= 0:
         die(f"amount must be positive: {raw}")
     return amount
@@ -70,7 +79,7 @@ def credits_grant(
     except IdempotencyConflict as exc:
         die(f"{exc.code}: {exc}")
     except ValueError as exc:
-        die(f"invalid grant: {exc}".replace("\n", " "))
+        invalid("grant", exc)
     verb = "granted" if applied else "already granted"
     if as_json:
         entry = {"entry_id": f"grant-{key}", "tenant": tenant, "amount_usd": f"{usd:f}"}
@@ -137,6 +146,7 @@ def finhub_export(
     url: Annotated[
         str | None, typer.Option(help="fin-hub endpoint (default: $SANDBOXER_FIN_HUB_URL).")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """POST one usage record to fin-hub by hand (Idempotency-Key = record_id)."""
     from adapters.finhub import FinHubClient, Verdict
@@ -150,7 +160,7 @@ def finhub_export(
     except OSError as exc:
         die(f"cannot read {record}: {exc.strerror}")
     except ValueError as exc:
-        die(f"{record} is not a UsageRecord: {exc}".replace("\n", " "))
+        invalid(f"usage record in {record}", exc)
 
     async def go() -> str:
         client = FinHubClient(
@@ -164,4 +174,8 @@ def finhub_export(
             die(f"{usage.record_id} not delivered ({outcome.verdict.value}): {outcome.detail}")
         return outcome.detail
 
-    typer.echo(f"{usage.record_id}: delivered ({asyncio.run(go())})")
+    detail = asyncio.run(go())
+    if as_json:
+        typer.echo(json.dumps({"record_id": usage.record_id, "delivered": True, "detail": detail}))
+        return
+    typer.echo(f"{usage.record_id}: delivered ({detail})")

@@ -47,6 +47,7 @@ def replay(
     include_replays: Annotated[
         bool, typer.Option(help="Also replay messages that were replays themselves.")
     ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Publish stored messages of a subject again for their consumers. Handlers are
     idempotent: what was applied stays applied once; what was missed is applied."""
@@ -84,7 +85,8 @@ def replay(
                 progress=progress,
             )
 
-    typer.echo(run(go()).line())
+    summary = run(go())
+    typer.echo(json.dumps(summary.as_dict()) if as_json else summary.line())
 
 
 @app.command()
@@ -201,6 +203,7 @@ def dlq_retry(
     body: Annotated[
         Path | None, typer.Option(help="A fixed body (JSON) to send instead of the original.")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Publish a dead letter again on its subject (after the cause is fixed), then drop
     it. Handlers are idempotent: what was already applied is not applied twice."""
@@ -219,6 +222,10 @@ def dlq_retry(
             return int(await retry_dead_letter(client.js, letter, fixed))
 
     seq = run(go())
+    if as_json:
+        said = {"id": letter_id, "subject": letter.origin.subject, "seq": seq, "dropped": True}
+        typer.echo(json.dumps(said))
+        return
     typer.echo(
         f"dead letter {letter_id} published again on {letter.origin.subject} "
         f"(seq {seq}) and dropped"
@@ -226,7 +233,7 @@ def dlq_retry(
 
 
 @dlq_app.command("drop")
-def dlq_drop(letter_id: int) -> None:
+def dlq_drop(letter_id: int, as_json: JsonOpt = False) -> None:
     """Forget a dead letter for good (logged)."""
     from consumers.deadletter import drop_dead_letter
 
@@ -238,6 +245,9 @@ def dlq_drop(letter_id: int) -> None:
             await drop_dead_letter(client.js, letter)
 
     run(go())
+    if as_json:
+        typer.echo(json.dumps({"id": letter_id, "dropped": True}))
+        return
     typer.echo(f"dead letter {letter_id} dropped")
 
 
@@ -308,6 +318,7 @@ def security_show(
     identity: Annotated[
         str, typer.Argument(help="worker, billing, exporter, operator or consumer-<name>.")
     ],
+    as_json: JsonOpt = False,
 ) -> None:
     """What an identity may publish and subscribe to."""
     from sandboxer.access import permissions
@@ -316,6 +327,10 @@ def security_show(
         allowed = permissions(identity)
     except ValueError as exc:
         die(str(exc))
+    if as_json:
+        said = {"publish": list(allowed.publish), "subscribe": list(allowed.subscribe)}
+        typer.echo(json.dumps({"identity": identity, **said}))
+        return
     for subject in allowed.publish:
         typer.echo(f"publish    {subject}")
     for subject in allowed.subscribe:

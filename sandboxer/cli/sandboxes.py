@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import TypeAdapter, ValidationError
 
 from sandboxer.cli._common import (
     JsonOpt,
     app,
     die,
     exit_for,
+    invalid,
     load_registry,
     nats_client,
     print_status,
@@ -22,7 +24,16 @@ from sandboxer.cli._common import (
     schemas_app,
 )
 from sandboxer.ids import sandbox_id_for
-from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
+from schemas import DestroyRequest, ProvisionRequest, SandboxId, SandboxState, SandboxStatus
+
+_SANDBOX_ID: TypeAdapter[str] = TypeAdapter(SandboxId)
+
+
+def _check_sandbox_id(raw: str) -> None:
+    try:
+        _SANDBOX_ID.validate_python(raw)
+    except ValidationError:
+        die(f"not a sandbox id: {raw!r} (sbx- and 24 hex digits, as provision prints)")
 
 
 @app.command()
@@ -48,7 +59,7 @@ def provision(
             template=template,
         )
     except ValueError as exc:
-        die(f"invalid request: {exc}".replace("\n", " "))
+        invalid("request", exc)
 
     async def go() -> SandboxStatus | None:
         async with nats_client() as client:
@@ -73,6 +84,7 @@ def destroy(
     as_json: JsonOpt = False,
 ) -> None:
     """Destroy a sandbox (idempotent) and print its final status."""
+    _check_sandbox_id(sandbox_id)
 
     async def go() -> SandboxStatus | None:
         async with nats_client() as client:
@@ -93,7 +105,7 @@ def destroy(
     try:
         exit_for(run(go()), as_json)
     except ValueError as exc:
-        die(f"invalid request: {exc}".replace("\n", " "))
+        invalid("request", exc)
 
 
 @app.command()
@@ -102,6 +114,7 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """Print the stored status of a sandbox."""
+    _check_sandbox_id(sandbox_id)
 
     async def go() -> SandboxStatus | None:
         async with nats_client() as client:
