@@ -32,6 +32,7 @@ from adapters.base import (
     Usage,
 )
 from adapters.shared import ProviderConfig, backoff_s, metered_usage, redact
+from sandboxer import observe
 from sandboxer.errors import (
     ProviderFailed,
     ProviderRejected,
@@ -157,6 +158,7 @@ class E2BAdapter(SandboxAdapter):
                     max_keepalive_connections=self.config.max_connections,
                 ),
                 headers={"User-Agent": "sandboxer"},
+                event_hooks={"request": [observe.inject_http]},
             )
         return self._client
 

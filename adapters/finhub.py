@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from sandboxer import observe
 from sandboxer.errors import SandboxerError
 from schemas import UsageRecord
 
@@ -60,17 +61,24 @@ class FinHubClient:
         self._token = token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(
-            headers=headers, timeout=httpx.Timeout(timeout_s), transport=transport
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s),
+            transport=transport,
+            event_hooks={"request": [observe.inject_http]},
         )
 
     async def post(self, record: UsageRecord) -> Outcome:
         """Send one record; never raises for HTTP or network trouble."""
         try:
-            response = await self._http.post(
-                self.url,
-                content=record.model_dump_json(),
-                headers={"Content-Type": "application/json", "Idempotency-Key": record.record_id},
-            )
+            with observe.span("finhub POST", record_id=record.record_id):
+                response = await self._http.post(
+                    self.url,
+                    content=record.model_dump_json(),
+                    headers={
+                        "Content-Type": "application/json",
+                        "Idempotency-Key": record.record_id,
+                    },
+                )
         except httpx.TimeoutException:
             return Outcome(Verdict.RETRY, None, "timed out")
         except httpx.TransportError as exc:

@@ -30,6 +30,7 @@ from nats.js.api import DeliverPolicy
 
 from consumers.deadletter import Origin, dead_letter
 from consumers.delivery import Delivery, InFlight
+from sandboxer import observe
 from sandboxer.connect import Refusals, close_nats, connect_service, tls_context
 from sandboxer.settings import NatsAuth, Settings
 from sandboxer.topology import ensure_topology
@@ -206,6 +207,25 @@ async def _message_itself(message: NatsMessage) -> NatsMessage:
     return message
 
 
+def _middlewares(settings: Settings) -> list[Any]:
+    """FastStream's own Prometheus metrics (when metrics are served) and telemetry
+    (when traced): each costs per message, so neither is there unless asked for."""
+    middlewares: list[Any] = []
+    if settings.metrics_addr is not None:
+        from faststream.nats.prometheus import NatsPrometheusMiddleware
+        from prometheus_client import REGISTRY
+
+        middlewares.append(NatsPrometheusMiddleware(registry=REGISTRY, app_name="sandboxer"))
+    if observe.tracer_provider() is not None:
+        from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+
+        provider = observe.tracer_provider()
+        middlewares.append(
+            NatsTelemetryMiddleware(tracer_provider=provider, include_messages_counters=False)
+        )
+    return middlewares
+
+
 def build_broker(
     settings: Settings,
     subscriptions: Sequence[Subscription],
@@ -221,6 +241,7 @@ def build_broker(
     refusals = Refusals(f"{lifeline.name} broker", lost)
     broker = NatsBroker(
         settings.nats_servers,
+        middlewares=_middlewares(settings),
         max_reconnect_attempts=-1,
         error_cb=refusals.on_error,
         reconnected_cb=refusals.on_reconnected,
@@ -262,7 +283,9 @@ async def serve(
     closed for good ends it with `ConnectionLost`."""
     name = lifeline.name
     await ensure_consumers(js, subscriptions, settings)
+    observe.start(settings, name.removeprefix("sandboxer-"))
     in_flight = InFlight(settings.max_in_flight)
+    observe.HANDLERS_IN_FLIGHT.labels(name).set_function(lambda: len(in_flight))
     broker = build_broker(settings, subscriptions, in_flight, js, lifeline)
     await broker.start()
     try:

@@ -32,6 +32,7 @@ from consumers.delivery import Delivery, reject_invalid, retry_while_deliveries_
 from consumers.export import exporter_subscription
 from consumers.metering import recorded_sandbox
 from consumers.wiring import Providers, open_providers
+from sandboxer import observe
 from sandboxer.credits import Ledger
 from sandboxer.errors import SandboxerError
 from sandboxer.markers import BillingMarkers
@@ -117,6 +118,7 @@ class Billing:
         if event.kind != "stopped":
             await delivery.ack()  # nothing to bill yet
             return
+        observe.bind(event.sandbox_id, event.tenant)
         await settle(
             f"billing {event.sandbox_id}",
             partial(self._bill, event, delivery),
@@ -152,7 +154,7 @@ class Billing:
         await self._js.publish(
             USAGE_SUBJECT,
             record.model_dump_json().encode(),
-            headers={"Nats-Msg-Id": record.record_id},
+            headers=observe.trace_headers({"Nats-Msg-Id": record.record_id}),
         )
         await self._markers.mark_published(record.record_id)
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from adapters.registry import Registry
 from adapters.routing import Route, Router
 from consumers.delivery import Retry
+from sandboxer import observe
 from sandboxer.errors import (
     Forbidden,
     IdempotencyConflict,
@@ -173,9 +174,9 @@ class Claims:
             f"with a different body; the first request stands (sandbox "
             f"{status.sandbox_id} is {status.state})"
         )
-        await self._statuses.announce(
-            status.with_changes(state=SandboxState.FAILED, error=error_info(conflict))
-        )
+        refusal = status.with_changes(state=SandboxState.FAILED, error=error_info(conflict))
+        observe.PROVISIONS.labels(status.extension_id or "", "refused", conflict.code).inc()
+        await self._statuses.announce(refusal)
 
     async def answer_invalid(self, data: bytes, exc: ValidationError, consumer: str | None) -> None:
         """Answer an invalid request with a `failed` status if it can be attributed to a
@@ -212,6 +213,7 @@ class Claims:
         """Tell a publisher it may not act for `tenant`: announced on its own subjects,
         never stored (the claim of that tenant's request id stays free)."""
         log.warning("consumer %s: %s", consumer, exc)
+        observe.PROVISIONS.labels("", "refused", exc.code).inc()
         await self._statuses.announce(
             SandboxStatus(
                 sandbox_id=sandbox_id_for(tenant, request_id),

@@ -30,6 +30,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sandboxer import observe
 from sandboxer.connect import connection_of
 from sandboxer.errors import validation_problems
 from sandboxer.topology import (
@@ -173,6 +174,7 @@ async def dead_letter(
         origin.consumer,
         _one_line(reason),
     )
+    observe.DEAD_LETTERS.labels(origin.consumer).inc()
     body, kept = bounded(data, headers, connection_of(js).max_payload)
     await js.publish(
         f"{DLQ_SUBJECT_PREFIX}.{origin.consumer}",

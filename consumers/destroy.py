@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from consumers.delivery import Delivery, Retry, reject_invalid, settle
 from consumers.lifecycle import Lifecycle
 from consumers.metering import recorded_sandbox
+from sandboxer import observe
 from sandboxer.errors import Forbidden, NotFound, SandboxerError, error_info
 from sandboxer.statuses import StaleStatus, StatusStore
 from sandboxer.topology import consumer_of
@@ -50,6 +51,7 @@ class Destroying:
             reason = await reject_invalid(delivery, "DestroyRequest", exc)
             log.warning("destroy: invalid request: %s", reason)
             return
+        observe.bind(request.sandbox_id, request.tenant)
 
         await settle(
             f"destroy {request.sandbox_id}",
@@ -67,6 +69,7 @@ class Destroying:
         # get here. The sandbox stays `destroying`; the request is kept as a dead letter
         # for an operator to retry (`sandboxer dlq retry`).
         log.error("destroy %s failed for good: %s", request.sandbox_id, exc)
+        observe.DESTROYS.labels("", "failed", error_info(exc).code).inc()
 
     async def _destroy(self, request: DestroyRequest, delivery: Delivery) -> None:
         consumer = consumer_of(delivery.subject)
@@ -99,7 +102,8 @@ class Destroying:
         if status.destroyed_at is None:
             credentials = await self._router.credentials(status)
             async with self._keepalive.watch(delivery):
-                await adapter.teardown(status.provider_sandbox_id, credentials)
+                with observe.provider_call(status.extension_id, "teardown"):
+                    await adapter.teardown(status.provider_sandbox_id, credentials)
             # Record when it stopped before pricing it, so a retried destroy prices the
             # same seconds. A sandbox past its TTL was stopped by the provider at expiry.
             assert status.expires_at is not None
@@ -125,6 +129,7 @@ class Destroying:
         self, request: DestroyRequest, consumer: str | None, exc: SandboxerError
     ) -> None:
         """A refusal, announced to whoever asked (never stored: it is no sandbox's)."""
+        observe.DESTROYS.labels("", "refused", exc.code).inc()
         await self._statuses.announce(
             SandboxStatus(
                 sandbox_id=request.sandbox_id,

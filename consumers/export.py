@@ -16,13 +16,14 @@ from pydantic import ValidationError
 from adapters.finhub import FinHubClient, FinHubRejected, FinHubUnavailable, Verdict
 from consumers.app import Lifeline, Subscription, connect, serve
 from consumers.delivery import Delivery, reject_invalid, retry_while_deliveries_remain, settle
+from sandboxer import observe
 from sandboxer.credits import Ledger
 from sandboxer.errors import SandboxerError
 from sandboxer.markers import BillingMarkers
 from sandboxer.money import pays_with_credits
 from sandboxer.settings import Settings
 from sandboxer.topology import BILLING_STREAM, EXPORT_CONSUMER, USAGE_SUBJECT
-from schemas import UsageRecord
+from schemas import UsageRecord, utcnow
 
 log = logging.getLogger("sandboxer.export")
 
@@ -51,6 +52,7 @@ class Exporter:
         except ValidationError as exc:
             await reject_invalid(delivery, "UsageRecord", exc)
             return
+        observe.bind(record.sandbox_id, record.tenant)
         await settle(
             f"export {record.record_id}",
             partial(self._export, record, delivery),
@@ -69,8 +71,11 @@ class Exporter:
             return
         await self._check_backed(record, delivery)
         outcome = await self._fin_hub.post(record)
+        observe.FINHUB_EXPORTS.labels(outcome.verdict.value).inc()
         if outcome.verdict is Verdict.DELIVERED:
             await self._markers.mark_exported(record.record_id, outcome.status)
+            lag = utcnow() - record.stopped_at
+            observe.FINHUB_EXPORT_LAG_SECONDS.observe(max(lag.total_seconds(), 0.0))
             return
         if outcome.verdict is Verdict.RETRY:
             # Retried by `settle` with backoff and without limit: an outage of hours

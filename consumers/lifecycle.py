@@ -13,6 +13,7 @@ from adapters.registry import Registry
 from adapters.routing import Router
 from consumers.delivery import KeepAlive
 from consumers.metering import Metering
+from sandboxer import observe
 from sandboxer.ids import ttl_destroy_request_id
 from sandboxer.settings import Settings
 from sandboxer.topology import DESTROY_SUBJECT, REQUESTS_STREAM, schedule_subject
@@ -52,15 +53,18 @@ class Expiry:
         await self._js.publish(
             schedule_subject(status.sandbox_id),
             self.request(status).model_dump_json().encode(),
-            headers={
-                "Nats-Schedule": _schedule_at(status.expires_at),
-                "Nats-Schedule-Target": DESTROY_SUBJECT,
-            },
+            headers=observe.trace_headers(
+                {
+                    "Nats-Schedule": _schedule_at(status.expires_at),
+                    "Nats-Schedule-Target": DESTROY_SUBJECT,
+                }
+            ),
         )
 
     async def send_now(self, status: SandboxStatus) -> None:
         """The TTL destroy, right away (reconciliation of an expired sandbox)."""
-        await self._js.publish(DESTROY_SUBJECT, self.request(status).model_dump_json().encode())
+        request = self.request(status).model_dump_json().encode()
+        await self._js.publish(DESTROY_SUBJECT, request, headers=observe.trace_headers())
 
     async def cancel(self, sandbox_id: str) -> None:
         """Drop the schedule (the sandbox is gone); if it fires anyway it is a no-op."""

@@ -15,6 +15,7 @@ from pydantic_core import to_jsonable_python
 
 from adapters.base import ProviderSandbox, Usage
 from adapters.registry import Registry
+from sandboxer import observe
 from sandboxer.statuses import StaleStatus, StatusStore
 from sandboxer.topology import meter_subject
 from schemas import MeterKind, SandboxState, SandboxStatus, meter_event_id, utcnow
@@ -92,5 +93,5 @@ class Metering:
         await self._js.publish(
             meter_subject(status.extension_id),
             event.model_dump_json().encode(),
-            headers={"Nats-Msg-Id": event.event_id},
+            headers=observe.trace_headers({"Nats-Msg-Id": event.event_id}),
         )

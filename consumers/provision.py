@@ -21,7 +21,7 @@ from consumers.claims import Claims, route_fields
 from consumers.deadletter import H_RETRY
 from consumers.delivery import Delivery, Retry, reject_invalid, settle
 from consumers.lifecycle import Lifecycle
-from sandboxer import money
+from sandboxer import money, observe
 from sandboxer.credits import Ledger
 from sandboxer.errors import Forbidden, NoRoute, ProviderRejected, SandboxerError, error_info
 from sandboxer.ids import sandbox_id_for
@@ -54,6 +54,7 @@ class Provisioning:
             await reject_invalid(delivery, "ProvisionRequest", exc)
             return
         sandbox_id = sandbox_id_for(request.tenant, request.request_id)
+        observe.bind(sandbox_id, request.tenant)
         # partial, not closures: 10,000 handlers in flight each hold these.
         await settle(
             f"provision {sandbox_id}",
@@ -105,15 +106,19 @@ class Provisioning:
         # mid-create is destroyed at expiry.
         await self._expiry.schedule(status)
         async with self._keepalive.watch(delivery):
+            extension = status.extension_id
             try:
-                sandbox = await adapter.provision(spec, credentials)
+                with observe.provider_call(extension, "provision"):
+                    sandbox = await adapter.provision(spec, credentials)
             except ProviderRejected as rejected:
                 await self._fall_back(request, status, revision, profile, rejected)
             try:
-                sandbox = await adapter.wait_ready(sandbox, credentials)
+                with observe.provider_call(extension, "wait_ready"):
+                    sandbox = await adapter.wait_ready(sandbox, credentials)
             except SandboxerError as exc:
                 if not exc.retryable:  # it will never be ready: do not leave it running
-                    await adapter.teardown(sandbox.provider_sandbox_id, credentials)
+                    with observe.provider_call(extension, "teardown"):
+                        await adapter.teardown(sandbox.provider_sandbox_id, credentials)
                 raise
 
         self._check_hold(status, adapter, sandbox)

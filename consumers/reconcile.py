@@ -39,6 +39,7 @@ from nats.js.kv import KeyValue
 
 from adapters.base import TAG_DEPLOYMENT, TAG_SANDBOX_ID, TAG_TENANT, Credentials, ProviderSandbox
 from consumers.lifecycle import Lifecycle
+from sandboxer import observe
 from sandboxer.errors import SandboxerError
 from sandboxer.statuses import StatusStore
 from schemas import SandboxState, SandboxStatus, utcnow
@@ -63,6 +64,7 @@ class Finding:
 
 def _unlisted(extension_id: str, reason: str) -> Finding:
     log.warning("reconcile %s: cannot list its sandboxes: %s", extension_id, reason)
+    observe.RECONCILE_ACTIONS.labels(extension_id, "unlisted").inc()
     return Finding(extension_id, "-", None, None, "unlisted", reason)
 
 
@@ -95,7 +97,8 @@ class Reconciler:
             for credentials in accounts:
                 tags = {TAG_DEPLOYMENT: self._deployment}
                 try:
-                    listed = await adapter.find(tags, credentials)
+                    with observe.provider_call(ext, "find"):
+                        listed = await adapter.find(tags, credentials)
                 except SandboxerError as exc:
                     findings.append(_unlisted(ext, f"{exc.code}: {exc}"))
                     continue
@@ -104,6 +107,8 @@ class Reconciler:
                         continue
                     seen.add(sandbox.provider_sandbox_id)
                     finding = await self._one(ext, sandbox, credentials, dry_run)
+                    if not dry_run:
+                        observe.RECONCILE_ACTIONS.labels(ext, finding.action).inc()
                     if finding.action != "keep":
                         log.warning(
                             "reconcile %s %s (%s): %s%s: %s",
@@ -161,7 +166,8 @@ class Reconciler:
         if dry_run or action in ("keep", "wait"):
             return finding
         if action == "destroy":
-            await self._router.adapter(ext).teardown(sandbox.provider_sandbox_id, credentials)
+            with observe.provider_call(ext, "teardown"):
+                await self._router.adapter(ext).teardown(sandbox.provider_sandbox_id, credentials)
         elif action == "adopt":
             assert found is not None
             await self._adopt(ext, sandbox, *found)

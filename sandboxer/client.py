@@ -15,6 +15,7 @@ from nats.aio.client import Client as Nats
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 
+from sandboxer import observe
 from sandboxer.connect import connect_nats
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import NatsAuth, servers_of
@@ -141,7 +142,7 @@ class Client:
         wait_s: float | None,
     ) -> SandboxStatus | None:
         if wait_s is None:
-            await self.js.publish(subject, payload)
+            await self.js.publish(subject, payload, headers=observe.trace_headers())
             return None
         assert self._nc is not None
         # Subscribe before publishing, so no answer can slip by. A trusted publisher
@@ -151,7 +152,7 @@ class Client:
         began = loop.time()
         last: SandboxStatus | None = None
         try:
-            await self.js.publish(subject, payload)
+            await self.js.publish(subject, payload, headers=observe.trace_headers())
             while True:
                 left = began + wait_s - loop.time()
                 if left <= 0:

@@ -34,6 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 from pydantic import TypeAdapter, ValidationError
 
+from sandboxer import observe
 from sandboxer.connect import connection_of
 from sandboxer.errors import IdempotencyConflict, InsufficientCredits
 from sandboxer.money import hold_entry_id, usd_text
@@ -190,7 +191,10 @@ class Ledger:
                 )
             return _entry("hold", tenant, amount, entry_id, sandbox_id)
 
-        return await self._append(tenant, decide)
+        held = await self._append(tenant, decide)
+        if held:
+            observe.usd(observe.CREDITS_HELD_USD, amount)
+        return held
 
     async def release(self, tenant: str, sandbox_id: str) -> bool:
         """Drop a sandbox's open hold (it was billed, or failed before it could be);
@@ -208,7 +212,10 @@ class Ledger:
         """Charge a sandbox's actual cost; False if it was charged before (whenever
         that was)."""
         entry = _entry("debit", tenant, amount, f"debit-{sandbox_id}", sandbox_id)
-        return await self._append(tenant, lambda balance: entry)
+        debited = await self._append(tenant, lambda balance: entry)
+        if debited:
+            observe.usd(observe.CREDITS_DEBITED_USD, amount)
+        return debited
 
     async def bill(self, tenant: str, sandbox_id: str, amount: Decimal) -> bool:
         """Debit a finished sandbox, then release its hold; True if this call debited.

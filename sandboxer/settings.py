@@ -37,6 +37,23 @@ def redact_url(url: str) -> str:
     return ",".join(re.sub(r"//[^@/]*@", "//***@", part) for part in servers_of(url))
 
 
+#: The standard variables that turn an OpenTelemetry exporter on.
+_OTEL_ON = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_TRACES_EXPORTER",
+)
+
+
+def tracing_configured(environ: Mapping[str, str]) -> bool:
+    """Whether the standard `OTEL_*` variables ask for traces."""
+    if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    if environ.get("OTEL_TRACES_EXPORTER", "").lower() == "none":
+        return False
+    return any(environ.get(name) for name in _OTEL_ON)
+
+
 class _Environment:
     """Typed reads of one environment snapshot, with errors that name the variable."""
 
@@ -50,6 +67,23 @@ class _Environment:
             if value:
                 return value
         return None
+
+    def address(self, name: str) -> tuple[str, int] | None:
+        """`host:port` (`:9464` is every interface) as a pair, or None if unset."""
+        raw = self.text(name)
+        if raw is None:
+            return None
+        host, sep, port = raw.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SettingsError(f"{name}={raw!r} is not host:port (e.g. 127.0.0.1:9464)")
+        return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - what ':port' says
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str:
+        """One of `choices` (the first is the default)."""
+        raw = (self.text(name) or choices[0]).lower()
+        if raw not in choices:
+            raise SettingsError(f"{name}={raw!r}: use one of {', '.join(choices)}")
+        return raw
 
     def number(self, name: str, default: float) -> float:
         raw = self.text(name)
@@ -217,6 +251,15 @@ class Settings:
     adapter_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     #: Test hook (`SANDBOXER_FAULT_INJECT`): a named crash the billing consumer stages.
     fault_inject: str = ""
+    #: `host:port` where a service serves Prometheus metrics; None: not served.
+    metrics_addr: tuple[str, int] | None = None
+    #: `text` or `json` (one object a line, with sandbox_id, tenant and trace_id).
+    log_format: str = "text"
+    #: Traces on: an `OTEL_*` variable that configures an exporter is set (and the SDK
+    #: is not disabled). The OpenTelemetry SDK reads the rest of `OTEL_*` itself.
+    tracing: bool = False
+    #: Where spans go when traced: `otlp` (`OTEL_EXPORTER_OTLP_*`) or `console`.
+    trace_exporter: str = "otlp"
 
     @property
     def nats_servers(self) -> list[str]:
@@ -273,4 +316,8 @@ class Settings:
             bao=BaoSettings.from_env(source),
             adapter_env=env.prefixed("SANDBOXER_"),
             fault_inject=env.text("SANDBOXER_FAULT_INJECT") or "",
+            metrics_addr=env.address("SANDBOXER_METRICS_ADDR"),
+            log_format=env.choice("SANDBOXER_LOG_FORMAT", ("text", "json")),
+            tracing=tracing_configured(source),
+            trace_exporter=env.choice("OTEL_TRACES_EXPORTER", ("otlp", "console", "none")),
         )

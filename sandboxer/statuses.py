@@ -12,9 +12,10 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from sandboxer import observe
 from sandboxer.connect import connection_of
 from sandboxer.topology import STATUS_BUCKET, kv_entries, status_key, status_subject
-from schemas import SandboxStatus
+from schemas import SandboxState, SandboxStatus
 
 
 class StaleStatus(Exception):
@@ -56,18 +57,22 @@ class StatusStore:
     async def create(self, status: SandboxStatus) -> int | None:
         """Store a first status; None if the sandbox already has one (the claim is taken)."""
         try:
-            return await self._kv.create(_key(status), status.model_dump_json().encode())
+            revision = await self._kv.create(_key(status), status.model_dump_json().encode())
         except KeyWrongLastSequenceError:
             return None
+        _count(status)
+        return revision
 
     async def update(self, status: SandboxStatus, revision: int) -> int:
         """Replace the status read at `revision`; `StaleStatus` if it moved since."""
         try:
-            return await self._kv.update(
+            stored = await self._kv.update(
                 _key(status), status.model_dump_json().encode(), last=revision
             )
         except KeyWrongLastSequenceError:
             raise StaleStatus(status.sandbox_id) from None
+        _count(status)
+        return stored
 
     async def announce(self, status: SandboxStatus) -> None:
         """Publish a status without storing it: an answer to a request that must not
@@ -81,6 +86,18 @@ class StatusStore:
         """Every stored status, in bucket order."""
         async for _, value in kv_entries(self._js, STATUS_BUCKET):
             yield SandboxStatus.model_validate_json(value)
+
+
+def _count(status: SandboxStatus) -> None:
+    """Count a stored change that settles a request (each is stored once: CAS)."""
+    extension = status.extension_id or ""
+    if status.state is SandboxState.READY:
+        observe.PROVISIONS.labels(extension, "ready", "").inc()
+    elif status.state is SandboxState.FAILED:
+        code = status.error.code if status.error else ""
+        observe.PROVISIONS.labels(extension, "failed", code).inc()
+    elif status.state is SandboxState.DESTROYED:
+        observe.DESTROYS.labels(extension, "destroyed", "").inc()
 
 
 async def last_status(nc: Nats, key: str) -> tuple[SandboxStatus, int] | None:

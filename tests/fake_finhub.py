@@ -35,6 +35,8 @@ class FakeFinHub(LoopbackHTTP):
         self.accepted: dict[str, dict[str, Any]] = {}
         self.accepted_count: Counter[str] = Counter()
         self.authorizations: list[str | None] = []
+        #: The W3C trace context of each POST (None: it came untraced).
+        self.traceparents: list[str | None] = []
         self._lock = threading.Lock()
         hub = self
 
@@ -45,6 +47,7 @@ class FakeFinHub(LoopbackHTTP):
                 with hub._lock:
                     hub.posts += 1
                     hub.authorizations.append(self.headers.get("Authorization"))
+                    hub.traceparents.append(self.headers.get("traceparent"))
                     if key in hub.script.reject:
                         answer = 422
                     elif hub.script.fail > 0:

@@ -125,6 +125,26 @@ def test_compose_services_run_existing_cli_commands() -> None:
     assert checked >= 1
 
 
+def test_compose_drains_waits_for_health_and_stays_on_loopback() -> None:
+    text = (ROOT / "compose.yaml").read_text()
+    compose = yaml.safe_load(text)
+    services = compose["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+        for needed, how in service.get("depends_on", {}).items():
+            assert how == {"condition": "service_healthy"}, f"{name} -> {needed}: {how}"
+            assert "healthcheck" in services[needed], f"{needed} has no health check"
+        if service.get("command", [""])[0] == "sandboxer":
+            grace = service.get("stop_grace_period", "10s")
+            assert int(grace.removesuffix("s")) >= Settings.drain_timeout_s + 10, name
+            assert "healthcheck" in service, f"{name} has no health check"
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    grants = [i for i, line in enumerate(header) if "credits grant" in line]
+    provisions = [i for i, line in enumerate(header) if "sandboxer provision" in line]
+    assert grants and provisions and max(grants) < min(provisions)
+
+
 def test_a_wildcard_is_no_tenant() -> None:
     for command in (["credits", "balance", "*"], ["credits", "ledger", ">"]):
         result = runner.invoke(app, command)

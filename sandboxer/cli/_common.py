@@ -4,8 +4,6 @@ how statuses are printed."""
 from __future__ import annotations
 
 import asyncio
-import logging
-import sys
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -18,6 +16,7 @@ from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from pydantic import ValidationError
 
 from adapters.registry import Registry
+from sandboxer import logs
 from sandboxer.client import Client, WaitTimedOut
 from sandboxer.errors import ManifestError, validation_problems
 from sandboxer.settings import Settings, SettingsError
@@ -101,11 +100,8 @@ def run_service(coro: Coroutine[Any, Any, None]) -> None:
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """Log at `level` in the format `SANDBOXER_LOG_FORMAT` names."""
+    logs.setup_logging(level, settings().log_format)
 
 
 def load_registry() -> Registry:

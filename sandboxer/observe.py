@@ -1,0 +1,207 @@
+"""What an operator sees of a running sandboxer: Prometheus metrics, OpenTelemetry
+traces, and the sandbox a log line is about.
+
+- **Metrics** live on prometheus_client's default registry (with its process
+  metrics) and are served on `SANDBOXER_METRICS_ADDR` by `serve_metrics`. Counting
+  costs a lock and an add; the figures are observability, not accounting: USD counters
+  are floats made from the exact `Decimal`s the ledger keeps.
+- **Traces** are off (`tracer()` is None, nothing is created or injected) unless the
+  standard `OTEL_*` variables configure an exporter (`Settings.tracing`). When on,
+  FastStream's telemetry middleware opens a span per consumed message from the trace
+  context in its headers; our handlers run in tasks started inside it, so their spans
+  (provider calls, the fin-hub POST) are its children, and every message they publish
+  carries the context on (`trace_headers`): one sandbox's requests, meter events,
+  billing and export are one trace.
+- **Log context**: `bind(sandbox_id=…, tenant=…)` in a handler task names the sandbox
+  in every line that task logs (`sandboxer.logs`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from opentelemetry import propagate, trace
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    import httpx
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from sandboxer.settings import Settings
+
+# -- metrics --------------------------------------------------------------------------
+
+PROVISIONS = Counter(
+    "sandboxer_provisions",
+    "Provisions settled: ready, failed (stored) or refused (answered, not stored).",
+    ["extension_id", "outcome", "error_code"],
+)
+DESTROYS = Counter(
+    "sandboxer_destroys",
+    "Destroys settled: destroyed, failed for good, or refused.",
+    ["extension_id", "outcome", "error_code"],
+)
+PROVIDER_CALL_SECONDS = Histogram(
+    "sandboxer_provider_call_seconds",
+    "Time of one provider call, by extension and call, and whether it raised.",
+    ["extension_id", "call", "outcome"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+CREDITS_HELD_USD = Counter("sandboxer_credits_held_usd", "USD newly held for sandboxes' TTLs.")
+CREDITS_DEBITED_USD = Counter("sandboxer_credits_debited_usd", "USD debited for what ran.")
+HANDLERS_IN_FLIGHT = Gauge(
+    "sandboxer_handlers_in_flight", "Message handlers running now.", ["process"]
+)
+DEAD_LETTERS = Counter(
+    "sandboxer_dead_letters", "Messages kept as dead letters, by consumer.", ["consumer"]
+)
+RECONCILE_ACTIONS = Counter(
+    "sandboxer_reconcile_actions",
+    "What reconciliation found for each provider sandbox (or extension it could not list).",
+    ["extension_id", "action"],
+)
+FINHUB_EXPORTS = Counter(
+    "sandboxer_finhub_exports",
+    "POSTs of usage records to fin-hub: delivered, retry (will be sent again), rejected.",
+    ["outcome"],
+)
+FINHUB_EXPORT_LAG_SECONDS = Histogram(
+    "sandboxer_finhub_export_lag_seconds",
+    "From a sandbox's stop to fin-hub's acceptance of its usage record.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+
+
+def usd(counter: Counter, amount: Decimal) -> None:
+    """Add an exact amount to a USD counter (as the float Prometheus keeps)."""
+    counter.inc(float(amount))
+
+
+_serving: tuple[str, int] | None = None
+
+
+def start(settings: Settings, service: str) -> None:
+    """What a service process turns on at start: its metrics endpoint and its traces,
+    as `settings` say (once a process: `sandboxer dev` runs two services in one)."""
+    setup_tracing(settings, service)
+    serve_metrics(settings)
+
+
+def serve_metrics(settings: Settings) -> None:
+    """Serve `/metrics` on `settings.metrics_addr` (a daemon thread), if one is set."""
+    global _serving
+    if settings.metrics_addr is not None and _serving is None:
+        host, port = settings.metrics_addr
+        start_http_server(port, addr=host, registry=REGISTRY)
+        _serving = settings.metrics_addr
+
+
+# -- traces ---------------------------------------------------------------------------
+
+_provider: TracerProvider | None = None
+_tracer: trace.Tracer | None = None
+
+
+def setup_tracing(settings: Settings, service: str) -> None:
+    """Turn traces on if the `OTEL_*` variables ask for them: spans are batched to the
+    exporter `OTEL_TRACES_EXPORTER` names (`otlp`, the default, or `console`), sampled
+    as `OTEL_TRACES_SAMPLER` says; `OTEL_SERVICE_NAME` defaults to `sandboxer-<service>`."""
+    if not settings.tracing or _tracer is not None:
+        return
+    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
+    resource = Resource({"service.name": f"sandboxer-{service}"}).merge(
+        OTELResourceDetector().detect()
+    )
+    provider = TracerProvider(resource=resource)
+    exporter: SpanExporter
+    if settings.trace_exporter == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    use_tracer_provider(provider)
+
+
+def use_tracer_provider(provider: TracerProvider | None) -> None:
+    """Trace with `provider` from now on (None: traces off). Tests give an in-memory one."""
+    global _provider, _tracer
+    _provider = provider
+    _tracer = provider.get_tracer("sandboxer") if provider else None
+
+
+def tracer_provider() -> TracerProvider | None:
+    return _provider
+
+
+def trace_headers(headers: dict[str, str] | None = None) -> dict[str, str] | None:
+    """`headers` with the current trace context added (W3C `traceparent`), when traces
+    are on; `headers` as given when off."""
+    if _tracer is None:
+        return headers
+    carrier = dict(headers or {})
+    propagate.inject(carrier)
+    return carrier
+
+
+async def inject_http(request: httpx.Request) -> None:
+    """An httpx request hook: the trace context goes to the provider or fin-hub."""
+    if _tracer is not None:
+        propagate.inject(request.headers)
+
+
+@contextmanager
+def span(name: str, **attributes: str) -> Iterator[None]:
+    """A client span around an outgoing call, when traces are on."""
+    if _tracer is None:
+        yield
+        return
+    with _tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT, attributes=attributes):
+        yield
+
+
+@contextmanager
+def provider_call(extension_id: str, call: str) -> Iterator[None]:
+    """Time one provider call into `sandboxer_provider_call_seconds` (and trace it)."""
+    began = time.perf_counter()
+    outcome = "error"
+    try:
+        with span(f"{extension_id} {call}", extension_id=extension_id):
+            yield
+        outcome = "ok"
+    finally:
+        PROVIDER_CALL_SECONDS.labels(extension_id, call, outcome).observe(
+            time.perf_counter() - began
+        )
+
+
+def trace_id() -> str | None:
+    """The current trace's id (32 hex digits), if a span is recording."""
+    if _tracer is None:
+        return None
+    current = trace.get_current_span().get_span_context()
+    return f"{current.trace_id:032x}" if current.is_valid else None
+
+
+# -- log context ----------------------------------------------------------------------
+
+#: The sandbox (and tenant) the running handler task works on.
+about: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar(
+    "sandboxer_about", default=(None, None)
+)
+
+
+def bind(sandbox_id: str | None, tenant: str | None) -> None:
+    """Name the sandbox in this task's log lines (each handler runs in its own task)."""
+    about.set((sandbox_id, tenant))
