@@ -41,6 +41,7 @@ from sandboxer.settings import Settings
 from sandboxer.statuses import StatusStore
 from sandboxer.topology import BILLING_CONSUMER, METER_STREAM, METER_SUBJECT_PREFIX, USAGE_SUBJECT
 from schemas import MeterEvent, SandboxStatus, UsageRecord, usage_record_id
+from schemas.cloudevents import usage_record_headers
 
 log = logging.getLogger("sandboxer.billing")
 
@@ -154,7 +155,12 @@ class Billing:
         await self._js.publish(
             USAGE_SUBJECT,
             record.model_dump_json().encode(),
-            headers=observe.trace_headers({"Nats-Msg-Id": record.record_id}),
+            headers=observe.trace_headers(
+                {
+                    "Nats-Msg-Id": record.record_id,
+                    **usage_record_headers(record, self._settings.deployment),
+                }
+            ),
         )
         await self._markers.mark_published(record.record_id)
 

@@ -19,6 +19,7 @@ from sandboxer import observe
 from sandboxer.statuses import StaleStatus, StatusStore
 from sandboxer.topology import meter_subject
 from schemas import MeterKind, SandboxState, SandboxStatus, meter_event_id, utcnow
+from schemas.cloudevents import meter_event_headers
 
 log = logging.getLogger("sandboxer.metering")
 
@@ -40,8 +41,11 @@ def recorded_sandbox(status: SandboxStatus) -> ProviderSandbox:
 class Metering:
     """Publishes meter events, and records the state changes they announce."""
 
-    def __init__(self, js: JetStreamContext, registry: Registry, statuses: StatusStore) -> None:
+    def __init__(
+        self, js: JetStreamContext, registry: Registry, statuses: StatusStore, deployment: str
+    ) -> None:
         self._js = js
+        self._deployment = deployment
         self._registry = registry
         self._statuses = statuses
 
@@ -93,5 +97,7 @@ class Metering:
         await self._js.publish(
             meter_subject(status.extension_id),
             event.model_dump_json().encode(),
-            headers=observe.trace_headers({"Nats-Msg-Id": event.event_id}),
+            headers=observe.trace_headers(
+                {"Nats-Msg-Id": event.event_id, **meter_event_headers(event, self._deployment)}
+            ),
         )

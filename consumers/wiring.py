@@ -82,7 +82,7 @@ async def open_worker(
         registry=providers.registry,
         router=providers.router,
         keepalive=keepalive,
-        metering=Metering(js, providers.registry, statuses),
+        metering=Metering(js, providers.registry, statuses, settings.deployment),
         expiry=Expiry(js),
     )
     claims = Claims(providers.registry, providers.router, statuses)

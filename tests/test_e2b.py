@@ -273,11 +273,11 @@ async def test_worker_killed_after_create_is_adopted_by_reconcile(
     doomed.wait()
     assert (await wait_for_state(observer, sandbox_id, SandboxState.PROVISIONING)).ready_at is None
 
-    dry = await reconcile(settings, js, dry_run=True)
+    dry = await reconcile(settings, js, dry_run=True, extension_id="ext.e2b")
     assert [(f.sandbox_id, f.action) for f in dry] == [(sandbox_id, "adopt")]
     claimed = await observer.status(sandbox_id)
     assert claimed is not None and claimed.state is SandboxState.PROVISIONING
-    [found] = await reconcile(settings, js)
+    [found] = await reconcile(settings, js, extension_id="ext.e2b")
     assert found.action == "adopt" and found.tenant == fresh_tenant
     adopted = await wait_for_state(observer, sandbox_id, SandboxState.READY)
     assert adopted.provider_sandbox_id == found.provider_sandbox_id
@@ -304,13 +304,13 @@ async def test_reconcile_destroys_orphans_and_never_touches_other_deployments(
     # One made by someone else, through the official SDK, without our tags.
     plain = await AsyncSandbox.create(template="base", api_url=e2b.fake.url, api_key=e2b.api_key)
 
-    findings = await reconcile(settings, js)
+    findings = await reconcile(settings, js, extension_id="ext.e2b")
     assert [(f.provider_sandbox_id, f.action) for f in findings] == [
         (orphan.provider_sandbox_id, "destroy")
     ]
     alive = {s.sandbox_id for s in e2b.fake.alive()}
     assert alive == {theirs.provider_sandbox_id, plain.sandbox_id}
-    assert await reconcile(settings, js) == []  # nothing left to do
+    assert await reconcile(settings, js, extension_id="ext.e2b") == []  # nothing left to do
 
 
 async def test_find_follows_pagination(e2b: E2B, settings: Settings, js: JetStreamContext) -> None:

@@ -78,7 +78,10 @@ async def test_failed_claims_orphans_expired_and_kept_sandboxes(
             )
             await stub.provision(other, NO_CREDENTIALS)
 
-        dry = {f.sandbox_id: f.action for f in await reconcile(settings, js, dry_run=True)}
+        dry = {
+            f.sandbox_id: f.action
+            for f in await reconcile(settings, js, dry_run=True, extension_id="ext.saas-stub")
+        }
         assert dry == {
             kept.sandbox_id: "keep",
             expired.sandbox_id: "expire",
@@ -87,7 +90,7 @@ async def test_failed_claims_orphans_expired_and_kept_sandboxes(
         }
         assert sum(1 for s in await stub_sandboxes(js) if s["terminated_at"] is None) == 5
 
-        await reconcile(settings, js)
+        await reconcile(settings, js, extension_id="ext.saas-stub")
         # The expired one goes through the normal destroy, so it is metered.
         done = await wait_for_state(client, expired.sandbox_id, SandboxState.DESTROYED)
         assert done.actual_usd is not None
@@ -97,9 +100,9 @@ async def test_failed_claims_orphans_expired_and_kept_sandboxes(
         if s["terminated_at"] is None
     }
     assert alive == {kept.sandbox_id, sandbox_id_for("acme", "theirs")}
-    assert {f.sandbox_id: f.action for f in await reconcile(settings, js)} == {
-        kept.sandbox_id: "keep"
-    }
+    assert {
+        f.sandbox_id: f.action for f in await reconcile(settings, js, extension_id="ext.saas-stub")
+    } == {kept.sandbox_id: "keep"}
 
 
 async def test_one_of_many_takes_each_turn(js: JetStreamContext) -> None:
