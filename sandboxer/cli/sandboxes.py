@@ -191,3 +191,20 @@ def schemas_export(
     meter_fields = {ext: cls.MeterFields for ext, cls in registry.adapter_classes.items()}
     for path in export_json_schemas(directory, meter_fields):
         typer.echo(str(path))
+
+
+@schemas_app.command("asyncapi")
+def schemas_asyncapi(
+    output: Annotated[Path | None, typer.Option(help="Write it here (default: print it).")] = None,
+) -> None:
+    """The AsyncAPI 3 document of every subject and message (docs/asyncapi.json)."""
+    from consumers.contract import asyncapi_document
+
+    registry = load_registry()
+    meter_fields = {ext: cls.MeterFields for ext, cls in registry.adapter_classes.items()}
+    text = json.dumps(asyncapi_document(meter_fields), indent=2, sort_keys=True) + "\n"
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    output.write_text(text)
+    typer.echo(str(output))
