@@ -1,5 +1,7 @@
 """Real servers for real tests: every test gets its own nats-server with JetStream, on a
-free loopback port, in a temporary folder, stopped by PID afterwards."""
+free loopback port, in a temporary folder, stopped by PID afterwards. With
+`SANDBOXER_TEST_SERVERS=containers`, the NATS and OpenBao of compose.yaml's images
+instead, started by testcontainers (tests/containers.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from sandboxer.credits import Ledger
 from sandboxer.dev.servers import EmbeddedNats, EmbeddedOpenBao
 from sandboxer.settings import Settings
 from sandboxer.topology import ensure_topology
+from tests import containers
 from tests.helpers import as_started
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +41,17 @@ os.environ["MODAL_CONFIG_PATH"] = str(ROOT / "tests" / "no-modal.toml")  # never
 os.environ["MODAL_DISABLE_API_PROXY"] = "1"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if containers.backend() == "containers":
+        containers.require_docker()
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
-    with EmbeddedNats(tmp_path / "nats") as server:
+    store = tmp_path / "nats"
+    boxed = containers.backend() == "containers"
+    server = containers.ContainerNats(store) if boxed else EmbeddedNats(store)
+    with server:
         yield server
 
 
@@ -228,14 +239,19 @@ def spawn_billing(
     return spawn
 
 
-OPENBAO_ROOT_TOKEN = "test-root-token"  # noqa: S105 - a dev-server placeholder
+OPENBAO_ROOT_TOKEN = containers.OPENBAO_ROOT_TOKEN
 
 
 @pytest.fixture(scope="session")
 def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedOpenBao]:
     """One `bao server -dev` for the session, on a free loopback port, stopped by PID.
     Tests keep apart by using their own tenants and paths."""
-    with EmbeddedOpenBao(tmp_path_factory.mktemp("openbao"), root_token=OPENBAO_ROOT_TOKEN) as bao:
+    workdir = tmp_path_factory.mktemp("openbao")
+    if containers.backend() == "containers":
+        bao: EmbeddedOpenBao = containers.ContainerOpenBao(workdir)
+    else:
+        bao = EmbeddedOpenBao(workdir, root_token=OPENBAO_ROOT_TOKEN)
+    with bao:
         yield bao
 
 

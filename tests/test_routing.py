@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import sys
 import uuid
 from decimal import Decimal
@@ -252,9 +251,7 @@ async def test_openbao_outage_delays_requests_and_loses_none(
     await keyed_worker.stop()
     monkeypatch.setenv("SANDBOXER_BAO_TIMEOUT_S", "0.3")
     await start_worker(extensions_dir=keyed_worker.settings.extensions_dir, max_deliver=30)
-    assert openbao.process is not None
-    openbao.process.send_signal(signal.SIGSTOP)
-    try:
+    with openbao.frozen():
         async with Client(settings.nats_url) as client:
             requests = [
                 ProvisionRequest(request_id=f"o{i}", tenant="acme", profile="profile.burst-sandbox")
@@ -264,8 +261,6 @@ async def test_openbao_outage_delays_requests_and_loses_none(
                 await client.provision(request)
             await asyncio.sleep(2.0)  # every request is tried and retried meanwhile
             assert "OpenBao at" in caplog.text and "unreachable" in caplog.text
-    finally:
-        openbao.process.send_signal(signal.SIGCONT)
     async with Client(settings.nats_url) as client:
         for request in requests:
             status = await wait_for_status(

@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
 
@@ -59,6 +61,16 @@ class _ChildServer:
 
     def command(self) -> list[str]:
         raise NotImplementedError
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP) for the block: connections hang, as in an outage."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Start the server and wait until it accepts connections."""
