@@ -7,7 +7,9 @@
 (c) 1,000 provisions with 1 s stub latency: achieved rate / (in-flight limit / 1 s);
 (d) p50/p99 broker-added latency at half of (b)'s rate;
 (e) worker peak RSS with 10,000 sandboxes in flight;
-(f) debits per second on one hot tenant, 8 billing processes; (g) hold placement latency.
+(f) debits per second on one hot tenant, 8 billing processes; (g) hold placement latency;
+(h) (b) and (d) again with metrics served and every message traced (exported over OTLP
+to a loopback sink), and the worker's metrics scraped while (b) runs.
 
 Prints a table and writes bench/results.json. Everything runs on 127.0.0.1.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -27,6 +30,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 import tests.helpers
 from consumers.app import _message_itself
 from sandboxer.credits import Ledger
-from sandboxer.dev.servers import EmbeddedNats
+from sandboxer.dev.fakes.http import LoopbackHTTP
+from sandboxer.dev.servers import EmbeddedNats, free_port
 from sandboxer.ids import sandbox_id_for
 from sandboxer.topology import BILLING_CONSUMER, METER_STREAM, ensure_topology
 from schemas import ProvisionRequest
@@ -209,7 +214,7 @@ async def bench_faststream(url: str, n: int, *, typed: bool = False) -> float:
 #: Provisions are spread over this many tenants, as on a platform: holds of one tenant
 #: are serialized (that is how no tenant can overspend), so (b1) measures one hot tenant.
 TENANT_SPREAD = 64
-SPREAD_PREFIXES = ("pipe", "slow", "lat", "mem")
+SPREAD_PREFIXES = ("pipe", "slow", "lat", "mem", "obs")
 BENCH_TENANTS = (
     "warmup",
     "hot",
@@ -327,7 +332,9 @@ async def run_provisions(
     return elapsed, counter, rss
 
 
-async def bench_latency(url: str, log: Path, rate: float, seconds: float) -> list[float]:
+async def bench_latency(
+    url: str, log: Path, rate: float, seconds: float, tag: str = "lat", **env: str
+) -> list[float]:
     """(d) publish at `rate`/s; time from publish to the `ready` announcement."""
     nc = await nats.connect(url)
     js = nc.jetstream(timeout=30)
@@ -345,10 +352,10 @@ async def bench_latency(url: str, log: Path, rate: float, seconds: float) -> lis
                 if len(latencies) >= total:
                     done.set()
 
-    with worker_process(url, log, SANDBOXER_STUB_LATENCY_S="0"):
+    with worker_process(url, log, SANDBOXER_STUB_LATENCY_S="0", **env):
         await wait_consumers(js)
         # Steady state: the worker has seen every tenant once (read its credits).
-        await publish_all(js, [payload(spread("lat", i), f"lat-warm-{i}") for i in range(64)])
+        await publish_all(js, [payload(spread("lat", i), f"{tag}-warm-{i}") for i in range(64)])
         await asyncio.sleep(1.0)
         await nc.subscribe("sandbox.status.>", cb=on_status)
         interval = 1.0 / rate
@@ -359,7 +366,7 @@ async def bench_latency(url: str, log: Path, rate: float, seconds: float) -> lis
             delay = target - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            request_id = f"lat-{i}"
+            request_id = f"{tag}-{i}"
             tenant = spread("lat", i)
             sent[sandbox_id_for(tenant, request_id)] = time.perf_counter()
             task = asyncio.create_task(js.publish("sandbox.provision", payload(tenant, request_id)))
@@ -368,6 +375,82 @@ async def bench_latency(url: str, log: Path, rate: float, seconds: float) -> lis
         await asyncio.wait_for(done.wait(), timeout=120)
     await nc.close()
     return latencies
+
+
+class OtlpSink(LoopbackHTTP):
+    """Takes OTLP/HTTP span exports and counts them (a collector that keeps nothing)."""
+
+    def __init__(self) -> None:
+        self.exports = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                sink.exports += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        super().__init__(Handler)
+
+
+def observed_env(metrics_port: int, sink: OtlpSink) -> dict[str, str]:
+    """A worker with metrics served and traces on, every message sampled."""
+    return {
+        "SANDBOXER_METRICS_ADDR": f"127.0.0.1:{metrics_port}",
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{sink.base_url}/v1/traces",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_TRACES_SAMPLER": "always_on",
+    }
+
+
+async def scrape_while(port: int, stop: asyncio.Event) -> list[list[str]]:
+    """The worker's domain metric lines, scraped once a second until `stop`."""
+    import httpx
+
+    wanted = (
+        "sandboxer_provisions_total",
+        "sandboxer_credits_held_usd_total",
+        "sandboxer_handlers_in_flight",
+        "sandboxer_provider_call_seconds_count",
+    )
+    seen: list[list[str]] = []
+    async with httpx.AsyncClient() as client:
+        while not stop.is_set():
+            try:
+                text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                seen.append([line for line in text.splitlines() if line.startswith(wanted)])
+            except httpx.TransportError:
+                pass
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+    return seen
+
+
+async def bench_observed(
+    url: str, log: Path, n: int, rate: float, seconds: float
+) -> tuple[float, list[float], list[list[str]], int]:
+    """(h): (b) and (d) with metrics and traces on; the scrapes, and the OTLP exports."""
+    with OtlpSink() as sink:
+        port = free_port()
+        env = observed_env(port, sink)
+        stop = asyncio.Event()
+        scraping = asyncio.create_task(scrape_while(port, stop))
+        elapsed, _, _ = await run_provisions(
+            url, log, n, "obs", TENANT_SPREAD, SANDBOXER_STUB_LATENCY_S="0", **env
+        )
+        stop.set()
+        scrapes = await scraping
+        latencies = await bench_latency(
+            url, log, rate, seconds, "latobs", **observed_env(free_port(), sink)
+        )
+        return n / elapsed, latencies, scrapes, sink.exports
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -455,6 +538,27 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
 
+            observed, latencies, scrapes, exports = await bench_observed(
+                url, log, args.pipeline_messages, rate, args.latency_seconds
+            )
+            o50, o99 = percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000
+            results["h_observed_pipeline_per_s"] = round(observed)
+            results["h_observed_cost"] = round(1 - observed / pipeline, 3)
+            results["h_observed_d_p50_ms"] = round(o50, 2)
+            results["h_observed_d_p50_added_ms"] = round(o50 - p50, 2)
+            results["h_observed_d_p99_ms"] = round(o99, 2)
+            print(
+                f"(h) with metrics and every message traced ({exports} OTLP exports): "
+                f"(b) {observed:,.0f}/s, {100 * (1 - observed / pipeline):.1f} % below (b); "
+                f"(d) p50 {o50:.2f} ms (+{o50 - p50:.2f}), p99 {o99:.2f} ms",
+                flush=True,
+            )
+            middle = scrapes[len(scrapes) // 2] if scrapes else []
+            last = scrapes[-1] if scrapes else []
+            print("    worker metrics during (h), mid-run then at the end:", flush=True)
+            for line in [*middle[:6], "    ...", *last[:6]]:
+                print(f"    {line}", flush=True)
+
             holds = await bench_holds(url, 2000, concurrency=16)
             results["g_hold_p50_ms"] = round(percentile(holds, 0.5) * 1000, 2)
             results["g_hold_p99_ms"] = round(percentile(holds, 0.99) * 1000, 2)
@@ -507,6 +611,8 @@ async def bench_rss(url: str, log: Path, n: int) -> float:
 
 
 TARGETS = [
+    ("h_observed_cost", "<=", 0.05, "(h) metrics and traces cost <= 5 % of (b)"),
+    ("h_observed_d_p50_added_ms", "<=", 0.5, "(h) add <= 0.5 ms to (d) p50"),
     ("b_over_a", ">=", 0.15, "(b) >= 0.15 x (a)"),
     ("c_concurrency_efficiency", ">=", 0.9, "(c) >= 0.9"),
     ("d_p99_ms", "<=", 5.0, "(d) p99 <= 5 ms"),
