@@ -397,3 +397,25 @@ def test_make_run_takes_another_port() -> None:
         ["make", "-n", "run", "PORT=4333"], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert "sandboxer dev --port 4333" in said.stdout
+
+
+def test_the_readmes_configuration_defaults_are_the_codes() -> None:
+    defaults = Settings()
+    rows = [
+        line.split("|")[1:3]
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("| `SANDBOXER_")
+    ]
+    checked = 0
+    for names, default in rows:
+        field = names.strip().split("`")[1].removeprefix("SANDBOXER_").lower()
+        literal = default.strip()
+        if not hasattr(defaults, field) or not (
+            literal.startswith("`") and literal.count("`") == 2
+        ):
+            continue  # a default said in words, or not a plain setting
+        value = getattr(defaults, field)
+        shown = str(value) if not isinstance(value, float) else f"{value:g}"
+        assert literal.strip("`") == shown, f"README says {names.strip()} defaults to {literal}"
+        checked += 1
+    assert checked >= 5
