@@ -8,8 +8,9 @@
 (d) p50/p99 broker-added latency at half of (b)'s rate;
 (e) worker peak RSS with 10,000 sandboxes in flight;
 (f) debits per second on one hot tenant, 8 billing processes; (g) hold placement latency;
-(h) (b) and (d) again with metrics served and every message traced (exported over OTLP
-to a loopback sink), and the worker's metrics scraped while (b) runs.
+(h) (b) and (d) with metrics served and traces exported over OTLP to a loopback sink
+(every message traced, and 1 % sampled) against neither, each on a fresh server, with
+the worker's metrics scraped while (b) runs.
 
 Prints a table and writes bench/results.json. Everything runs on 127.0.0.1.
 """
@@ -23,6 +24,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -399,14 +401,16 @@ class OtlpSink(LoopbackHTTP):
         super().__init__(Handler)
 
 
-def observed_env(metrics_port: int, sink: OtlpSink) -> dict[str, str]:
-    """A worker with metrics served and traces on, every message sampled."""
+def observed_env(metrics_port: int, sink: OtlpSink, sampled: str = "1") -> dict[str, str]:
+    """A worker with metrics served and traces on, `sampled` the share of new traces
+    kept (`1`: every message traced)."""
     return {
         "SANDBOXER_METRICS_ADDR": f"127.0.0.1:{metrics_port}",
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{sink.base_url}/v1/traces",
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
-        "OTEL_TRACES_SAMPLER": "always_on",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": sampled,
     }
 
 
@@ -433,24 +437,54 @@ async def scrape_while(port: int, stop: asyncio.Event) -> list[list[str]]:
     return seen
 
 
+#: (h)'s configurations: nothing on; metrics and every message traced; metrics and 1 %.
+OBSERVED_MODES = {"off": None, "all": "1", "1%": "0.01"}
+
+
 async def bench_observed(
-    url: str, log: Path, n: int, rate: float, seconds: float
-) -> tuple[float, list[float], list[list[str]], int]:
-    """(h): (b) and (d) with metrics and traces on; the scrapes, and the OTLP exports."""
+    tmp: Path, log: Path, n: int, rate: float, seconds: float, rounds: int = 2
+) -> tuple[dict[str, list[float]], dict[str, list[float]], list[list[str]], int]:
+    """(h): (b) with `n` provisions and (d) at `rate`, each on a fresh server, in every
+    mode of OBSERVED_MODES, rounds alternating their order (a server that has grown, or
+    a noisy minute, must not pass for a cost). Rates and p50s by mode; the scrapes of
+    the first traced (b); the OTLP exports received."""
+    rates: dict[str, list[float]] = {mode: [] for mode in OBSERVED_MODES}
+    p50s: dict[str, list[float]] = {mode: [] for mode in OBSERVED_MODES}
+    scrapes: list[list[str]] = []
     with OtlpSink() as sink:
-        port = free_port()
-        env = observed_env(port, sink)
-        stop = asyncio.Event()
-        scraping = asyncio.create_task(scrape_while(port, stop))
-        elapsed, _, _ = await run_provisions(
-            url, log, n, "obs", TENANT_SPREAD, SANDBOXER_STUB_LATENCY_S="0", **env
-        )
-        stop.set()
-        scrapes = await scraping
-        latencies = await bench_latency(
-            url, log, rate, seconds, "latobs", **observed_env(free_port(), sink)
-        )
-        return n / elapsed, latencies, scrapes, sink.exports
+        for r in range(rounds):
+            modes = list(OBSERVED_MODES) if r % 2 == 0 else list(reversed(OBSERVED_MODES))
+            for mode in modes:
+                sampled = OBSERVED_MODES[mode]
+                port = free_port()
+                env = {} if sampled is None else observed_env(port, sink, sampled)
+                with EmbeddedNats(tmp / f"nats-h-{r}-{mode}") as server:
+                    await fund(server.url)
+                    stop = asyncio.Event()
+                    scraping = asyncio.create_task(scrape_while(port, stop))
+                    elapsed, _, _ = await run_provisions(
+                        server.url,
+                        log,
+                        n,
+                        "obs",
+                        TENANT_SPREAD,
+                        SANDBOXER_STUB_LATENCY_S="0",
+                        **env,
+                    )
+                    stop.set()
+                    scraped = await scraping
+                    if sampled == "1" and not scrapes:
+                        scrapes = scraped
+                    rates[mode].append(n / elapsed)
+                    env = {} if sampled is None else observed_env(free_port(), sink, sampled)
+                    latencies = await bench_latency(server.url, log, rate, seconds, **env)
+                    p50s[mode].append(percentile(latencies, 0.5) * 1000)
+                print(
+                    f"    (h) round {r + 1} {mode}: {n / elapsed:,.0f}/s, p50 "
+                    f"{p50s[mode][-1]:.2f} ms",
+                    flush=True,
+                )
+    return rates, p50s, scrapes, sink.exports
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -538,25 +572,25 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
 
-            observed, latencies, scrapes, exports = await bench_observed(
-                url, log, args.pipeline_messages, rate, args.latency_seconds
+            rates, p50s, scrapes, exports = await bench_observed(
+                Path(tmp), log, args.pipeline_messages // 2, rate, args.latency_seconds / 2
             )
-            o50, o99 = percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000
-            results["h_observed_pipeline_per_s"] = round(observed)
-            results["h_observed_cost"] = round(1 - observed / pipeline, 3)
-            results["h_observed_d_p50_ms"] = round(o50, 2)
-            results["h_observed_d_p50_added_ms"] = round(o50 - p50, 2)
-            results["h_observed_d_p99_ms"] = round(o99, 2)
-            print(
-                f"(h) with metrics and every message traced ({exports} OTLP exports): "
-                f"(b) {observed:,.0f}/s, {100 * (1 - observed / pipeline):.1f} % below (b); "
-                f"(d) p50 {o50:.2f} ms (+{o50 - p50:.2f}), p99 {o99:.2f} ms",
-                flush=True,
-            )
+            base, base_p50 = statistics.median(rates["off"]), statistics.median(p50s["off"])
+            for mode, key in (("all", "h_all"), ("1%", "h_sampled")):
+                on, on_p50 = statistics.median(rates[mode]), statistics.median(p50s[mode])
+                results[f"{key}_pipeline_per_s"] = round(on)
+                results[f"{key}_cost"] = round(1 - on / base, 3)
+                results[f"{key}_d_p50_added_ms"] = round(on_p50 - base_p50, 2)
+                print(
+                    f"(h) metrics + traces, {mode} of messages sampled, vs. off (fresh "
+                    f"servers, medians): (b) {on:,.0f}/s vs {base:,.0f}/s = "
+                    f"{100 * (1 - on / base):.1f} % cost; (d) p50 {on_p50:.2f} ms vs "
+                    f"{base_p50:.2f} ms (+{on_p50 - base_p50:.2f})",
+                    flush=True,
+                )
+            print(f"    {exports} OTLP exports received; worker metrics during (h):", flush=True)
             middle = scrapes[len(scrapes) // 2] if scrapes else []
-            last = scrapes[-1] if scrapes else []
-            print("    worker metrics during (h), mid-run then at the end:", flush=True)
-            for line in [*middle[:6], "    ...", *last[:6]]:
+            for line in [*middle[:6], "    ...", *(scrapes[-1][:6] if scrapes else [])]:
                 print(f"    {line}", flush=True)
 
             holds = await bench_holds(url, 2000, concurrency=16)
@@ -611,8 +645,10 @@ async def bench_rss(url: str, log: Path, n: int) -> float:
 
 
 TARGETS = [
-    ("h_observed_cost", "<=", 0.05, "(h) metrics and traces cost <= 5 % of (b)"),
-    ("h_observed_d_p50_added_ms", "<=", 0.5, "(h) add <= 0.5 ms to (d) p50"),
+    ("h_sampled_cost", "<=", 0.05, "(h) metrics + traces (1 % sampled) cost <= 5 % of (b)"),
+    ("h_sampled_d_p50_added_ms", "<=", 0.5, "(h) the same add <= 0.5 ms to (d) p50"),
+    ("h_all_cost", "<=", 0.05, "(h) metrics + every message traced: <= 5 % of (b)"),
+    ("h_all_d_p50_added_ms", "<=", 0.5, "(h) the same add <= 0.5 ms to (d) p50"),
     ("b_over_a", ">=", 0.15, "(b) >= 0.15 x (a)"),
     ("c_concurrency_efficiency", ">=", 0.9, "(c) >= 0.9"),
     ("d_p99_ms", "<=", 5.0, "(d) p99 <= 5 ms"),

@@ -19,13 +19,15 @@ traces, and the sandbox a log line is about.
 from __future__ import annotations
 
 import contextvars
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 if TYPE_CHECKING:
@@ -145,20 +147,24 @@ def tracer_provider() -> TracerProvider | None:
     return _provider
 
 
+#: W3C trace context alone: what we send on (baggage is the publisher's business).
+_W3C = TraceContextTextMapPropagator()
+
+
 def trace_headers(headers: dict[str, str] | None = None) -> dict[str, str] | None:
     """`headers` with the current trace context added (W3C `traceparent`), when traces
     are on; `headers` as given when off."""
     if _tracer is None:
         return headers
     carrier = dict(headers or {})
-    propagate.inject(carrier)
+    _W3C.inject(carrier)
     return carrier
 
 
 async def inject_http(request: httpx.Request) -> None:
     """An httpx request hook: the trace context goes to the provider or fin-hub."""
     if _tracer is not None:
-        propagate.inject(request.headers)
+        _W3C.inject(request.headers)
 
 
 @contextmanager
@@ -171,19 +177,38 @@ def span(name: str, **attributes: str) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def provider_call(extension_id: str, call: str) -> Iterator[None]:
-    """Time one provider call into `sandboxer_provider_call_seconds` (and trace it)."""
-    began = time.perf_counter()
-    outcome = "error"
-    try:
-        with span(f"{extension_id} {call}", extension_id=extension_id):
-            yield
-        outcome = "ok"
-    finally:
-        PROVIDER_CALL_SECONDS.labels(extension_id, call, outcome).observe(
-            time.perf_counter() - began
-        )
+class provider_call:
+    """Time one provider call into `sandboxer_provider_call_seconds` (and trace it). A
+    class, not a generator: it runs twice on every provision."""
+
+    __slots__ = ("_began", "_call", "_extension_id", "_span")
+
+    def __init__(self, extension_id: str, call: str) -> None:
+        self._extension_id = extension_id
+        self._call = call
+        self._span: Any = None
+
+    def __enter__(self) -> None:
+        if _tracer is not None:
+            name = f"{self._extension_id} {self._call}"
+            self._span = _tracer.start_as_current_span(
+                name, kind=trace.SpanKind.CLIENT, attributes={"extension_id": self._extension_id}
+            )
+            self._span.__enter__()
+        self._began = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        elapsed = time.perf_counter() - self._began
+        outcome = "ok" if kind is None else "error"
+        _call_seconds(self._extension_id, self._call, outcome).observe(elapsed)
+        if self._span is not None:
+            self._span.__exit__(kind, *rest)
+
+
+@functools.cache
+def _call_seconds(extension_id: str, call: str, outcome: str) -> Any:
+    """The histogram's child for these labels (`labels()` costs a lock and a lookup)."""
+    return PROVIDER_CALL_SECONDS.labels(extension_id, call, outcome)
 
 
 def trace_id() -> str | None:
