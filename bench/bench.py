@@ -42,6 +42,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 import tests.helpers
 from consumers.app import _message_itself
+from sandboxer import observe
 from sandboxer.credits import Ledger
 from sandboxer.dev.fakes.http import LoopbackHTTP
 from sandboxer.dev.servers import EmbeddedNats, free_port
@@ -487,6 +488,46 @@ async def bench_observed(
     return rates, p50s, scrapes, sink.exports
 
 
+class _Delivered:
+    subject = "sandbox.provision"
+    headers: dict[str, str] = {}
+
+
+async def _one_provisions_observing() -> None:
+    """What a provision adds for observability in the worker: two provider calls, two
+    publishes' headers, an outcome."""
+    with observe.provider_call("ext.saas-stub", "provision"):
+        pass
+    with observe.provider_call("ext.saas-stub", "wait_ready"):
+        pass
+    observe.trace_headers({"Nats-Msg-Id": "x"})
+    observe.trace_headers()
+    observe.PROVISIONS.labels("ext.saas-stub", "ready", "").inc()
+
+
+async def observe_overhead_us(n: int = 20_000) -> dict[str, float]:
+    """Microseconds of worker CPU per provision spent on metrics and traces: off, 1 %
+    sampled and every message sampled (spans kept in memory: no export)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+
+    found = {}
+    for mode, ratio in (("off", None), ("1%", 0.01), ("all", 1.0)):
+        provider = None
+        if ratio is not None:
+            provider = TracerProvider(sampler=ParentBasedTraceIdRatio(ratio))
+            provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
+        observe.use_tracer_provider(provider)
+        began = time.perf_counter()
+        for _ in range(n):
+            await observe.handled("bench", _Delivered(), _one_provisions_observing())
+        found[mode] = (time.perf_counter() - began) / n * 1e6
+    observe.use_tracer_provider(None)
+    return found
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -573,7 +614,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
 
             rates, p50s, scrapes, exports = await bench_observed(
-                Path(tmp), log, args.pipeline_messages // 2, rate, args.latency_seconds / 2
+                Path(tmp),
+                log,
+                args.pipeline_messages // 2,
+                rate,
+                args.latency_seconds / 2,
+                rounds=3,
             )
             base, base_p50 = statistics.median(rates["off"]), statistics.median(p50s["off"])
             for mode, key in (("all", "h_all"), ("1%", "h_sampled")):
@@ -588,6 +634,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     f"{base_p50:.2f} ms (+{on_p50 - base_p50:.2f})",
                     flush=True,
                 )
+            cost = await observe_overhead_us()
+            names = {"off": "off", "1%": "sampled", "all": "all"}
+            for mode, us in cost.items():
+                results[f"h_overhead_us_{names[mode]}"] = round(us, 1)
+            print(
+                "    per provision in the worker (microbenchmark, export aside): "
+                + ", ".join(f"{mode} {us:.1f} us" for mode, us in cost.items()),
+                flush=True,
+            )
             print(f"    {exports} OTLP exports received; worker metrics during (h):", flush=True)
             middle = scrapes[len(scrapes) // 2] if scrapes else []
             for line in [*middle[:6], "    ...", *(scrapes[-1][:6] if scrapes else [])]:

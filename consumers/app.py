@@ -192,10 +192,18 @@ async def ensure_consumers(
 
 
 def _start_in_background(
-    handler: Handler, in_flight: InFlight, js: JetStreamContext
+    subscription: Subscription, in_flight: InFlight, js: JetStreamContext
 ) -> Callable[[NatsMessage], Awaitable[None]]:
+    """FastStream's handler of a subscription: it starts the real one as a task (so a
+    slow provider call never holds a fetch), which `observe.handled` measures and, when
+    traced, runs in a span continuing the message's trace."""
+    handler, durable = subscription.handler, subscription.durable
+
     async def handle(message: NatsMessage) -> None:
-        await in_flight.start(lambda: handler(message.body, _FastStreamDelivery(message, js)))
+        delivery = _FastStreamDelivery(message, js)
+        await in_flight.start(
+            lambda: observe.handled(durable, delivery, handler(message.body, delivery))
+        )
 
     return handle
 
@@ -205,25 +213,6 @@ async def _message_itself(message: NatsMessage) -> NatsMessage:
     # validate (so malformed JSON gets our error), and no dependency injection runs per
     # message (FastStream resolves `Context` parameters in a thread pool).
     return message
-
-
-def _middlewares(settings: Settings) -> list[Any]:
-    """FastStream's own Prometheus metrics (when metrics are served) and telemetry
-    (when traced): each costs per message, so neither is there unless asked for."""
-    middlewares: list[Any] = []
-    if settings.metrics_addr is not None:
-        from faststream.nats.prometheus import NatsPrometheusMiddleware
-        from prometheus_client import REGISTRY
-
-        middlewares.append(NatsPrometheusMiddleware(registry=REGISTRY, app_name="sandboxer"))
-    if observe.tracer_provider() is not None:
-        from faststream.nats.opentelemetry import NatsTelemetryMiddleware
-
-        provider = observe.tracer_provider()
-        middlewares.append(
-            NatsTelemetryMiddleware(tracer_provider=provider, include_messages_counters=False)
-        )
-    return middlewares
 
 
 def build_broker(
@@ -241,7 +230,6 @@ def build_broker(
     refusals = Refusals(f"{lifeline.name} broker", lost)
     broker = NatsBroker(
         settings.nats_servers,
-        middlewares=_middlewares(settings),
         max_reconnect_attempts=-1,
         error_cb=refusals.on_error,
         reconnected_cb=refusals.on_reconnected,
@@ -265,7 +253,7 @@ def build_broker(
             ack_policy=AckPolicy.MANUAL,
             decoder=_message_itself,
             inbox_prefix=f"{inbox}.".encode(),  # nats-py adds no dot here
-        )(_start_in_background(subscription.handler, in_flight, js))
+        )(_start_in_background(subscription, in_flight, js))
     return broker
 
 

@@ -5,13 +5,18 @@ traces, and the sandbox a log line is about.
   metrics) and are served on `SANDBOXER_METRICS_ADDR` by `serve_metrics`. Counting
   costs a lock and an add; the figures are observability, not accounting: USD counters
   are floats made from the exact `Decimal`s the ledger keeps.
-- **Traces** are off (`tracer()` is None, nothing is created or injected) unless the
-  standard `OTEL_*` variables configure an exporter (`Settings.tracing`). When on,
-  FastStream's telemetry middleware opens a span per consumed message from the trace
-  context in its headers; our handlers run in tasks started inside it, so their spans
-  (provider calls, the fin-hub POST) are its children, and every message they publish
-  carries the context on (`trace_headers`): one sandbox's requests, meter events,
-  billing and export are one trace.
+- **Traces** are off (no tracer: nothing is created or injected) unless the standard
+  `OTEL_*` variables configure an exporter (`Settings.tracing`). When on, `handled`
+  runs each message's handler in a span continuing the trace context of its headers;
+  the handler's spans (provider calls, the fin-hub POST) are its children, and every
+  message it publishes carries the context on (`trace_headers`): one sandbox's
+  requests, meter events, billing and export are one trace.
+- **Why not FastStream's middlewares** (its Prometheus and telemetry ones): our
+  handlers run as tasks that FastStream's handler only starts (`consumers/app.py`), so
+  its middlewares would time and trace that hand-off, not the handling, and report
+  every message as processed before it is; and together they cost 13 % of the
+  provision pipeline on 2 cores (`make bench` (h), docs/operations.md). `handled`
+  measures and traces the handler itself for about a tenth of that.
 - **Log context**: `bind(sandbox_id=…, tenant=…)` in a handler task names the sandbox
   in every line that task logs (`sandboxer.logs`).
 """
@@ -21,10 +26,10 @@ from __future__ import annotations
 import contextvars
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -56,6 +61,13 @@ PROVIDER_CALL_SECONDS = Histogram(
 )
 CREDITS_HELD_USD = Counter("sandboxer_credits_held_usd", "USD newly held for sandboxes' TTLs.")
 CREDITS_DEBITED_USD = Counter("sandboxer_credits_debited_usd", "USD debited for what ran.")
+HANDLED_SECONDS = Histogram(
+    "sandboxer_handled_seconds",
+    "Time from a message's handler start to its settling (ack, nak or dead letter), by "
+    "durable consumer; `outcome` error: the handler raised.",
+    ["consumer", "outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 HANDLERS_IN_FLIGHT = Gauge(
     "sandboxer_handlers_in_flight", "Message handlers running now.", ["process"]
 )
@@ -105,7 +117,6 @@ def serve_metrics(settings: Settings) -> None:
 
 # -- traces ---------------------------------------------------------------------------
 
-_provider: TracerProvider | None = None
 _tracer: trace.Tracer | None = None
 
 
@@ -138,17 +149,17 @@ def setup_tracing(settings: Settings, service: str) -> None:
 
 def use_tracer_provider(provider: TracerProvider | None) -> None:
     """Trace with `provider` from now on (None: traces off). Tests give an in-memory one."""
-    global _provider, _tracer
-    _provider = provider
+    global _tracer
     _tracer = provider.get_tracer("sandboxer") if provider else None
-
-
-def tracer_provider() -> TracerProvider | None:
-    return _provider
 
 
 #: W3C trace context alone: what we send on (baggage is the publisher's business).
 _W3C = TraceContextTextMapPropagator()
+#: The `traceparent` of the running handler when its trace is not sampled: its messages
+#: carry it on (so the decision holds downstream), and no child span is made.
+_unsampled: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "sandboxer_unsampled", default=None
+)
 
 
 def trace_headers(headers: dict[str, str] | None = None) -> dict[str, str] | None:
@@ -157,7 +168,11 @@ def trace_headers(headers: dict[str, str] | None = None) -> dict[str, str] | Non
     if _tracer is None:
         return headers
     carrier = dict(headers or {})
-    _W3C.inject(carrier)
+    unsampled = _unsampled.get()
+    if unsampled is not None:
+        carrier["traceparent"] = unsampled
+    else:
+        _W3C.inject(carrier)
     return carrier
 
 
@@ -169,8 +184,8 @@ async def inject_http(request: httpx.Request) -> None:
 
 @contextmanager
 def span(name: str, **attributes: str) -> Iterator[None]:
-    """A client span around an outgoing call, when traces are on."""
-    if _tracer is None:
+    """A client span around an outgoing call, when traced (and sampled)."""
+    if _tracer is None or _unsampled.get() is not None:
         yield
         return
     with _tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT, attributes=attributes):
@@ -189,7 +204,7 @@ class provider_call:
         self._span: Any = None
 
     def __enter__(self) -> None:
-        if _tracer is not None:
+        if _tracer is not None and _unsampled.get() is None:
             name = f"{self._extension_id} {self._call}"
             self._span = _tracer.start_as_current_span(
                 name, kind=trace.SpanKind.CLIENT, attributes={"extension_id": self._extension_id}
@@ -209,6 +224,51 @@ class provider_call:
 def _call_seconds(extension_id: str, call: str, outcome: str) -> Any:
     """The histogram's child for these labels (`labels()` costs a lock and a lookup)."""
     return PROVIDER_CALL_SECONDS.labels(extension_id, call, outcome)
+
+
+class _Delivered(Protocol):
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+async def handled(consumer: str, delivery: _Delivered, work: Awaitable[None]) -> None:
+    """Run one message's handler: timed into `sandboxer_handled_seconds` and, when
+    traced, in a `<subject> process` span that continues the trace in its headers."""
+    began = time.perf_counter()
+    outcome = "error"
+    try:
+        if _tracer is None:
+            await work
+        else:
+            attributes = {
+                "messaging.system": "nats",
+                "messaging.destination.name": delivery.subject,
+                "messaging.consumer.group.name": consumer,
+            }
+            current = _tracer.start_span(
+                f"{delivery.subject} process",
+                context=_W3C.extract(delivery.headers),
+                kind=trace.SpanKind.CONSUMER,
+                attributes=attributes,
+            )
+            if current.is_recording():
+                with trace.use_span(current, end_on_exit=True):
+                    await work
+            else:  # nothing to record: pass the decision on, and skip the rest
+                ids = current.get_span_context()
+                _unsampled.set(f"00-{ids.trace_id:032x}-{ids.span_id:016x}-00")
+                await work
+        outcome = "ok"
+    finally:
+        _handled_seconds(consumer, outcome).observe(time.perf_counter() - began)
+
+
+@functools.cache
+def _handled_seconds(consumer: str, outcome: str) -> Any:
+    return HANDLED_SECONDS.labels(consumer, outcome)
 
 
 def trace_id() -> str | None:
