@@ -271,7 +271,7 @@ async def serve(
     closed for good ends it with `ConnectionLost`."""
     name = lifeline.name
     await ensure_consumers(js, subscriptions, settings)
-    observe.start(settings, name.removeprefix("sandboxer-"))
+    await observe.start(settings, name.removeprefix("sandboxer-"))
     in_flight = InFlight(settings.max_in_flight)
     observe.HANDLERS_IN_FLIGHT.labels(name).set_function(lambda: len(in_flight))
     broker = build_broker(settings, subscriptions, in_flight, js, lifeline)

@@ -2,7 +2,8 @@
 traces, and the sandbox a log line is about.
 
 - **Metrics** live on prometheus_client's default registry (with its process
-  metrics) and are served on `SANDBOXER_METRICS_ADDR` by `serve_metrics`. Counting
+  metrics) and are served on `SANDBOXER_METRICS_ADDR` by `serve_metrics`, on the
+  event loop. Counting
   costs a lock and an add; the figures are observability, not accounting: USD counters
   are floats made from the exact `Decimal`s the ledger keeps.
 - **Traces** are off (no tracer: nothing is created or injected) unless the standard
@@ -23,6 +24,7 @@ traces, and the sandbox a log line is about.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import time
@@ -33,7 +35,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -96,23 +105,53 @@ def usd(counter: Counter, amount: Decimal) -> None:
     counter.inc(float(amount))
 
 
-_serving: tuple[str, int] | None = None
+_serving: asyncio.Server | None = None
 
 
-def start(settings: Settings, service: str) -> None:
+async def start(settings: Settings, service: str) -> None:
     """What a service process turns on at start: its metrics endpoint and its traces,
     as `settings` say (once a process: `sandboxer dev` runs two services in one)."""
     setup_tracing(settings, service)
-    serve_metrics(settings)
+    await serve_metrics(settings)
 
 
-def serve_metrics(settings: Settings) -> None:
-    """Serve `/metrics` on `settings.metrics_addr` (a daemon thread), if one is set."""
+async def serve_metrics(settings: Settings) -> None:
+    """Serve the metrics on `settings.metrics_addr`, if one is set: on the event loop,
+    not in a thread of its own (a thread would take the GIL from the handlers)."""
     global _serving
-    if settings.metrics_addr is not None and _serving is None:
-        host, port = settings.metrics_addr
-        start_http_server(port, addr=host, registry=REGISTRY)
-        _serving = settings.metrics_addr
+    if settings.metrics_addr is None:
+        return
+    if _serving is not None and _serving.get_loop() is asyncio.get_running_loop():
+        return  # this process serves them already
+    host, port = settings.metrics_addr
+    _serving = await asyncio.start_server(_answer_scrape, host, port)
+
+
+async def _answer_scrape(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One scrape: any GET is answered with every metric (as prometheus_client's own
+    server does); the request is read for at most 5 s and 8 KiB."""
+    try:
+        async with asyncio.timeout(5):
+            request = await reader.readuntil(b"\r\n\r\n")
+        if len(request) > 8192 or not request.startswith(b"GET "):
+            status, body, kind = b"400 Bad Request", b"", b"text/plain"
+        else:
+            status, body, kind = b"200 OK", generate_latest(REGISTRY), CONTENT_TYPE_LATEST.encode()
+        writer.write(
+            b"HTTP/1.1 "
+            + status
+            + b"\r\nContent-Type: "
+            + kind
+            + b"\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + body
+        )
+        await writer.drain()
+    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+        pass
+    finally:
+        writer.close()
 
 
 # -- traces ---------------------------------------------------------------------------
