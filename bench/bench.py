@@ -522,7 +522,12 @@ async def observe_overhead_us(n: int = 20_000) -> dict[str, float]:
         observe.use_tracer_provider(provider)
         began = time.perf_counter()
         for _ in range(n):
-            await observe.handled("bench", _Delivered(), _one_provisions_observing())
+            one = time.perf_counter()
+            if observe.tracing():
+                await observe.traced(_Delivered(), "bench", _one_provisions_observing())
+            else:
+                await _one_provisions_observing()
+            observe.handled_seconds("bench", "ok").observe(time.perf_counter() - one)
         found[mode] = (time.perf_counter() - began) / n * 1e6
     observe.use_tracer_provider(None)
     return found

@@ -195,15 +195,19 @@ def _start_in_background(
     subscription: Subscription, in_flight: InFlight, js: JetStreamContext
 ) -> Callable[[NatsMessage], Awaitable[None]]:
     """FastStream's handler of a subscription: it starts the real one as a task (so a
-    slow provider call never holds a fetch), which `observe.handled` measures and, when
-    traced, runs in a span continuing the message's trace."""
+    slow provider call never holds a fetch), timed by `InFlight` and, when traced, run
+    in a span continuing the message's trace."""
     handler, durable = subscription.handler, subscription.durable
 
     async def handle(message: NatsMessage) -> None:
         delivery = _FastStreamDelivery(message, js)
-        await in_flight.start(
-            lambda: observe.handled(durable, delivery, handler(message.body, delivery))
-        )
+        if observe.tracing():
+            body = message.body
+            await in_flight.start(
+                lambda: observe.traced(delivery, durable, handler(body, delivery)), durable
+            )
+        else:
+            await in_flight.start(lambda: handler(message.body, delivery), durable)
 
     return handle
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from functools import partial
 from typing import Any, Protocol
 
 import nats.errors
@@ -21,6 +23,7 @@ import nats.js.errors
 from pydantic import ValidationError
 
 from adapters.shared import backoff_s
+from sandboxer import observe
 from sandboxer.errors import SandboxerError, validation_problems
 from sandboxer.settings import Settings
 
@@ -242,17 +245,25 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def start(self, handler: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Wait for a slot, then run `handler()` in the background."""
+    async def start(
+        self, handler: Callable[[], Coroutine[Any, Any, None]], consumer: str = ""
+    ) -> None:
+        """Wait for a slot, then run `handler()` in the background; its time goes into
+        `sandboxer_handled_seconds` of `consumer` (a callback: no extra coroutine per
+        message in flight)."""
         await self._slots.acquire()
         task = asyncio.create_task(handler())
         self._tasks.add(task)
-        task.add_done_callback(self._finished)
+        task.add_done_callback(partial(self._finished, consumer, time.perf_counter()))
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _finished(self, consumer: str, began: float, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slots.release()
-        if not task.cancelled() and task.exception() is not None:
+        crashed = not task.cancelled() and task.exception() is not None
+        observe.handled_seconds(consumer, "error" if crashed else "ok").observe(
+            time.perf_counter() - began
+        )
+        if crashed:
             # Handlers decide ack/nak/term themselves; reaching here is a bug. The
             # message is redelivered after the ack wait, so nothing is lost.
             log.error("handler crashed", exc_info=task.exception())

@@ -7,7 +7,7 @@ traces, and the sandbox a log line is about.
   costs a lock and an add; the figures are observability, not accounting: USD counters
   are floats made from the exact `Decimal`s the ledger keeps.
 - **Traces** are off (no tracer: nothing is created or injected) unless the standard
-  `OTEL_*` variables configure an exporter (`Settings.tracing`). When on, `handled`
+  `OTEL_*` variables configure an exporter (`Settings.tracing`). When on, `traced`
   runs each message's handler in a span continuing the trace context of its headers;
   the handler's spans (provider calls, the fin-hub POST) are its children, and every
   message it publishes carries the context on (`trace_headers`): one sandbox's
@@ -16,8 +16,9 @@ traces, and the sandbox a log line is about.
   handlers run as tasks that FastStream's handler only starts (`consumers/app.py`), so
   its middlewares would time and trace that hand-off, not the handling, and report
   every message as processed before it is; and together they cost 13 % of the
-  provision pipeline on 2 cores (`make bench` (h), docs/operations.md). `handled`
-  measures and traces the handler itself for about a tenth of that.
+  provision pipeline on 2 cores (`make bench` (h), docs/operations.md). We
+  time the handler itself (`consumers/delivery.py:InFlight`) and trace it (`traced`)
+  for a fraction of that.
 - **Log context**: `bind(sandbox_id=…, tenant=…)` in a handler task names the sandbox
   in every line that task logs (`sandboxer.logs`).
 """
@@ -273,40 +274,38 @@ class _Delivered(Protocol):
     def headers(self) -> Mapping[str, str]: ...
 
 
-async def handled(consumer: str, delivery: _Delivered, work: Awaitable[None]) -> None:
-    """Run one message's handler: timed into `sandboxer_handled_seconds` and, when
-    traced, in a `<subject> process` span that continues the trace in its headers."""
-    began = time.perf_counter()
-    outcome = "error"
-    try:
-        if _tracer is None:
+def tracing() -> bool:
+    return _tracer is not None
+
+
+async def traced(delivery: _Delivered, consumer: str, work: Awaitable[None]) -> None:
+    """Run one message's handler in a `<subject> process` span that continues the trace
+    in its headers (traces on only: the wrapper is one more coroutine per message in
+    flight). An unsampled handler passes its decision on and makes no child spans."""
+    assert _tracer is not None
+    attributes = {
+        "messaging.system": "nats",
+        "messaging.destination.name": delivery.subject,
+        "messaging.consumer.group.name": consumer,
+    }
+    current = _tracer.start_span(
+        f"{delivery.subject} process",
+        context=_W3C.extract(delivery.headers),
+        kind=trace.SpanKind.CONSUMER,
+        attributes=attributes,
+    )
+    if current.is_recording():
+        with trace.use_span(current, end_on_exit=True):
             await work
-        else:
-            attributes = {
-                "messaging.system": "nats",
-                "messaging.destination.name": delivery.subject,
-                "messaging.consumer.group.name": consumer,
-            }
-            current = _tracer.start_span(
-                f"{delivery.subject} process",
-                context=_W3C.extract(delivery.headers),
-                kind=trace.SpanKind.CONSUMER,
-                attributes=attributes,
-            )
-            if current.is_recording():
-                with trace.use_span(current, end_on_exit=True):
-                    await work
-            else:  # nothing to record: pass the decision on, and skip the rest
-                ids = current.get_span_context()
-                _unsampled.set(f"00-{ids.trace_id:032x}-{ids.span_id:016x}-00")
-                await work
-        outcome = "ok"
-    finally:
-        _handled_seconds(consumer, outcome).observe(time.perf_counter() - began)
+    else:  # nothing to record: pass the decision on, and skip the rest
+        ids = current.get_span_context()
+        _unsampled.set(f"00-{ids.trace_id:032x}-{ids.span_id:016x}-00")
+        await work
 
 
 @functools.cache
-def _handled_seconds(consumer: str, outcome: str) -> Any:
+def handled_seconds(consumer: str, outcome: str) -> Any:
+    """`sandboxer_handled_seconds` of one consumer and outcome (InFlight observes it)."""
     return HANDLED_SECONDS.labels(consumer, outcome)
 
 
