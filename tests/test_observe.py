@@ -129,6 +129,7 @@ def test_json_logs_name_the_sandbox_and_redact_credentials_in_urls(tmp_path: Pat
         ("nats://app:s3cret@10.0.0.1:4222", "https://h/x?token=abc&a=1"),
         None,
     )
+    observe.keep_log_context()  # what SANDBOXER_LOG_FORMAT=json does
     observe.bind("sbx-" + "0" * 24, "acme")
     line = json.loads(logs.JsonFormatter().format(record))
     assert line["sandbox_id"] == "sbx-" + "0" * 24 and line["tenant"] == "acme"
