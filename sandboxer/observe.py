@@ -45,6 +45,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from sandboxer.settings import SettingsError
+
 if TYPE_CHECKING:
     import httpx
     from opentelemetry.sdk.trace import TracerProvider
@@ -106,7 +108,7 @@ def usd(counter: Counter, amount: Decimal) -> None:
     counter.inc(float(amount))
 
 
-_serving: asyncio.Server | None = None
+_serving_on: asyncio.AbstractEventLoop | None = None
 
 
 async def start(settings: Settings, service: str) -> None:
@@ -119,13 +121,19 @@ async def start(settings: Settings, service: str) -> None:
 async def serve_metrics(settings: Settings) -> None:
     """Serve the metrics on `settings.metrics_addr`, if one is set: on the event loop,
     not in a thread of its own (a thread would take the GIL from the handlers)."""
-    global _serving
-    if settings.metrics_addr is None:
-        return
-    if _serving is not None and _serving.get_loop() is asyncio.get_running_loop():
-        return  # this process serves them already
+    global _serving_on
+    loop = asyncio.get_running_loop()
+    if settings.metrics_addr is None or _serving_on is loop:
+        return  # not asked for, or served already (claimed before the bind's await)
+    _serving_on = loop
     host, port = settings.metrics_addr
-    _serving = await asyncio.start_server(_answer_scrape, host, port)
+    try:
+        await asyncio.start_server(_answer_scrape, host, port)
+    except OSError as exc:
+        _serving_on = None
+        raise SettingsError(
+            f"SANDBOXER_METRICS_ADDR={host}:{port}: cannot listen there ({exc.strerror})"
+        ) from None
 
 
 async def _answer_scrape(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -8,8 +8,10 @@ import asyncio
 import json
 import logging
 import re
+import socket
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -26,7 +28,7 @@ from sandboxer.settings import Settings
 from schemas import SandboxState
 from tests.conftest import ROOT, Start
 from tests.fake_finhub import FakeFinHub
-from tests.helpers import destroy, provision
+from tests.helpers import destroy, provision, sandboxer
 
 METRIC = re.compile(r"\b((?:sandboxer|process)_[a-z_]+)")
 Spawn = Callable[..., subprocess.Popen[bytes]]
@@ -177,3 +179,27 @@ async def test_one_sandboxs_life_is_one_trace(
     } <= in_trace, in_trace
     # fin-hub got the same trace in its request's headers.
     assert hub.traceparents[0] is not None and f"{trace_id:032x}" in hub.traceparents[0]
+
+
+async def test_two_services_starting_at_once_share_one_endpoint(settings: Settings) -> None:
+    # As `sandboxer dev` starts its worker and billing: both ask at the same moment.
+    shared = replace(settings, metrics_addr=("127.0.0.1", free_port()))
+    await asyncio.gather(observe.start(shared, "worker"), observe.start(shared, "billing"))
+    assert shared.metrics_addr is not None
+    port = shared.metrics_addr[1]
+    served = await until_served(port, lambda s: any(n.startswith("sandboxer_") for n, _ in s))
+    assert ("sandboxer_credits_held_usd_total", frozenset()) in served
+
+
+async def test_a_taken_metrics_address_is_one_line(settings: Settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = await sandboxer(
+            settings, "worker", SANDBOXER_METRICS_ADDR=f"127.0.0.1:{port}"
+        )
+    assert code == 1 and err.strip().splitlines()[-1].startswith(
+        "sandboxer: SANDBOXER_METRICS_ADDR"
+    )
+    assert "cannot listen there" in err and "Traceback" not in err

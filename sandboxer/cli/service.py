@@ -27,7 +27,7 @@ from sandboxer.cli._common import (
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
 from sandboxer.errors import ManifestError
-from sandboxer.settings import NatsAuth, Settings
+from sandboxer.settings import NatsAuth, Settings, SettingsError
 from sandboxer.topology import ensure_topology
 
 #: What `sandboxer dev` grants the `demo` tenant, once per state folder.
@@ -43,7 +43,7 @@ def _serve(service: Callable[[Settings], Coroutine[Any, Any, None]], log_level: 
     current = settings()
     try:
         run_service(service(current))
-    except ManifestError as exc:
+    except (ManifestError, SettingsError) as exc:
         die(str(exc))
     except ConnectionLost as exc:
         die(f"{exc}; exiting so that a supervisor starts it again")
@@ -171,7 +171,7 @@ def dev(
     )
     try:
         run_service(_dev_services(current, identities))
-    except ManifestError as exc:
+    except (ManifestError, SettingsError) as exc:
         die(str(exc))
     finally:
         stack.close()
