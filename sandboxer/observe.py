@@ -34,8 +34,6 @@ from contextlib import contextmanager
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
-from opentelemetry import trace
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -49,6 +47,7 @@ from sandboxer.settings import SettingsError
 
 if TYPE_CHECKING:
     import httpx
+    from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
 
     from sandboxer.settings import Settings
@@ -166,6 +165,10 @@ async def _answer_scrape(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 # -- traces ---------------------------------------------------------------------------
 
 _tracer: trace.Tracer | None = None
+#: `opentelemetry.trace` and the W3C propagator, imported once traces are turned on
+#: (a service without traces does not load them).
+_trace: Any = None
+_W3C: Any = None
 
 
 def setup_tracing(settings: Settings, service: str) -> None:
@@ -196,13 +199,17 @@ def setup_tracing(settings: Settings, service: str) -> None:
 
 
 def use_tracer_provider(provider: TracerProvider | None) -> None:
-    """Trace with `provider` from now on (None: traces off). Tests give an in-memory one."""
-    global _tracer
+    """Trace with `provider` from now on (None: traces off). Tests give an in-memory one.
+    The context sent on is W3C trace context alone (baggage is the publisher's)."""
+    global _tracer, _trace, _W3C
+    if provider is not None and _trace is None:
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        _trace, _W3C = trace, TraceContextTextMapPropagator()
     _tracer = provider.get_tracer("sandboxer") if provider else None
 
 
-#: W3C trace context alone: what we send on (baggage is the publisher's business).
-_W3C = TraceContextTextMapPropagator()
 #: The `traceparent` of the running handler when its trace is not sampled: its messages
 #: carry it on (so the decision holds downstream), and no child span is made.
 _unsampled: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -236,7 +243,7 @@ def span(name: str, **attributes: str) -> Iterator[None]:
     if _tracer is None or _unsampled.get() is not None:
         yield
         return
-    with _tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT, attributes=attributes):
+    with _tracer.start_as_current_span(name, kind=_trace.SpanKind.CLIENT, attributes=attributes):
         yield
 
 
@@ -255,7 +262,7 @@ class provider_call:
         if _tracer is not None and _unsampled.get() is None:
             name = f"{self._extension_id} {self._call}"
             self._span = _tracer.start_as_current_span(
-                name, kind=trace.SpanKind.CLIENT, attributes={"extension_id": self._extension_id}
+                name, kind=_trace.SpanKind.CLIENT, attributes={"extension_id": self._extension_id}
             )
             self._span.__enter__()
         self._began = time.perf_counter()
@@ -299,11 +306,11 @@ async def traced(delivery: _Delivered, consumer: str, work: Awaitable[None]) -> 
     current = _tracer.start_span(
         f"{delivery.subject} process",
         context=_W3C.extract(delivery.headers),
-        kind=trace.SpanKind.CONSUMER,
+        kind=_trace.SpanKind.CONSUMER,
         attributes=attributes,
     )
     if current.is_recording():
-        with trace.use_span(current, end_on_exit=True):
+        with _trace.use_span(current, end_on_exit=True):
             await work
     else:  # nothing to record: pass the decision on, and skip the rest
         ids = current.get_span_context()
@@ -321,7 +328,7 @@ def trace_id() -> str | None:
     """The current trace's id (32 hex digits), if a span is recording."""
     if _tracer is None:
         return None
-    current = trace.get_current_span().get_span_context()
+    current = _trace.get_current_span().get_span_context()
     return f"{current.trace_id:032x}" if current.is_valid else None
 
 
