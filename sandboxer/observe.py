@@ -237,13 +237,22 @@ async def inject_http(request: httpx.Request) -> None:
         _W3C.inject(request.headers)
 
 
+def _client_span(name: str, attributes: dict[str, str]) -> Any:
+    """The context manager of a client span around an outgoing call, or None when not
+    traced (or not sampled: no child spans then)."""
+    if _tracer is None or _unsampled.get() is not None:
+        return None
+    return _tracer.start_as_current_span(name, kind=_trace.SpanKind.CLIENT, attributes=attributes)
+
+
 @contextmanager
 def span(name: str, **attributes: str) -> Iterator[None]:
     """A client span around an outgoing call, when traced (and sampled)."""
-    if _tracer is None or _unsampled.get() is not None:
+    around = _client_span(name, attributes)
+    if around is None:
         yield
         return
-    with _tracer.start_as_current_span(name, kind=_trace.SpanKind.CLIENT, attributes=attributes):
+    with around:
         yield
 
 
@@ -256,14 +265,14 @@ class provider_call:
     def __init__(self, extension_id: str, call: str) -> None:
         self._extension_id = extension_id
         self._call = call
-        self._span: Any = None
 
     def __enter__(self) -> None:
-        if _tracer is not None and _unsampled.get() is None:
-            name = f"{self._extension_id} {self._call}"
-            self._span = _tracer.start_as_current_span(
-                name, kind=_trace.SpanKind.CLIENT, attributes={"extension_id": self._extension_id}
-            )
+        name, attributes = (
+            f"{self._extension_id} {self._call}",
+            {"extension_id": self._extension_id},
+        )
+        self._span = _client_span(name, attributes) if _tracer is not None else None
+        if self._span is not None:
             self._span.__enter__()
         self._began = time.perf_counter()
 

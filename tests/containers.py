@@ -60,27 +60,39 @@ def require_docker() -> None:
         ) from None
 
 
-class _Container:
-    """One testcontainers container, with a server's `url` and `frozen()`."""
+class _InContainer:
+    """A server of `sandboxer.dev.servers` run as a testcontainers container instead of
+    a child process: the same `url`, `start`, `stop` and `frozen()` (paused)."""
 
-    def __init__(self, image: str, command: list[str], port: int, ready_log: str) -> None:
+    scheme: str
+    port: int
+
+    def _box(self, image: str, command: list[str], port: int, ready_log: str) -> None:
         from testcontainers.core.container import DockerContainer
 
-        self._port = port
+        self._inner_port = port
         self._ready_log = ready_log
+        self._host = "127.0.0.1"
         self.container: Any = DockerContainer(image).with_command(command)
         self.container.with_exposed_ports(port)
 
-    def start_container(self) -> tuple[str, int]:
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self._host}:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> None:
         from testcontainers.core.waiting_utils import wait_for_logs
 
         self.container.start()
-        wait_for_logs(self.container, self._ready_log, timeout=60)
-        host = self.container.get_container_host_ip()
-        return host, int(self.container.get_exposed_port(self._port))
+        wait_for_logs(self.container, self._ready_log, timeout=timeout_s)
+        self._host = self.container.get_container_host_ip()
+        self.port = int(self.container.get_exposed_port(self._inner_port))
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.container.stop()
 
     @contextmanager
-    def paused(self) -> Iterator[None]:
+    def frozen(self) -> Iterator[None]:
         wrapped = self.container.get_wrapped_container()
         wrapped.pause()
         try:
@@ -89,51 +101,21 @@ class _Container:
             wrapped.unpause()
 
 
-class ContainerNats(EmbeddedNats):
+class ContainerNats(_InContainer, EmbeddedNats):
     """compose.yaml's NATS, in a container."""
+
+    scheme = "nats"
 
     def __init__(self, store_dir: Path) -> None:
         super().__init__(store_dir)
-        self._box = _Container(NATS_IMAGE, NATS_COMMAND, NATS_PORT, "Server is ready")
-        self._host = "127.0.0.1"
-
-    @property
-    def url(self) -> str:
-        return f"nats://{self._host}:{self.port}"
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        self._host, self.port = self._box.start_container()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._box.container.stop()
-
-    @contextmanager
-    def frozen(self) -> Iterator[None]:
-        with self._box.paused():
-            yield
+        self._box(NATS_IMAGE, NATS_COMMAND, NATS_PORT, "Server is ready")
 
 
-class ContainerOpenBao(EmbeddedOpenBao):
+class ContainerOpenBao(_InContainer, EmbeddedOpenBao):
     """compose.yaml's OpenBao (dev mode), in a container."""
+
+    scheme = "http"
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir, root_token=OPENBAO_ROOT_TOKEN, port=0)
-        self._box = _Container(
-            OPENBAO_IMAGE, OPENBAO_COMMAND, OPENBAO_PORT, "Development mode should NOT"
-        )
-        self._host = "127.0.0.1"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self._host}:{self.port}"
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        self._host, self.port = self._box.start_container()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._box.container.stop()
-
-    @contextmanager
-    def frozen(self) -> Iterator[None]:
-        with self._box.paused():
-            yield
+        self._box(OPENBAO_IMAGE, OPENBAO_COMMAND, OPENBAO_PORT, "Development mode should NOT")
