@@ -19,8 +19,17 @@ from typing import Any, ClassVar, Protocol, TypeVar
 from nats.aio.client import Client as Nats
 from pydantic import BaseModel
 
+from sandboxer.errors import ProviderRejected
 from sandboxer.settings import Settings
-from schemas import CredentialSource, ExtensionManifest, Profile
+from schemas import (
+    ControlEndpoint,
+    Credential,
+    CredentialSource,
+    Endpoint,
+    ExtensionManifest,
+    Port,
+    Profile,
+)
 
 #: Tags put on every provider sandbox, so reconciliation can find it after a crash.
 TAG_SANDBOX_ID = "sandboxer_sandbox_id"
@@ -75,6 +84,36 @@ class ProviderSandbox:
     #: What the price depends on, as the adapter's `MeterFields` describe it (E2B:
     #: cpu_count and memory_mb); copied into the sandbox's meter events.
     meter_fields: Mapping[str, Any] = field(default_factory=dict)
+    #: The ports it was asked to serve (the profile's), and once ready where each is
+    #: reached and the provider's control API (no secrets in either).
+    ports: tuple[Port, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
+    control: ControlEndpoint | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reach:
+    """What `connect` is asked for: one ready sandbox, who asks, which port (None:
+    every endpoint and the control API)."""
+
+    sandbox_id: str
+    tenant: str
+    requester: str
+    provider_sandbox_id: str
+    endpoints: tuple[Endpoint, ...]
+    control: ControlEndpoint | None
+    expires_at: datetime
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The credentials `connect` minted or fetched: handed to the requester in a
+    core-NATS reply, never stored, logged or raised (their secrets are SecretStr)."""
+
+    credentials: list[Credential]
+    control: Credential | None = None
+    control_sdk: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +182,9 @@ class SandboxAdapter(Protocol):
     requires: ClassVar[str | None] = None
     #: Environment variables `<env_prefix><FIELD>` override `config` fields.
     env_prefix: ClassVar[str | None] = None
+    #: Whether its sandboxes serve the ports a profile declares; a profile with ports
+    #: skips an extension whose adapter does not (`route explain`: `no_ports`).
+    serves_ports: ClassVar[bool] = False
 
     def __init__(self, context: AdapterContext) -> None: ...
 
@@ -178,6 +220,18 @@ class SandboxAdapter(Protocol):
     ) -> list[ProviderSandbox]:
         """Running sandboxes whose tags include all of `tags` (for reconciliation)."""
         ...
+
+    async def connect(self, reach: Reach, credentials: Credentials) -> Grant:
+        """The credentials that open `reach`'s endpoints (fetched from the provider, or
+        minted for `reach.requester`). Never logs them; errors never contain them."""
+        raise ProviderRejected(f"{self.extension_id}: its sandboxes serve no ports")
+
+    async def extend(
+        self, provider_sandbox_id: str, expires_at: datetime, credentials: Credentials
+    ) -> None:
+        """Have the provider keep the sandbox running until `expires_at` (an absolute
+        time, so repeating it is harmless). `ProviderRejected` if the provider cannot."""
+        raise ProviderRejected(f"{self.extension_id}: cannot extend a running sandbox")
 
     async def aclose(self) -> None:
         """Release connections and clients."""

@@ -13,12 +13,14 @@ E2B answers `Should-Retry: false`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import logging
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import quote, urlencode
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,7 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from adapters.base import (
     AdapterContext,
     Credentials,
+    Grant,
     ProviderSandbox,
+    Reach,
     SandboxAdapter,
     SandboxSpec,
     Usage,
@@ -40,7 +44,16 @@ from sandboxer.errors import (
     SandboxerError,
 )
 from sandboxer.money import gib
-from schemas import Profile, UsdRate, quantize_usd, utcnow
+from schemas import (
+    ControlEndpoint,
+    Credential,
+    Endpoint,
+    Port,
+    Profile,
+    UsdRate,
+    quantize_usd,
+    utcnow,
+)
 
 if TYPE_CHECKING:  # imported when first used: a worker that never calls E2B saves ~8 MiB
     import httpx
@@ -53,6 +66,11 @@ RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 AMBIGUOUS_ERROR_CODES = frozenset({"idempotency_outcome_unknown", "idempotency_request_mismatch"})
 #: `error_code`s that only mean "not yet".
 TRANSIENT_ERROR_CODES = frozenset({"idempotency_in_progress", "sandbox_capacity_unavailable"})
+#: The header a private sandbox's ports want its traffic access token in.
+TRAFFIC_HEADER = "e2b-traffic-access-token"
+#: envd, the sandbox's own control API (commands, files), and its token's header.
+ENVD_PORT = 49983
+ENVD_HEADER = "X-Access-Token"
 
 
 class E2BRates(BaseModel):
@@ -100,6 +118,17 @@ class E2BConfig(ProviderConfig):
     #: A `Retry-After` longer than this is not slept on inside a handler.
     max_retry_after_s: float = Field(default=30.0, ge=0)
     max_connections: int = Field(default=100, ge=1)
+    #: The sandboxes' domain when E2B's answer names none.
+    domain: str = Field(default="e2b.app", max_length=200)
+    #: How ports are reached: E2B's edge speaks TLS; the fake of `sandboxer dev`,
+    #: plain HTTP on loopback (`SANDBOXER_E2B_TRAFFIC_SCHEME=http`).
+    traffic_scheme: Literal["https", "http"] = "https"
+
+
+def _all_public(ports: tuple[Port, ...]) -> bool:
+    """E2B makes all of a sandbox's ports public or none: public if the profile
+    declares ports and every one is public; private otherwise."""
+    return bool(ports) and all(p.public for p in ports)
 
 
 def _parse_time(value: str) -> datetime:
@@ -138,6 +167,7 @@ class E2BAdapter(SandboxAdapter):
     Config: ClassVar[type[BaseModel]] = E2BConfig
     MeterFields: ClassVar[type[BaseModel]] = E2BMeterFields
     env_prefix: ClassVar[str | None] = "SANDBOXER_E2B_"
+    serves_ports: ClassVar[bool] = True
 
     def __init__(self, context: AdapterContext) -> None:
         self.rates = context.rates(E2BRates)
@@ -165,10 +195,16 @@ class E2BAdapter(SandboxAdapter):
     # -- the seam ---------------------------------------------------------------------
 
     async def provision(self, spec: SandboxSpec, credentials: Credentials) -> ProviderSandbox:
+        ports = tuple(spec.profile.ports)
+        refused = [p.port for p in ports if p.protocol == "tcp"]
+        if refused:  # before anything is made: another route may serve raw TCP
+            raise ProviderRejected(f"ext.e2b: E2B serves no raw TCP ports ({refused})")
         body: dict[str, Any] = {
             "templateID": spec.template or self.config.template,
             "timeout": self.config.timeout_s(spec.ttl_s),
             "metadata": {**spec.metadata, **spec.tags},  # our tags win
+            # One switch for all of a sandbox's ports: public only if every one is.
+            "network": {"allowPublicTraffic": _all_public(ports)},
         }
         if self.config.env_vars:
             body["envVars"] = self.config.env_vars
@@ -185,26 +221,88 @@ class E2BAdapter(SandboxAdapter):
             tags=spec.tags,
             running=True,
             started_at=utcnow(),
+            ports=ports,
         )
 
     async def wait_ready(
         self, sandbox: ProviderSandbox, credentials: Credentials
     ) -> ProviderSandbox:
         # A 201 means E2B already started it; the detail confirms it is running and says
-        # what it is billed on (vCPUs, memory) and since when.
+        # what it is billed on (vCPUs, memory) and since when, and its domain.
         path = f"/sandboxes/{sandbox.provider_sandbox_id}"
         response = await self._call("GET", path, credentials, missing_ok=True)
         if response.status_code == 404:
             raise ProviderFailed(f"ext.e2b: sandbox {sandbox.provider_sandbox_id} is gone")
-        found = self._sandbox(response.json())
+        detail = response.json()
+        found = self._sandbox(detail)
         if not found.running:
             raise ProviderFailed(f"ext.e2b: sandbox {sandbox.provider_sandbox_id} is paused")
-        return found
+        domain = str(detail.get("domain") or self.config.domain)
+        return dataclasses.replace(
+            found,
+            ports=sandbox.ports,
+            endpoints=tuple(
+                self._endpoint(found.provider_sandbox_id, domain, p, sandbox.ports)
+                for p in sandbox.ports
+            ),
+            control=ControlEndpoint(
+                kind="e2b-envd",
+                url=self._url("https", found.provider_sandbox_id, domain, ENVD_PORT),
+                auth="header",
+                auth_name=ENVD_HEADER,
+                sdk={"domain": domain, "envd_version": str(detail.get("envdVersion") or "")},
+            ),
+        )
 
     async def teardown(self, provider_sandbox_id: str, credentials: Credentials) -> None:
         # 404: already killed, or stopped at its timeout. Gone either way.
         path = f"/sandboxes/{provider_sandbox_id}"
         await self._call("DELETE", path, credentials, missing_ok=True)
+
+    async def connect(self, reach: Reach, credentials: Credentials) -> Grant:
+        # `connect` with no timeout hands back a running sandbox's tokens and changes
+        # nothing else; the tokens are never kept.
+        path = f"/v2/sandboxes/{reach.provider_sandbox_id}/connect"
+        answer = (await self._call("POST", path, credentials, json={})).json()
+        traffic, envd = answer.get("trafficAccessToken"), answer.get("envdAccessToken")
+        wanted = [e for e in reach.endpoints if reach.port in (None, e.port)]
+        granted = []
+        for endpoint in wanted:
+            private = not endpoint.public and traffic
+            granted.append(
+                Credential(
+                    port=endpoint.port,
+                    url=endpoint.url,
+                    auth="header" if private else "none",
+                    auth_name=TRAFFIC_HEADER if private else None,
+                    secret=traffic if private else None,
+                    expires_at=reach.expires_at,
+                )
+            )
+        control = None
+        if reach.port is None and reach.control is not None and envd:
+            control = Credential(
+                port=None,
+                url=reach.control.url,
+                auth="header",
+                auth_name=ENVD_HEADER,
+                secret=envd,
+                expires_at=reach.expires_at,
+            )
+        sdk = {
+            "sandbox_id": reach.provider_sandbox_id,
+            "domain": str(answer.get("domain") or self.config.domain),
+            "envd_version": str(answer.get("envdVersion") or ""),
+        }
+        return Grant(granted, control, sdk if control else {})
+
+    async def extend(
+        self, provider_sandbox_id: str, expires_at: datetime, credentials: Credentials
+    ) -> None:
+        # E2B's timeout counts from now; an absolute expiry makes a repeat harmless.
+        timeout = max(1, math.ceil((expires_at - utcnow()).total_seconds()))
+        path = f"/sandboxes/{provider_sandbox_id}/timeout"
+        await self._call("POST", path, credentials, json={"timeout": timeout})
 
     def estimate_cost(self, profile: Profile, ttl_s: int) -> Decimal:
         seconds = Decimal(self.config.timeout_s(ttl_s))
@@ -253,6 +351,28 @@ class E2BAdapter(SandboxAdapter):
         """The create's `Idempotency-Key`: one per sandbox and deployment, so that two
         deployments sharing a key never collide."""
         return f"sandboxer-{self._deployment}-{sandbox_id}"
+
+    def _url(self, scheme: str, provider_sandbox_id: str, domain: str, port: int) -> str:
+        """`https://<port>-<id>.<domain>`: where E2B's edge serves a sandbox's port."""
+        scheme = "http" if self.config.traffic_scheme == "http" else scheme
+        return f"{scheme}://{port}-{provider_sandbox_id}.{domain}"
+
+    def _endpoint(
+        self, provider_sandbox_id: str, domain: str, port: Port, ports: tuple[Port, ...]
+    ) -> Endpoint:
+        public = _all_public(ports)
+        scheme = "wss" if port.protocol == "wss" else "https"
+        if self.config.traffic_scheme == "http":
+            scheme = "ws" if port.protocol == "wss" else "http"
+        return Endpoint(
+            port=port.port,
+            protocol=port.protocol,
+            public=public,
+            url=f"{scheme}://{port.port}-{provider_sandbox_id}.{domain}",
+            host=f"{port.port}-{provider_sandbox_id}.{domain}",
+            auth="none" if public else "header",
+            auth_name=None if public else TRAFFIC_HEADER,
+        )
 
     @staticmethod
     def _sandbox(item: Mapping[str, Any]) -> ProviderSandbox:

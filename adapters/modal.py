@@ -18,13 +18,15 @@ docs/research/modal-client.md.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -32,7 +34,9 @@ from adapters.base import (
     TAG_SANDBOX_ID,
     AdapterContext,
     Credentials,
+    Grant,
     ProviderSandbox,
+    Reach,
     SandboxAdapter,
     SandboxSpec,
     Usage,
@@ -45,7 +49,17 @@ from sandboxer.errors import (
     SandboxerError,
 )
 from sandboxer.money import gib
-from schemas import Factor, Profile, Seconds, UsdRate, quantize_usd, utcnow
+from schemas import (
+    Credential,
+    Endpoint,
+    Factor,
+    Port,
+    Profile,
+    Seconds,
+    UsdRate,
+    quantize_usd,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     import modal
@@ -127,6 +141,15 @@ class ModalConfig(ProviderConfig):
     region_multiplier: Factor = Decimal(1)
     #: Clients kept open (one per credential); the least recently used are closed.
     max_clients: int = Field(default=64, ge=1)
+    #: How long `ready` waits for a started sandbox's tunnels.
+    tunnel_timeout_s: float = Field(default=50.0, gt=0)
+    #: Modal's tunnels speak TLS; the fake of `sandboxer dev`, plain HTTP on loopback
+    #: (`SANDBOXER_MODAL_TUNNEL_SCHEME=http`).
+    tunnel_scheme: Literal["https", "http"] = "https"
+
+
+#: Protocols of a port Modal serves through a TLS tunnel.
+_TLS = frozenset({"http", "https", "wss"})
 
 
 def _key_of(credentials: Credentials) -> tuple[str, str]:
@@ -168,6 +191,7 @@ class ModalAdapter(SandboxAdapter):
     MeterFields: ClassVar[type[BaseModel]] = ModalMeterFields
     requires: ClassVar[str | None] = "modal"
     env_prefix: ClassVar[str | None] = "SANDBOXER_MODAL_"
+    serves_ports: ClassVar[bool] = True
 
     def __init__(self, context: AdapterContext) -> None:
         self.rates = context.rates(ModalRates)
@@ -182,6 +206,10 @@ class ModalAdapter(SandboxAdapter):
         import modal
         from modal import exception as mx
 
+        ports = tuple(spec.profile.ports)
+        refused = [p.port for p in ports if p.protocol == "tcp" and not p.public]
+        if refused:  # before anything is made: Modal's connect proxy speaks HTTP only
+            raise ProviderRejected(f"ext.modal: private raw TCP ports cannot be served ({refused})")
         client, app = await self._session(credentials)
         resources = spec.profile.resources
         gpu = self._gpu(spec.profile)
@@ -205,6 +233,11 @@ class ModalAdapter(SandboxAdapter):
                 idle_timeout=self.config.idle_timeout_s,
                 tags=tags,
                 client=client,
+                # Only public ports get a tunnel (anyone with its URL reaches it);
+                # private ones are reached through Modal's connect tokens.
+                encrypted_ports=[p.port for p in ports if p.public and p.protocol in _TLS],
+                h2_ports=[p.port for p in ports if p.public and p.protocol == "h2"],
+                unencrypted_ports=[p.port for p in ports if p.public and p.protocol == "tcp"],
             )
         except mx.AlreadyExistsError:
             # Made by an earlier attempt whose answer was lost: that one is ours.
@@ -213,10 +246,12 @@ class ModalAdapter(SandboxAdapter):
                 raise ProviderUnavailable(
                     f"ext.modal: {spec.sandbox_id} exists but is not listed yet"
                 ) from None
-            return found
+            return dataclasses.replace(found, ports=ports)
         except Exception as exc:
             raise _translate("create", exc, credentials, creating=True) from None
-        return ProviderSandbox(sandbox.object_id, tags, True, started, self._fields(tags))
+        return ProviderSandbox(
+            sandbox.object_id, tags, True, started, self._fields(tags), ports=ports
+        )
 
     async def wait_ready(
         self, sandbox: ProviderSandbox, credentials: Credentials
@@ -233,7 +268,90 @@ class ModalAdapter(SandboxAdapter):
             raise ProviderFailed(
                 f"ext.modal: sandbox {sandbox.provider_sandbox_id} exited with code {code}"
             )
-        return self._sandbox(sandbox.provider_sandbox_id, tags)
+        ready = self._sandbox(sandbox.provider_sandbox_id, tags)
+        endpoints = await self._endpoints(handle, sandbox.ports, credentials)
+        return dataclasses.replace(ready, ports=sandbox.ports, endpoints=endpoints)
+
+    async def connect(self, reach: Reach, credentials: Credentials) -> Grant:
+        handle = await self._handle(reach.provider_sandbox_id, credentials)
+        if handle is None:
+            raise ProviderFailed(f"ext.modal: sandbox {reach.provider_sandbox_id} is gone")
+        # Modal's proxy hands the sandbox this, unspoofable, as X-Verified-User-Data.
+        who = {"tenant": reach.tenant, "sandbox_id": reach.sandbox_id, "requester": reach.requester}
+        granted = []
+        for endpoint in reach.endpoints:
+            if reach.port not in (None, endpoint.port):
+                continue
+            if endpoint.public:
+                granted.append(
+                    Credential(
+                        port=endpoint.port,
+                        url=endpoint.url,
+                        host=endpoint.host,
+                        host_port=endpoint.host_port,
+                        auth="none",
+                    )
+                )
+                continue
+            try:
+                minted = await handle.create_connect_token.aio(
+                    user_metadata=json.dumps(who, sort_keys=True), port=endpoint.port
+                )
+            except Exception as exc:
+                raise _translate("connect token", exc, credentials, creating=False) from None
+            granted.append(
+                Credential(
+                    port=endpoint.port,
+                    url=minted.url,
+                    auth="bearer",
+                    secret=minted.token,
+                    expires_at=reach.expires_at,  # Modal's tokens name no expiry
+                )
+            )
+        return Grant(granted)
+
+    async def _endpoints(
+        self, handle: Any, ports: tuple[Port, ...], credentials: Credentials
+    ) -> tuple[Endpoint, ...]:
+        """Each port's endpoint: a public one's tunnel (resolved once the sandbox runs),
+        a private one's connect proxy (its URL comes with the token)."""
+        tunnels: dict[int, Any] = {}
+        if any(p.public for p in ports):
+            try:
+                tunnels = await handle.tunnels.aio(timeout=self.config.tunnel_timeout_s)
+            except Exception as exc:
+                raise _translate("tunnels", exc, credentials, creating=False) from None
+        endpoints = []
+        for port in ports:
+            if not port.public:
+                endpoints.append(
+                    Endpoint(port=port.port, protocol=port.protocol, public=False, auth="bearer")
+                )
+                continue
+            tunnel = tunnels.get(port.port)
+            if tunnel is None:
+                raise ProviderUnavailable(f"ext.modal: no tunnel for port {port.port} yet")
+            endpoints.append(self._tunnel_endpoint(port, tunnel))
+        return tuple(endpoints)
+
+    def _tunnel_endpoint(self, port: Port, tunnel: Any) -> Endpoint:
+        if port.protocol == "tcp":
+            host, host_port = tunnel.unencrypted_host, tunnel.unencrypted_port
+            url = None
+        else:
+            host, host_port = tunnel.host, tunnel.port
+            scheme = "wss" if port.protocol == "wss" else "https"
+            if self.config.tunnel_scheme == "http":
+                scheme = "ws" if port.protocol == "wss" else "http"
+            url = f"{scheme}://{host}" + ("" if host_port == 443 else f":{host_port}")
+        return Endpoint(
+            port=port.port,
+            protocol=port.protocol,
+            public=True,
+            url=url,
+            host=host,
+            host_port=host_port,
+        )
 
     async def teardown(self, provider_sandbox_id: str, credentials: Credentials) -> None:
         handle = await self._handle(provider_sandbox_id, credentials)

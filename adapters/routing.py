@@ -1,6 +1,7 @@
 """Where a provision is routed: the first extension of the profile's route list whose
 adapter is loaded and whose credentials resolve for the tenant (its own key first,
-then the platform's). Extensions without a `secret_ref` need no credentials."""
+then the platform's). Extensions without a `secret_ref` need no credentials; a
+profile that declares ports skips extensions whose sandboxes serve none."""
 
 from __future__ import annotations
 
@@ -119,6 +120,9 @@ class Router:
             adapter = self._adapters.get(extension_id)
             if adapter is None:
                 skipped.append((extension_id, "extension not installed"))
+                continue
+            if profile.ports and not adapter.serves_ports:
+                skipped.append((extension_id, "no_ports: its sandboxes serve no ports"))
                 continue
             manifest = self._manifests.get(extension_id)
             ref = manifest.secret_ref if manifest else None

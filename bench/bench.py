@@ -533,6 +533,50 @@ async def observe_overhead_us(n: int = 20_000) -> dict[str, float]:
     return found
 
 
+async def figure_h(
+    tmp: Path, log: Path, args: argparse.Namespace, rate: float, results: dict[str, Any]
+) -> None:
+    """(h): what metrics and traces cost (b) and (d), into `results`."""
+    rates, p50s, scrapes, exports = await bench_observed(
+        tmp,
+        log,
+        args.pipeline_messages // 2,
+        rate,
+        args.latency_seconds / 2,
+        rounds=args.rounds,
+    )
+    base, base_p50 = statistics.median(rates["off"]), statistics.median(p50s["off"])
+    for mode, key in (("all", "h_all"), ("1%", "h_sampled")):
+        # Paired by round: each round's runs are minutes apart, not a noisy hour.
+        costs = [1 - on / off for on, off in zip(rates[mode], rates["off"], strict=True)]
+        added = [on - off for on, off in zip(p50s[mode], p50s["off"], strict=True)]
+        on, on_p50 = statistics.median(rates[mode]), statistics.median(p50s[mode])
+        results[f"{key}_pipeline_per_s"] = round(on)
+        results[f"{key}_cost"] = round(statistics.median(costs), 3)
+        results[f"{key}_d_p50_added_ms"] = round(statistics.median(added), 2)
+        print(
+            f"(h) metrics + traces, {mode} of messages sampled, vs. off (fresh "
+            f"servers; medians of each round's pair): (b) {on:,.0f}/s vs {base:,.0f}/s, "
+            f"cost {100 * statistics.median(costs):.1f} % (rounds: "
+            f"{', '.join(f'{100 * c:.1f}' for c in costs)}); (d) p50 {on_p50:.2f} ms "
+            f"vs {base_p50:.2f} ms, added {statistics.median(added):+.2f} ms",
+            flush=True,
+        )
+    cost = await observe_overhead_us()
+    names = {"off": "off", "1%": "sampled", "all": "all"}
+    for mode, us in cost.items():
+        results[f"h_overhead_us_{names[mode]}"] = round(us, 1)
+    print(
+        "    per provision in the worker (microbenchmark, export aside): "
+        + ", ".join(f"{mode} {us:.1f} us" for mode, us in cost.items()),
+        flush=True,
+    )
+    print(f"    {exports} OTLP exports received; worker metrics during (h):", flush=True)
+    middle = scrapes[len(scrapes) // 2] if scrapes else []
+    for line in [*middle[:6], "    ...", *(scrapes[-1][:6] if scrapes else [])]:
+        print(f"    {line}", flush=True)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -546,6 +590,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="sandboxer-bench-") as tmp:
         log = Path(tmp) / "workers.log"
+        if args.only == "h":
+            await figure_h(Path(tmp), log, args, args.rate, results)
+            return results
         with EmbeddedNats(Path(tmp) / "nats") as server:
             url = server.url
             await fund(url)
@@ -618,44 +665,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
 
-            rates, p50s, scrapes, exports = await bench_observed(
-                Path(tmp),
-                log,
-                args.pipeline_messages // 2,
-                rate,
-                args.latency_seconds / 2,
-                rounds=3,
-            )
-            base, base_p50 = statistics.median(rates["off"]), statistics.median(p50s["off"])
-            for mode, key in (("all", "h_all"), ("1%", "h_sampled")):
-                # Paired by round: each round's runs are minutes apart, not a noisy hour.
-                costs = [1 - on / off for on, off in zip(rates[mode], rates["off"], strict=True)]
-                added = [on - off for on, off in zip(p50s[mode], p50s["off"], strict=True)]
-                on, on_p50 = statistics.median(rates[mode]), statistics.median(p50s[mode])
-                results[f"{key}_pipeline_per_s"] = round(on)
-                results[f"{key}_cost"] = round(statistics.median(costs), 3)
-                results[f"{key}_d_p50_added_ms"] = round(statistics.median(added), 2)
-                print(
-                    f"(h) metrics + traces, {mode} of messages sampled, vs. off (fresh "
-                    f"servers; medians of each round's pair): (b) {on:,.0f}/s vs {base:,.0f}/s, "
-                    f"cost {100 * statistics.median(costs):.1f} % (rounds: "
-                    f"{', '.join(f'{100 * c:.1f}' for c in costs)}); (d) p50 {on_p50:.2f} ms "
-                    f"vs {base_p50:.2f} ms, added {statistics.median(added):+.2f} ms",
-                    flush=True,
-                )
-            cost = await observe_overhead_us()
-            names = {"off": "off", "1%": "sampled", "all": "all"}
-            for mode, us in cost.items():
-                results[f"h_overhead_us_{names[mode]}"] = round(us, 1)
-            print(
-                "    per provision in the worker (microbenchmark, export aside): "
-                + ", ".join(f"{mode} {us:.1f} us" for mode, us in cost.items()),
-                flush=True,
-            )
-            print(f"    {exports} OTLP exports received; worker metrics during (h):", flush=True)
-            middle = scrapes[len(scrapes) // 2] if scrapes else []
-            for line in [*middle[:6], "    ...", *(scrapes[-1][:6] if scrapes else [])]:
-                print(f"    {line}", flush=True)
+            await figure_h(Path(tmp), log, args, rate, results)
 
             holds = await bench_holds(url, 2000, concurrency=16)
             results["g_hold_p50_ms"] = round(percentile(holds, 0.5) * 1000, 2)
@@ -738,8 +748,17 @@ if __name__ == "__main__":
     parser.add_argument("--rss-sandboxes", type=int, default=10_000)
     parser.add_argument("--debits", type=int, default=5_000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument(
+        "--only",
+        choices=["h"],
+        help="measure one figure alone (printed, not written): h at --rate for its (d)",
+    )
+    parser.add_argument("--rate", type=float, default=500.0)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (h), each on fresh servers")
     arguments = parser.parse_args()
     figures = asyncio.run(main(arguments))
+    if arguments.only:
+        sys.exit(0)
     report(figures)
     arguments.out.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"\nwritten: {arguments.out}")

@@ -18,8 +18,10 @@ from pydantic.json_schema import models_json_schema
 from consumers.deadletter import H_CONSUMER, H_DELIVERIES, H_REASON, H_RETRY, H_SEQ, H_STREAM
 from consumers.replay import H_REPLAY
 from sandboxer.topology import (
+    CONNECT_SUBJECT_PREFIX,
     DESTROY_SUBJECT,
     DLQ_SUBJECT_PREFIX,
+    EXTEND_SUBJECT,
     LEDGER_SUBJECT_PREFIX,
     METER_SUBJECT_PREFIX,
     PROVISION_SUBJECT,
@@ -28,7 +30,11 @@ from sandboxer.topology import (
     USAGE_SUBJECT,
 )
 from schemas import (
+    ConnectGrant,
+    ConnectRefusal,
+    ConnectRequest,
     DestroyRequest,
+    ExtendRequest,
     LedgerEntry,
     MeterEvent,
     ProvisionRequest,
@@ -116,7 +122,17 @@ def asyncapi_document(
     adapter's `MeterFields`)."""
     models: list[tuple[type[BaseModel], Any]] = [
         (m, "validation")
-        for m in (ProvisionRequest, DestroyRequest, SandboxStatus, MeterEvent, UsageRecord)
+        for m in (
+            ProvisionRequest,
+            DestroyRequest,
+            ExtendRequest,
+            SandboxStatus,
+            MeterEvent,
+            UsageRecord,
+            ConnectRequest,
+            ConnectGrant,
+            ConnectRefusal,
+        )
     ]
     models.append((LedgerEntry, "validation"))
     per_extension = {
@@ -136,6 +152,27 @@ def asyncapi_document(
         ),
         "DestroyRequest": _message(
             "DestroyRequest", ref(DestroyRequest), "Destroy a sandbox (idempotent).", _REQUEST
+        ),
+        "ExtendRequest": _message(
+            "ExtendRequest",
+            ref(ExtendRequest),
+            "Give a ready sandbox a longer life (the hold grows first; idempotent).",
+            _REQUEST,
+        ),
+        "ConnectRequest": _message(
+            "ConnectRequest",
+            ref(ConnectRequest),
+            "Ask for a ready sandbox's credentials (a core-NATS request: never stored).",
+            {},
+        ),
+        "ConnectGrant": _message(
+            "ConnectGrant",
+            ref(ConnectGrant),
+            "The credentials, on the asker's own inbox only (never stored, never logged).",
+            {},
+        ),
+        "ConnectRefusal": _message(
+            "ConnectRefusal", ref(ConnectRefusal), "No credentials, and why.", {}
         ),
         "ScheduledDestroy": _message(
             "ScheduledDestroy",
@@ -209,6 +246,30 @@ def asyncapi_document(
             ["DestroyRequest"],
             consumer,
         ),
+        "extend": _channel(
+            EXTEND_SUBJECT, "TTL extensions from trusted publishers.", ["ExtendRequest"]
+        ),
+        "extendOfConsumer": _channel(
+            f"{EXTEND_SUBJECT}.{{consumer}}",
+            "TTL extensions from one upstream consumer.",
+            ["ExtendRequest"],
+            consumer,
+        ),
+        "connect": _channel(
+            f"{CONNECT_SUBJECT_PREFIX}.{{owner}}.{{sandbox_id}}",
+            "Core NATS, no stream: the owner asks for a sandbox's credentials (only its "
+            "identity may publish under its name; docs/reachability.md).",
+            ["ConnectRequest"],
+            {"owner": "the owning consumer, or `default`", "sandbox_id": "the sandbox"},
+        ),
+        "connectReply": {
+            "address": None,
+            "summary": "The asker's own inbox (`_INBOX.<identity>.>`), which only it reads.",
+            "messages": {
+                name: {"$ref": f"#/components/messages/{name}"}
+                for name in ("ConnectGrant", "ConnectRefusal")
+            },
+        },
         "schedule": _channel(
             f"{SCHEDULE_SUBJECT_PREFIX}.{{sandbox_id}}",
             "TTL destroys waiting for their time (internal).",
@@ -258,6 +319,24 @@ def asyncapi_document(
         "receiveDestroyOfConsumer": _operation(
             "receive", "destroyOfConsumer", "The same, per consumer.", ["DestroyRequest"]
         ),
+        "receiveExtend": _operation(
+            "receive", "extend", "The provisioner takes TTL extensions.", ["ExtendRequest"]
+        ),
+        "receiveExtendOfConsumer": _operation(
+            "receive", "extendOfConsumer", "The same, per consumer.", ["ExtendRequest"]
+        ),
+        "receiveConnect": {
+            **_operation(
+                "receive", "connect", "Any worker answers a connect request.", ["ConnectRequest"]
+            ),
+            "reply": {
+                "channel": {"$ref": "#/channels/connectReply"},
+                "messages": [
+                    {"$ref": f"#/channels/connectReply/messages/{name}"}
+                    for name in ("ConnectGrant", "ConnectRefusal")
+                ],
+            },
+        },
         "sendSchedule": _operation(
             "send", "schedule", "The provisioner schedules each TTL destroy.", ["ScheduledDestroy"]
         ),
@@ -290,7 +369,9 @@ def asyncapi_document(
             "title": "sandboxer",
             "version": version,
             "description": "Event-driven sandbox broker on NATS JetStream. Every subject "
-            "is persisted in JetStream; payloads are JSON, money is a decimal string.",
+            "but `sandbox.connect.>` (core NATS request/reply: its replies carry "
+            "credentials) is persisted in JetStream; payloads are JSON, money is a "
+            "decimal string.",
         },
         "defaultContentType": "application/json",
         "servers": {

@@ -7,7 +7,7 @@ loses it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -18,7 +18,15 @@ from adapters.registry import Registry
 from sandboxer import observe
 from sandboxer.statuses import StaleStatus, StatusStore
 from sandboxer.topology import meter_subject
-from schemas import MeterKind, SandboxState, SandboxStatus, meter_event_id, utcnow
+from schemas import (
+    ControlEndpoint,
+    Endpoint,
+    MeterKind,
+    SandboxState,
+    SandboxStatus,
+    meter_event_id,
+    utcnow,
+)
 from schemas.cloudevents import meter_event_headers
 
 log = logging.getLogger("sandboxer.metering")
@@ -36,6 +44,26 @@ def recorded_sandbox(status: SandboxStatus) -> ProviderSandbox:
         started_at=started_at,
         meter_fields=status.meter_fields or {},
     )
+
+
+def reach_fields(
+    endpoints: Sequence[Endpoint] | None, control: ControlEndpoint | None, status: SandboxStatus
+) -> dict[str, Any]:
+    """What a status says of how its sandbox is reached: the endpoints and the control
+    API, each credential said to expire with the sandbox (`status.expires_at`)."""
+    expires = status.expires_at
+
+    def expiring(item: Any) -> Any:
+        return (
+            item.model_copy(update={"credential_expires_at": expires})
+            if item.auth != "none"
+            else item
+        )
+
+    return {
+        "endpoints": None if endpoints is None else [expiring(e) for e in endpoints],
+        "control": None if control is None else expiring(control),
+    }
 
 
 class Metering:
@@ -60,6 +88,7 @@ class Metering:
             ready_at=utcnow(),
             started_at=sandbox.started_at,
             meter_fields=to_jsonable_python(sandbox.meter_fields),
+            **reach_fields(sandbox.endpoints if sandbox.ports else None, sandbox.control, status),
         )
         await self.publish(ready, "started")
         try:

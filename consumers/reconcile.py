@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -204,6 +204,9 @@ class Reconciler:
         self, ext: str, sandbox: ProviderSandbox, status: SandboxStatus, revision: int
     ) -> None:
         credentials = await self._router.credentials(status)
+        # Found by its tags, it does not say which ports it serves: its profile does.
+        ports = tuple(self._registry.profile(status.profile).ports)
+        sandbox = replace(sandbox, ports=ports)
         ready = await self._router.adapter(ext).wait_ready(sandbox, credentials)
         await self._metering.mark_ready(status, revision, ready)
         if status.expires_at is not None and status.expires_at <= utcnow():

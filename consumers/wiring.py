@@ -19,6 +19,7 @@ from consumers.destroy import Destroying
 from consumers.lifecycle import Expiry, Lifecycle
 from consumers.metering import Metering
 from consumers.provision import Provisioning
+from consumers.reach import Connecting
 from consumers.reconcile import Reconciler
 from sandboxer.connect import connection_of
 from sandboxer.credits import Ledger
@@ -64,6 +65,7 @@ class WorkerParts:
     lifecycle: Lifecycle
     provisioning: Provisioning
     destroying: Destroying
+    connecting: Connecting
 
     def reconciler(self, *, grace_s: float) -> Reconciler:
         return Reconciler(self.lifecycle, self.statuses, grace_s=grace_s)
@@ -100,4 +102,5 @@ async def open_worker(
         lifecycle=lifecycle,
         provisioning=Provisioning(lifecycle, claims, Ledger(js)),
         destroying=Destroying(lifecycle, statuses),
+        connecting=Connecting(providers.router, statuses),
     )

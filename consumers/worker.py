@@ -15,6 +15,7 @@ from consumers.deadletter import on_max_deliveries
 from consumers.delivery import Delivery, settle
 from consumers.reconcile import ACTIONS_TAKEN, Reconciler, take_turn
 from consumers.wiring import WorkerParts, open_worker
+from sandboxer.connect import connection_of
 from sandboxer.settings import Settings
 from sandboxer.topology import (
     ADVISORY_CONSUMER,
@@ -117,6 +118,9 @@ async def run_worker(
         lifeline = Lifeline("sandboxer-worker")
         js = await connect(settings, lifeline, stack)
         parts = await open_worker(settings, js, stack)
+        connects = await parts.connecting.subscribe(connection_of(js))
+        stack.push_async_callback(parts.connecting.aclose)
+        stack.push_async_callback(connects.unsubscribe)
         if settings.reconcile_every_s > 0:
             reconciler = parts.reconciler(grace_s=settings.reconcile_grace_s)
             task = asyncio.create_task(reconcile_forever(reconciler, js, settings))

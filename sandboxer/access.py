@@ -25,6 +25,7 @@ from sandboxer.topology import (
     ADVISORY_STREAM,
     BILLING_BUCKET,
     BILLING_STREAM,
+    CONNECT_SUBJECT_PREFIX,
     DESTROY_SUBJECT,
     DLQ_SUBJECT_PREFIX,
     LEASE_BUCKET,
@@ -38,6 +39,7 @@ from sandboxer.topology import (
     STUB_BUCKET,
     USAGE_SUBJECT,
     destroy_subject,
+    extend_subject,
     provision_subject,
 )
 
@@ -48,6 +50,9 @@ class Permissions:
 
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    #: May answer the requests it receives (once each, on their reply subject),
+    #: wherever the reply goes: the worker, answering connect requests.
+    allow_responses: bool = False
 
 
 def inbox_prefix(identity: str) -> str:
@@ -123,6 +128,9 @@ def permissions(identity: str) -> Permissions:
     """The permissions of a service role, the operator, or `consumer-<name>`."""
     if identity == OPERATOR:
         return Permissions(publish=(">",), subscribe=(">",))
+    if identity == "worker":  # it also answers connect requests, and only those
+        subscribe = (f"{inbox_prefix(identity)}.>", f"{CONNECT_SUBJECT_PREFIX}.*.*")
+        return Permissions(ROLES[identity], subscribe, allow_responses=True)
     if identity in ROLES:
         return Permissions(ROLES[identity], (f"{inbox_prefix(identity)}.>",))
     if identity.startswith("consumer-"):
@@ -131,13 +139,16 @@ def permissions(identity: str) -> Permissions:
 
 
 def consumer_permissions(name: str) -> Permissions:
-    """An upstream consumer publishes its own requests and reads its own statuses (live,
-    and the last one of a sandbox by a direct get of its key); nothing else."""
+    """An upstream consumer publishes its own requests, asks for the credentials of its
+    own sandboxes and reads its own statuses (live, and the last one of a sandbox by a
+    direct get of its key); nothing else."""
     status_key = f"$KV.{STATUS_BUCKET}.{name}.>"
     return Permissions(
         publish=(
             provision_subject(name),
             destroy_subject(name),
+            extend_subject(name),
+            f"{CONNECT_SUBJECT_PREFIX}.{name}.*",
             f"$JS.API.DIRECT.GET.KV_{STATUS_BUCKET}.{status_key}",
         ),
         subscribe=(f"{STATUS_SUBJECT_PREFIX}.{name}.>", f"{inbox_prefix(f'consumer-{name}')}.>"),
@@ -181,7 +192,8 @@ def authorization_conf(keys: dict[str, str]) -> str:
             "      permissions: {\n"
             f"        publish: {{ allow: {json.dumps(list(allowed.publish))} }}\n"
             f"        subscribe: {{ allow: {json.dumps(list(allowed.subscribe))} }}\n"
-            "      }\n"
+            + ("        allow_responses: true\n" if allowed.allow_responses else "")
+            + "      }\n"
             "    }"
         )
     return (

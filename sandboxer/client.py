@@ -14,6 +14,7 @@ from collections.abc import Callable
 from nats.aio.client import Client as Nats
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
+from pydantic import ValidationError
 
 from sandboxer import observe
 from sandboxer.connect import connect_nats
@@ -21,12 +22,24 @@ from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import NatsAuth, servers_of
 from sandboxer.statuses import StatusStore, last_status
 from sandboxer.topology import (
+    connect_subject,
     destroy_subject,
+    extend_subject,
     provision_subject,
     status_key,
     status_subject,
 )
-from schemas import DestroyRequest, ProvisionRequest, SandboxState, SandboxStatus
+from schemas import (
+    ConnectGrant,
+    ConnectRefusal,
+    ConnectRequest,
+    DestroyRequest,
+    ErrorInfo,
+    ExtendRequest,
+    ProvisionRequest,
+    SandboxState,
+    SandboxStatus,
+)
 
 PROVISION_SETTLED = frozenset(
     {SandboxState.READY, SandboxState.FAILED, SandboxState.DESTROYING, SandboxState.DESTROYED}
@@ -49,6 +62,18 @@ class WaitTimedOut(Exception):
         super().__init__(f"no answer within {waited_s:g} s; {sandbox_id} is {state}")
         self.sandbox_id = sandbox_id
         self.last = last
+
+
+class ConnectRefused(Exception):
+    """A connect request was answered without credentials: `error` says why."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(f"{error.code.value}: {error.message}")
+        self.error = error
+
+
+#: How long a connect request waits for its answer (a provider call is in it).
+CONNECT_TIMEOUT_S = 30.0
 
 
 class Client:
@@ -121,6 +146,43 @@ class Client:
             wait_s,
         )
 
+    async def extend(
+        self, request: ExtendRequest, *, wait_s: float | None = None
+    ) -> SandboxStatus | None:
+        """Publish an ExtendRequest; with `wait_s`, return the status that answers it
+        (the sandbox with its new `expires_at`, or a refusal)."""
+        assert self._nc is not None
+        return await self._request(
+            extend_subject(self.consumer),
+            request.model_dump_json().encode(),
+            request.sandbox_id,
+            frozenset(SandboxState),
+            wait_s,
+            answered=lambda s: (
+                s.state is SandboxState.FAILED
+                or any(x.request_id == request.request_id for x in s.ttl_extensions)
+            ),
+        )
+
+    async def connect(
+        self, sandbox_id: str, tenant: str, owner: str | None = None, port: int | None = None
+    ) -> ConnectGrant:
+        """The credentials of a ready sandbox, asked for on its owner's connect subject
+        (an upstream's own; a trusted client names the `owner` from the status)."""
+        assert self._nc is not None
+        who = self.consumer or owner
+        if who is None:
+            raise ValueError("connect needs the sandbox's owner")
+        answer = await self._nc.request(
+            connect_subject(who, sandbox_id),
+            ConnectRequest(tenant=tenant, port=port).model_dump_json().encode(),
+            timeout=CONNECT_TIMEOUT_S,
+        )
+        try:
+            return ConnectGrant.model_validate_json(answer.data)
+        except ValidationError:
+            raise ConnectRefused(ConnectRefusal.model_validate_json(answer.data).error) from None
+
     async def status(self, sandbox_id: str) -> SandboxStatus | None:
         """The stored status of a sandbox, or None. A consumer reads its own with a
         direct get of its key, the only read its permissions allow."""
@@ -140,6 +202,7 @@ class Client:
         sandbox_id: str,
         settled: frozenset[SandboxState],
         wait_s: float | None,
+        answered: Callable[[SandboxStatus], bool] | None = None,
     ) -> SandboxStatus | None:
         if wait_s is None:
             await self.js.publish(subject, payload, headers=observe.trace_headers())
@@ -167,7 +230,7 @@ class Client:
                 if self._progress is not None and (last is None or status.state != last.state):
                     self._progress(sandbox_id, status, loop.time() - began)
                 last = status
-                if status.state in settled:
+                if status.state in settled and (answered is None or answered(status)):
                     return status
         finally:
             await answers.unsubscribe()

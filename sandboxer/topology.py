@@ -30,6 +30,10 @@ from nats.js.kv import KeyValue
 #: `<subject>.<its name>`, which nats-server lets only its identity use.
 PROVISION_SUBJECT = "sandbox.provision"
 DESTROY_SUBJECT = "sandbox.destroy"
+EXTEND_SUBJECT = "sandbox.extend"
+#: Credentials are asked for by core-NATS request on `sandbox.connect.<owner>.<id>`:
+#: no stream may ever take these subjects (the replies carry secrets).
+CONNECT_SUBJECT_PREFIX = "sandbox.connect"
 STATUS_SUBJECT_PREFIX = "sandbox.status"
 METER_SUBJECT_PREFIX = "sandbox.meter"
 #: One subject per sandbox holds its TTL destroy until nats-server fires it.
@@ -67,6 +71,9 @@ EXPORT_CONSUMER = "finhub-export"
 
 PROVISION_CONSUMER = "provisioner-provision"
 DESTROY_CONSUMER = "provisioner-destroy"
+EXTEND_CONSUMER = "provisioner-extend"
+#: The queue group of the workers answering connect requests.
+CONNECT_QUEUE = "sandboxer-connect"
 
 DAY_S = 24 * 3600.0
 #: Requests are kept a week so operators can replay them; status history and meter
@@ -98,10 +105,20 @@ def destroy_subject(consumer: str | None = None) -> str:
     return DESTROY_SUBJECT if consumer is None else f"{DESTROY_SUBJECT}.{consumer}"
 
 
+def extend_subject(consumer: str | None = None) -> str:
+    """Where `consumer` publishes TTL extensions (None: the trusted plain subject)."""
+    return EXTEND_SUBJECT if consumer is None else f"{EXTEND_SUBJECT}.{consumer}"
+
+
+def connect_subject(owner: str, sandbox_id: str) -> str:
+    """Where the owner of a sandbox asks for its credentials."""
+    return f"{CONNECT_SUBJECT_PREFIX}.{owner}.{sandbox_id}"
+
+
 def consumer_of(subject: str) -> str | None:
     """The consumer a request subject belongs to (`sandbox.provision.<name>`), or None
     for a plain subject. nats-server's permissions guarantee it is the publisher's."""
-    for plain in (PROVISION_SUBJECT, DESTROY_SUBJECT):
+    for plain in (PROVISION_SUBJECT, DESTROY_SUBJECT, EXTEND_SUBJECT):
         if subject.startswith(f"{plain}."):
             return subject[len(plain) + 1 :]
     return None
@@ -168,6 +185,8 @@ def stream_configs(replicas: int) -> list[StreamConfig]:
                 f"{PROVISION_SUBJECT}.*",
                 DESTROY_SUBJECT,
                 f"{DESTROY_SUBJECT}.*",
+                EXTEND_SUBJECT,
+                f"{EXTEND_SUBJECT}.*",
                 f"{SCHEDULE_SUBJECT_PREFIX}.*",
             ],
             max_age=REQUESTS_MAX_AGE_S,

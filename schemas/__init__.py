@@ -34,24 +34,44 @@ from schemas.manifest import (
     byok_path,
 )
 from schemas.meter import MeterEvent, MeterKind, meter_event_id, meter_event_model
-from schemas.requests import DestroyRequest, ProvisionRequest
+from schemas.reach import (
+    ConnectGrant,
+    ConnectRequest,
+    ControlEndpoint,
+    Credential,
+    Endpoint,
+    Port,
+    PortProtocol,
+)
+from schemas.requests import DestroyRequest, ExtendRequest, ProvisionRequest
 from schemas.status import (
+    MAX_TTL_EXTENSIONS,
+    ConnectRefusal,
     CredentialSource,
     ErrorCode,
     ErrorInfo,
     SandboxState,
     SandboxStatus,
+    TtlExtension,
 )
 
 __all__ = [
     "DEFAULT_OWNER",
+    "MAX_TTL_EXTENSIONS",
     "USD_QUANTUM",
+    "ConnectGrant",
+    "ConnectRefusal",
+    "ConnectRequest",
     "ConsumerManifest",
     "ConsumerName",
+    "ControlEndpoint",
+    "Credential",
     "CredentialSource",
     "DestroyRequest",
+    "Endpoint",
     "ErrorCode",
     "ErrorInfo",
+    "ExtendRequest",
     "ExtensionId",
     "ExtensionManifest",
     "Factor",
@@ -59,6 +79,8 @@ __all__ = [
     "LedgerKind",
     "MeterEvent",
     "MeterKind",
+    "Port",
+    "PortProtocol",
     "Pricing",
     "Profile",
     "ProfileId",
@@ -72,6 +94,7 @@ __all__ = [
     "SecretRef",
     "TenantId",
     "Timestamp",
+    "TtlExtension",
     "TtlLimits",
     "TtlOutOfRange",
     "UsageRecord",

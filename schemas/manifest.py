@@ -3,11 +3,12 @@ kind of sandbox a tenant can ask for."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from schemas._types import ExtensionId, ProfileId, TenantId, UsdRate
+from schemas.reach import Port, unique_ports
 
 #: The owner of statuses whose tenant no consumer lists; not a consumer's name.
 DEFAULT_OWNER = "default"
@@ -110,6 +111,11 @@ class Profile(BaseModel):
     ttl: TtlLimits
     resources: Resources = Field(default_factory=Resources)
     template: str | None = Field(default=None, max_length=128)
+    ports: Annotated[list[Port], AfterValidator(unique_ports)] = Field(
+        default_factory=list,
+        max_length=16,
+        description="The ports a sandbox serves; a `ready` status says how to reach each.",
+    )
     pins: dict[TenantId, ExtensionId] = Field(
         default_factory=dict,
         description="Tenants held to one extension of `routes`: no other is tried.",

@@ -1,13 +1,13 @@
 """What upstream publishes: ProvisionRequest on `sandbox.provision`, DestroyRequest on
-`sandbox.destroy`."""
+`sandbox.destroy`, ExtendRequest on `sandbox.extend`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas._types import ProfileId, RequestId, SandboxId, TenantId
 
@@ -57,3 +57,19 @@ class DestroyRequest(_Request):
     reason: str = Field(
         default="requested", min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_-]*$"
     )
+
+
+class ExtendRequest(_Request):
+    """Give a ready sandbox a longer life: a new TTL (counted, like a provision's, from
+    its creation) or seconds added to its expiry, within the profile's limits. The
+    credit hold grows first; the same `request_id` again changes nothing."""
+
+    sandbox_id: SandboxId
+    ttl_s: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+    add_s: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Self:
+        if (self.ttl_s is None) == (self.add_s is None):
+            raise ValueError("give exactly one of ttl_s and add_s")
+        return self

@@ -17,6 +17,7 @@ from schemas._types import (
     Timestamp,
     Usd,
 )
+from schemas.reach import ControlEndpoint, Endpoint
 
 
 class ErrorCode(StrEnum):
@@ -62,6 +63,30 @@ class ErrorInfo(BaseModel):
     message: str = Field(max_length=1024)
 
 
+class ConnectRefusal(BaseModel):
+    """The reply to a ConnectRequest that gets no credentials: `not_found` (no such
+    sandbox of the asker's), `invalid_request`, `provider_unavailable`..."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+    error: ErrorInfo
+
+
+class TtlExtension(BaseModel):
+    """One `sandbox.extend` applied to a sandbox: its request id (so a repeat applies
+    nothing) and the expiry it set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: RequestId
+    expires_at: Timestamp
+
+
+#: The extensions a sandbox may get (each is kept in its status, for idempotency).
+MAX_TTL_EXTENSIONS = 32
+
+
 class SandboxStatus(BaseModel):
     """One sandbox as sandboxer knows it. Never holds a secret or a credential value."""
 
@@ -105,6 +130,20 @@ class SandboxStatus(BaseModel):
     )
     credential_version: int | None = Field(default=None, ge=1)
     error: ErrorInfo | None = None
+    endpoints: list[Endpoint] | None = Field(
+        default=None,
+        max_length=32,
+        description="Once ready: where each port of the profile is reached and how to "
+        "authenticate (credentials come from `sandbox.connect`, never here).",
+    )
+    control: ControlEndpoint | None = Field(
+        default=None, description="The provider's control API of the sandbox, if any."
+    )
+    ttl_extensions: list[TtlExtension] = Field(
+        default_factory=list,
+        max_length=MAX_TTL_EXTENSIONS,
+        description="The `sandbox.extend` requests applied, oldest first.",
+    )
     request_digest: str | None = Field(
         default=None,
         description="sha256 of the accepted ProvisionRequest body; a different body under "

@@ -49,10 +49,13 @@ def test_every_reference_resolves_and_every_subject_is_there() -> None:
         for part in ref.removeprefix("#/").split("/"):
             assert isinstance(node, dict) and part in node, f"{ref} does not resolve"
             node = node[part]
-    addresses = {channel["address"] for channel in document["channels"].values()}
+    # A reply channel has no address (the asker's inbox).
+    addresses = {c["address"] for c in document["channels"].values() if c["address"]}
     prefixes = [
         topology.PROVISION_SUBJECT,
         topology.DESTROY_SUBJECT,
+        topology.EXTEND_SUBJECT,
+        topology.CONNECT_SUBJECT_PREFIX,
         topology.STATUS_SUBJECT_PREFIX,
         topology.METER_SUBJECT_PREFIX,
         topology.SCHEDULE_SUBJECT_PREFIX,

@@ -328,10 +328,16 @@ def security_show(
     except ValueError as exc:
         die(str(exc))
     if as_json:
-        said = {"publish": list(allowed.publish), "subscribe": list(allowed.subscribe)}
+        said = {
+            "publish": list(allowed.publish),
+            "subscribe": list(allowed.subscribe),
+            "allow_responses": allowed.allow_responses,
+        }
         typer.echo(json.dumps({"identity": identity, **said}))
         return
     for subject in allowed.publish:
         typer.echo(f"publish    {subject}")
     for subject in allowed.subscribe:
         typer.echo(f"subscribe  {subject}")
+    if allowed.allow_responses:
+        typer.echo("responds   to the requests it receives (allow_responses)")

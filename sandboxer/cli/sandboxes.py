@@ -1,14 +1,16 @@
 """Commands for sandboxes and what they are made of: `provision`, `destroy`, `status`,
-`ls`, `extensions`, `profiles`, `schemas export`."""
+`ls`, `connect`, `extensions`, `profiles`, `schemas export`."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import uuid
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from nats.errors import NoRespondersError
 from pydantic import TypeAdapter, ValidationError
 
 from sandboxer.cli._common import (
@@ -23,8 +25,17 @@ from sandboxer.cli._common import (
     run,
     schemas_app,
 )
+from sandboxer.client import ConnectRefused
 from sandboxer.ids import sandbox_id_for
-from schemas import DestroyRequest, ProvisionRequest, SandboxId, SandboxState, SandboxStatus
+from schemas import (
+    ConnectGrant,
+    Credential,
+    DestroyRequest,
+    ProvisionRequest,
+    SandboxId,
+    SandboxState,
+    SandboxStatus,
+)
 
 _SANDBOX_ID: TypeAdapter[str] = TypeAdapter(SandboxId)
 
@@ -208,3 +219,65 @@ def schemas_asyncapi(
         return
     output.write_text(text)
     typer.echo(str(output))
+
+
+@app.command()
+def connect(
+    sandbox_id: Annotated[str, typer.Argument(help="A ready sandbox.")],
+    port: Annotated[int | None, typer.Option(help="Only this port.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print how to reach a sandbox's ports, with their credentials, and a `curl` line
+    for each (the credentials are fetched for you, and never stored)."""
+    _check_sandbox_id(sandbox_id)
+
+    async def go() -> ConnectGrant:
+        async with nats_client() as client:
+            current = await client.status(sandbox_id)
+            if current is None:
+                die(f"not_found: no sandbox {sandbox_id}")
+            try:
+                return await client.connect(sandbox_id, current.tenant, current.owner, port)
+            except ConnectRefused as exc:
+                die(str(exc))
+            except NoRespondersError:
+                die("no worker answers connect requests; is one running?")
+
+    grant = run(go())
+    if as_json:
+        typer.echo(grant.model_dump_json())
+        return
+    if not grant.credentials and grant.control is None:
+        die(f"{sandbox_id} declares no ports (its profile has none)")
+    for credential in grant.credentials:
+        typer.echo(describe(credential))
+    if grant.control is not None:
+        sdk = ", ".join(f"{k}={v}" for k, v in grant.control_sdk.items())
+        typer.echo(f"control  {grant.control.url}  ({sdk}; docs/reachability.md)")
+        typer.echo(f"  {grant.control.auth_name}: {_secret(grant.control)}")
+
+
+def _secret(credential: Credential) -> str:
+    return credential.secret.get_secret_value() if credential.secret else ""
+
+
+def describe(credential: Credential) -> str:
+    """A port's endpoint and credential for a person, with a ready-to-run `curl` line
+    (or, for a raw TCP port, its host and port)."""
+    where = credential.url or f"{credential.host}:{credential.host_port}"
+    lines = [f"port {credential.port}  {where}  auth={credential.auth}"]
+    if credential.expires_at:
+        lines[0] += f"  expires_at={credential.expires_at.isoformat()}"
+    if credential.url is None:
+        return lines[0]
+    secret = shlex.quote(_secret(credential))
+    url = shlex.quote(credential.url)
+    if credential.auth == "header":
+        lines.append(f"  curl -H {shlex.quote(f'{credential.auth_name}: ')}{secret} {url}")
+    elif credential.auth == "bearer":
+        lines.append(f"  curl -H 'Authorization: Bearer '{secret} {url}")
+    elif credential.auth == "query":
+        lines.append(f"  curl {shlex.quote(f'{credential.url}?{credential.auth_name}=')}{secret}")
+    else:
+        lines.append(f"  curl {url}")
+    return "\n".join(lines)

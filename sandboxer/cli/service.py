@@ -125,8 +125,9 @@ def dev(
         die(f"cannot start nats-server: {exc} (try --port)")
     current = replace(settings(), nats_url=server.url)
     shell_env = {"SANDBOXER_NATS_URL": server.url}
-    profile = "profile.modal-gpu" if fake_modal else "profile.burst-sandbox"
-    profile = "profile.e2b-burst" if fake_e2b else profile
+    # With a fake cloud, a profile whose sandboxes serve a port: `connect` reaches it.
+    profile = "profile.modal-web" if fake_modal else "profile.burst-sandbox"
+    profile = "profile.web-sandbox" if fake_e2b else profile
     if fake_e2b or fake_modal:
         from sandboxer.dev.providers import start_fake_providers
 
@@ -160,6 +161,8 @@ def dev(
         f"sandboxer dev: NATS with JetStream on {server.url}, state in {state_dir}/\n"
         f"In another shell:\n"
         f"  {env}.venv/bin/sandboxer provision --tenant demo --profile {profile} --wait\n"
+        + (f"  {env}.venv/bin/sandboxer connect <sandbox_id>\n" if fake_e2b or fake_modal else "")
+        + f"  {env}.venv/bin/sandboxer extend <sandbox_id> --add 300\n"
         f"  {env}.venv/bin/sandboxer destroy <sandbox_id> --wait\n"
         f"  {env}.venv/bin/sandboxer ls\n"
         f"  {env}.venv/bin/sandboxer credits balance demo\n"

@@ -70,9 +70,18 @@ def start_fake_providers(
 
         api_key = "e2b_" + secrets.token_hex(20)
         fake_e2b = stack.enter_context(FakeE2B(api_keys={api_key}))
-        adapter_env["SANDBOXER_E2B_API_URL"] = env["SANDBOXER_E2B_API_URL"] = fake_e2b.url
+        e2b_env = {
+            "SANDBOXER_E2B_API_URL": fake_e2b.url,
+            # The fake's edge speaks plain HTTP on loopback, where E2B's speaks TLS.
+            "SANDBOXER_E2B_TRAFFIC_SCHEME": "http",
+        }
+        adapter_env.update(e2b_env)
+        env.update(e2b_env)
         where = keep("ext.e2b", {"api_key": api_key})
-        said.append(f"fake E2B API on {fake_e2b.url}; its key at {where}")
+        said.append(
+            f"fake E2B API on {fake_e2b.url}, sandboxes' ports on {fake_e2b.domain}; "
+            f"its key at {where}"
+        )
     if modal:
         from sandboxer.dev.fakes.modal import FakeModal, FakeModalState
 
@@ -83,6 +92,9 @@ def start_fake_providers(
         modal_env = {"MODAL_SERVER_URL": fake_modal.url, "MODAL_DISABLE_API_PROXY": "1"}
         os.environ.update(modal_env)
         env.update(modal_env)
+        # Its tunnels are plain HTTP on loopback, where Modal's speak TLS.
+        adapter_env["SANDBOXER_MODAL_TUNNEL_SCHEME"] = "http"
+        env["SANDBOXER_MODAL_TUNNEL_SCHEME"] = "http"
         where = keep("ext.modal", {"token_id": state.token_id, "token_secret": state.token_secret})
         said.append(f"fake Modal API (gRPC) on {fake_modal.url}; its token at {where}")
     changed = replace(settings, bao=BaoSettings(addr=bao.url, token=token), adapter_env=adapter_env)

@@ -5,12 +5,20 @@ Realistic where it matters: ids of 20 `[a-z0-9]`, metadata filtering and paginat
 idempotency keys, sandboxes that die at their timeout, API keys checked, JSON errors.
 Faults can be scripted: statuses (429, 5xx, with Retry-After / Should-Retry), latency,
 and responses dropped after the server acted (the ambiguous failure).
+
+Sandboxes are reachable too: a second loopback server plays E2B's edge, routing by
+host (`<port>-<sandbox id>.localhost:<its port>`, the sandboxes' `domain`) or, as
+`sandbox.e2b.app` does, by the `E2b-Sandbox-Id` and `E2b-Sandbox-Port` headers. A
+private sandbox's ports answer 403 without its `e2b-traffic-access-token`; envd's port
+(49983) answers `/health` only with its `X-Access-Token`; any other port answers who
+served it.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import secrets
 import string
 import threading
 import time
@@ -21,7 +29,11 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
-from sandboxer.dev.fakes.http import LoopbackHTTP
+from sandboxer.dev.fakes.http import LoopbackHTTP, sandbox_page, send_json
+
+#: envd's port, and the headers of E2B's edge.
+ENVD_PORT = 49983
+TRAFFIC_HEADER = "e2b-traffic-access-token"
 
 
 @dataclass
@@ -52,23 +64,31 @@ class FakeSandbox:
     cpu_count: int = 2
     memory_mb: int = 512
     killed_at: datetime | None = None
+    public: bool = True  # E2B's default when `network.allowPublicTraffic` is omitted
+    domain: str | None = None
+    traffic_token: str = field(default_factory=lambda: "tat_" + secrets.token_hex(16))
+    envd_token: str = field(default_factory=lambda: "eat_" + secrets.token_hex(16))
 
     def alive(self, now: datetime) -> bool:
         return self.killed_at is None and now < self.end_at
 
     def summary(self) -> dict[str, Any]:
+        """E2B's `Sandbox`: the answer to a create or a connect, tokens included."""
         return {
             "templateID": self.template_id,
             "sandboxID": self.sandbox_id,
             "clientID": "fake-client",
             "envdVersion": "0.4.0",
-            "envdAccessToken": None,
-            "domain": None,
+            "envdAccessToken": self.envd_token,
+            "trafficAccessToken": None if self.public else self.traffic_token,
+            "domain": self.domain,
         }
 
     def detail(self) -> dict[str, Any]:
+        """E2B's `SandboxDetail`: no traffic token."""
+        summary = {k: v for k, v in self.summary().items() if k != "trafficAccessToken"}
         return {
-            **self.summary(),
+            **summary,
             "startedAt": _iso(self.started_at),
             "endAt": _iso(self.end_at),
             "cpuCount": self.cpu_count,
@@ -124,10 +144,30 @@ class FakeE2B(LoopbackHTTP):
                 pass
 
         LoopbackHTTP.__init__(self, Handler)
+        self.edge = _Edge(self)
 
     @property
     def url(self) -> str:
         return self.base_url
+
+    @property
+    def domain(self) -> str:
+        """The sandboxes' domain: E2B's edge on loopback."""
+        return f"localhost:{self.edge.port}"
+
+    def __enter__(self) -> FakeE2B:
+        self.edge.__enter__()
+        return LoopbackHTTP.__enter__(self)
+
+    def __exit__(self, *exc: object) -> None:
+        LoopbackHTTP.__exit__(self, *exc)
+        self.edge.__exit__(*exc)
+
+    def sandbox(self, sandbox_id: str) -> FakeSandbox | None:
+        """A live sandbox by id, or None."""
+        with self._lock:
+            found = self.sandboxes.get(sandbox_id)
+            return found if found is not None and found.alive(datetime.now(UTC)) else None
 
     def alive(self) -> list[FakeSandbox]:
         now = datetime.now(UTC)
@@ -170,22 +210,7 @@ class FakeE2B(LoopbackHTTP):
             return None  # acted, but the answer is lost
         return self._send(http, status, payload, headers)
 
-    @staticmethod
-    def _send(
-        http: BaseHTTPRequestHandler,
-        status: int,
-        payload: Any,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        data = b"" if status == 204 else json.dumps(payload).encode()
-        http.send_response(status)
-        for name, value in (headers or {}).items():
-            http.send_header(name, value)
-        if data:
-            http.send_header("Content-Type", "application/json")
-        http.send_header("Content-Length", str(len(data)))
-        http.end_headers()
-        http.wfile.write(data)
+    _send = staticmethod(send_json)
 
     def _act(
         self, method: str, path: str, query: str, body: bytes, headers: Any
@@ -197,6 +222,11 @@ class FakeE2B(LoopbackHTTP):
                 return self._create(json.loads(body or b"{}"), headers.get("Idempotency-Key"), now)
             if method == "GET" and path == "/v2/sandboxes":
                 return self._list(query, now)
+            if segments[:2] == ["v2", "sandboxes"] and segments[3:] == ["connect"]:
+                sandbox = self.sandboxes.get(segments[2])
+                if sandbox is None or not sandbox.alive(now):
+                    return 404, {"code": 404, "message": f"sandbox {segments[2]} not found"}, {}
+                return 200, sandbox.summary(), {}
             if len(segments) >= 2 and segments[0] == "sandboxes":
                 sandbox = self.sandboxes.get(segments[1])
                 if sandbox is None or not sandbox.alive(now):
@@ -249,6 +279,8 @@ class FakeE2B(LoopbackHTTP):
             end_at=now + timedelta(seconds=timeout),
             cpu_count=cpu_count,
             memory_mb=memory_mb,
+            public=bool((request.get("network") or {}).get("allowPublicTraffic", True)),
+            domain=self.domain,
         )
         self.sandboxes[sandbox_id] = sandbox
         if key is not None:
@@ -274,3 +306,70 @@ class FakeE2B(LoopbackHTTP):
             for s in page
         ]
         return 200, items, headers
+
+
+class _Edge(LoopbackHTTP):
+    """E2B's edge: the sandboxes' ports, on one loopback server."""
+
+    def __init__(self, fake: FakeE2B) -> None:
+        edge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                edge._serve(self)
+
+            def do_POST(self) -> None:
+                edge._serve(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._fake = fake
+        LoopbackHTTP.__init__(self, Handler)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def _serve(self, http: BaseHTTPRequestHandler) -> None:
+        length = int(http.headers.get("Content-Length") or 0)
+        if length:
+            http.rfile.read(length)
+        target = _target(http.headers)
+        if target is None:
+            return send_json(http, 400, {"code": 400, "message": "no sandbox in the host"})
+        port, sandbox_id = target
+        sandbox = self._fake.sandbox(sandbox_id)
+        if sandbox is None:
+            return send_json(http, 502, {"code": 502, "message": "The sandbox was not found"})
+        path = urlsplit(http.path).path
+        if port == ENVD_PORT:
+            if http.headers.get("X-Access-Token") != sandbox.envd_token:
+                return send_json(http, 401, {"code": 401, "message": "invalid access token"})
+            if path == "/health":
+                return send_json(http, 204, None)
+            return send_json(http, 404, {"code": 404, "message": f"envd: no {path} here"})
+        if not sandbox.public and http.headers.get(TRAFFIC_HEADER) != sandbox.traffic_token:
+            message = (
+                "Sandbox is secured with traffic access token. "
+                f"Token header '{TRAFFIC_HEADER}' is missing or invalid"
+            )
+            return send_json(http, 403, {"code": 403, "message": message})
+        return send_json(http, 200, sandbox_page(sandbox_id, port, path))
+
+
+def _target(headers: Any) -> tuple[int, str] | None:
+    """(port, sandbox id) a request is for: from `E2b-Sandbox-Id`/`-Port`, or from a
+    host `<port>-<sandbox id>.<domain>`."""
+    if headers.get("E2b-Sandbox-Id"):
+        try:
+            return int(headers.get("E2b-Sandbox-Port") or ENVD_PORT), headers["E2b-Sandbox-Id"]
+        except ValueError:
+            return None
+    label = (headers.get("Host") or "").split(".", 1)[0]
+    port, sep, sandbox_id = label.partition("-")
+    if not sep or not port.isdigit():
+        return None
+    return int(port), sandbox_id

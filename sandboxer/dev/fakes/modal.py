@@ -9,6 +9,12 @@ deduplicated by the client's `x-idempotency-key`, sandboxes that stop at their
 `timeout_secs`, list paging by `before_timestamp`. Faults can be injected per RPC:
 `fail_next[rpc]` (gRPC errors, raised in order) and `latency_s[rpc]`.
 
+Sandboxes are reachable too: `tunnels()` answers, for each port the create opened, a
+loopback server of that sandbox's port (its TCP tunnel too, for `unencrypted_ports`);
+`create_connect_token()` mints a token that the fake's connect proxy (`url` of the
+token) checks (`Authorization: Bearer`, or `?_modal_connect_token=`) before it answers
+for the sandbox's port, with the token's `X-Verified-User-Data`.
+
 It runs on its own thread and event loop (`with FakeModal() as fake: fake.url`), so
 tests, the dev command and the worker's loop are independent of it.
 """
@@ -25,7 +31,9 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
+from urllib.parse import parse_qs, urlsplit
 
 from google.protobuf import empty_pb2
 from grpclib import GRPCError, Status
@@ -33,6 +41,8 @@ from grpclib.server import Server, Stream
 from modal._utils.grpc_utils import custom_detail_codec
 from modal_proto import api_pb2
 from modal_proto.api_grpc import ModalClientBase
+
+from sandboxer.dev.fakes.http import LoopbackHTTP, sandbox_page, send_json
 
 _ALNUM = string.ascii_letters + string.digits
 _GS = api_pb2.GenericResult
@@ -86,6 +96,11 @@ class FakeModalState:
     #: Raised by a create RPC *after* it made the sandbox: the ambiguous failure.
     fail_after_create: list[GRPCError] = field(default_factory=list)
     latency_s: dict[str, float] = field(default_factory=dict)
+    #: Connect tokens minted: token -> (sandbox id, port, user metadata).
+    connect_tokens: dict[str, tuple[str, int, str]] = field(default_factory=dict)
+    #: The loopback server of each opened (sandbox id, port).
+    port_servers: dict[tuple[str, int], LoopbackHTTP] = field(default_factory=dict)
+    proxy_url: str = ""
 
     def alive(self) -> list[FakeSandbox]:
         return [s for s in self.sandboxes.values() if s.running]
@@ -332,6 +347,46 @@ class _Servicer(ModalClientBase):
     async def SandboxTagsSetV2(self, stream: Stream[Any, Any]) -> None:
         await self._tags_set("SandboxTagsSetV2", stream)
 
+    # -- reaching sandboxes -------------------------------------------------------------
+
+    async def _tunnels(self, name: str, stream: Stream[Any, Any]) -> None:
+        sandbox = self._sandbox((await self._recv(name, stream)).sandbox_id)
+        tunnels = []
+        for spec in sandbox.definition.open_ports.ports:
+            server = self.state.port_servers.get((sandbox.sandbox_id, spec.port))
+            if server is None:
+                server = _port_server(sandbox.sandbox_id, spec.port).__enter__()
+                self.state.port_servers[(sandbox.sandbox_id, spec.port)] = server
+            port = int(urlsplit(server.base_url).port or 0)
+            tunnel = api_pb2.TunnelData(container_port=spec.port, host="127.0.0.1", port=port)
+            if spec.unencrypted:
+                tunnel.unencrypted_host, tunnel.unencrypted_port = "127.0.0.1", port
+            tunnels.append(tunnel)
+        await stream.send_message(api_pb2.SandboxGetTunnelsResponse(tunnels=tunnels))
+
+    async def SandboxGetTunnels(self, stream: Stream[Any, Any]) -> None:
+        await self._tunnels("SandboxGetTunnels", stream)
+
+    async def SandboxGetTunnelsV2(self, stream: Stream[Any, Any]) -> None:
+        await self._tunnels("SandboxGetTunnelsV2", stream)
+
+    async def _connect_token(self, name: str, stream: Stream[Any, Any]) -> None:
+        request = await self._recv(name, stream)
+        sandbox = self._sandbox(request.sandbox_id)
+        if not sandbox.running:
+            raise GRPCError(Status.FAILED_PRECONDITION, "Sandbox has finished")
+        token = "ct-" + secrets.token_hex(16)
+        port = request.port or 8080
+        self.state.connect_tokens[token] = (sandbox.sandbox_id, port, request.user_metadata)
+        response = api_pb2.SandboxCreateConnectTokenResponse(url=self.state.proxy_url, token=token)
+        await stream.send_message(response)
+
+    async def SandboxCreateConnectToken(self, stream: Stream[Any, Any]) -> None:
+        await self._connect_token("SandboxCreateConnectToken", stream)
+
+    async def SandboxCreateConnectTokenV2(self, stream: Stream[Any, Any]) -> None:
+        await self._connect_token("SandboxCreateConnectTokenV2", stream)
+
     async def ClientHello(self, stream: Stream[Any, Any]) -> None:
         await self._recv("ClientHello", stream)
         await stream.send_message(api_pb2.ClientHelloResponse())
@@ -341,6 +396,46 @@ class _Servicer(ModalClientBase):
 GPU_TYPES = frozenset(
     {"T4", "L4", "A10G", "A10", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H200", "B200"}
 )
+
+
+def _handler(serve: Any) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            serve(self)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+def _port_server(sandbox_id: str, port: int) -> LoopbackHTTP:
+    """What the sandbox serves on `port`, reached through its tunnel."""
+
+    def serve(http: BaseHTTPRequestHandler) -> None:
+        send_json(http, 200, sandbox_page(sandbox_id, port, urlsplit(http.path).path))
+
+    return LoopbackHTTP(_handler(serve))
+
+
+def _proxy(state: FakeModalState) -> LoopbackHTTP:
+    """Modal's connect proxy: a valid connect token reaches its sandbox's port."""
+
+    def serve(http: BaseHTTPRequestHandler) -> None:
+        parts = urlsplit(http.path)
+        bearer = (http.headers.get("Authorization") or "").removeprefix("Bearer ")
+        token = bearer or parse_qs(parts.query).get("_modal_connect_token", [""])[0]
+        grant = state.connect_tokens.get(token)
+        sandbox = state.sandboxes.get(grant[0]) if grant else None
+        if grant is None or sandbox is None or not sandbox.running:
+            return send_json(http, 401, {"error": "missing or invalid connect token"})
+        sandbox_id, port, user_data = grant
+        page = sandbox_page(sandbox_id, port, parts.path, verified_user_data=user_data)
+        return send_json(http, 200, page)
+
+    return LoopbackHTTP(_handler(serve))
 
 
 def _unimplemented(name: str) -> Any:
@@ -376,6 +471,8 @@ class FakeModal:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Self:
+        self._proxy = _proxy(self.state).__enter__()
+        self.state.proxy_url = self._proxy.base_url
         self._thread.start()
         self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
         return self
@@ -397,3 +494,5 @@ class FakeModal:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
+        for server in [self._proxy, *self.state.port_servers.values()]:
+            server.__exit__(*exc)
