@@ -185,6 +185,9 @@ class SandboxAdapter(Protocol):
     #: Whether its sandboxes serve the ports a profile declares; a profile with ports
     #: skips an extension whose adapter does not (`route explain`: `no_ports`).
     serves_ports: ClassVar[bool] = False
+    #: Whether the provider lets a running sandbox live longer (`extend`); a
+    #: `sandbox.extend` of one whose adapter cannot is refused before anything changes.
+    can_extend: ClassVar[bool] = False
 
     def __init__(self, context: AdapterContext) -> None: ...
 

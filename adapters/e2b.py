@@ -168,6 +168,7 @@ class E2BAdapter(SandboxAdapter):
     MeterFields: ClassVar[type[BaseModel]] = E2BMeterFields
     env_prefix: ClassVar[str | None] = "SANDBOXER_E2B_"
     serves_ports: ClassVar[bool] = True
+    can_extend: ClassVar[bool] = True
 
     def __init__(self, context: AdapterContext) -> None:
         self.rates = context.rates(E2BRates)

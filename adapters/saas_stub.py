@@ -96,6 +96,7 @@ class SaasStubAdapter(SandboxAdapter):
     Config: ClassVar[type[BaseModel]] = StubConfig
     MeterFields: ClassVar[type[BaseModel]] = StubMeterFields
     env_prefix: ClassVar[str | None] = "SANDBOXER_STUB_"
+    can_extend: ClassVar[bool] = True
 
     def __init__(self, context: AdapterContext) -> None:
         self.rates = context.rates(StubRates)
@@ -189,6 +190,26 @@ class SaasStubAdapter(SandboxAdapter):
                 return
             except KeyWrongLastSequenceError:
                 continue  # a concurrent teardown won; read its result
+
+    async def extend(
+        self, provider_sandbox_id: str, expires_at: datetime, credentials: Credentials
+    ) -> None:
+        kv = await self._kv()
+        key = f"sbx.{provider_sandbox_id}"
+        while True:
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:
+                raise ProviderRejected(f"stub: no sandbox {provider_sandbox_id}") from None
+            record = _Record.model_validate_json(entry.value or b"")
+            if record.terminated_at is not None or record.expires_at <= utcnow():
+                raise ProviderRejected(f"stub: {provider_sandbox_id} has stopped")
+            later = record.model_copy(update={"expires_at": max(expires_at, record.expires_at)})
+            try:
+                await kv.update(key, later.model_dump_json().encode(), last=entry.revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue
 
     def estimate_cost(self, profile: Profile, ttl_s: int) -> Decimal:
         return self.rates.cost(Decimal(ttl_s))

@@ -16,6 +16,7 @@ from adapters.routing import Router
 from consumers.claims import Claims
 from consumers.delivery import KeepAlive
 from consumers.destroy import Destroying
+from consumers.extend import Extending
 from consumers.lifecycle import Expiry, Lifecycle
 from consumers.metering import Metering
 from consumers.provision import Provisioning
@@ -65,6 +66,7 @@ class WorkerParts:
     lifecycle: Lifecycle
     provisioning: Provisioning
     destroying: Destroying
+    extending: Extending
     connecting: Connecting
 
     def reconciler(self, *, grace_s: float) -> Reconciler:
@@ -88,6 +90,7 @@ async def open_worker(
         expiry=Expiry(js),
     )
     claims = Claims(providers.registry, providers.router, statuses)
+    ledger = Ledger(js)
     log.info(
         "worker: nats=%s deployment=%s extensions=%s in-flight<=%d openbao=%s",
         settings.nats_where,
@@ -100,7 +103,8 @@ async def open_worker(
         providers=providers,
         statuses=statuses,
         lifecycle=lifecycle,
-        provisioning=Provisioning(lifecycle, claims, Ledger(js)),
+        provisioning=Provisioning(lifecycle, claims, ledger),
         destroying=Destroying(lifecycle, statuses),
+        extending=Extending(lifecycle, statuses, ledger),
         connecting=Connecting(providers.router, statuses),
     )

@@ -23,6 +23,8 @@ from sandboxer.topology import (
     BILLING_STREAM,
     DESTROY_CONSUMER,
     DESTROY_SUBJECT,
+    EXTEND_CONSUMER,
+    EXTEND_SUBJECT,
     LEASE_BUCKET,
     MAX_DELIVERIES_ADVISORIES,
     METER_STREAM,
@@ -30,6 +32,7 @@ from sandboxer.topology import (
     PROVISION_SUBJECT,
     REQUESTS_STREAM,
     destroy_subject,
+    extend_subject,
     provision_subject,
 )
 
@@ -56,6 +59,13 @@ def subscriptions(
             DESTROY_CONSUMER,
             (DESTROY_SUBJECT, destroy_subject("*")),
             parts.destroying.on_destroy,
+        ),
+        Subscription(
+            REQUESTS_STREAM,
+            EXTEND_CONSUMER,
+            (EXTEND_SUBJECT, extend_subject("*")),
+            parts.extending.on_extend,
+            settings.max_deliver + 2,
         ),
         advisory_subscription(js, settings),
     ]

@@ -159,7 +159,7 @@ class Client:
             frozenset(SandboxState),
             wait_s,
             answered=lambda s: (
-                s.state is SandboxState.FAILED
+                s.error is not None
                 or any(x.request_id == request.request_id for x in s.ttl_extensions)
             ),
         )

@@ -22,6 +22,7 @@ and logged: a junk message never breaks a tenant.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import zlib
@@ -195,6 +196,26 @@ class Ledger:
         if held:
             observe.usd(observe.CREDITS_HELD_USD, amount)
         return held
+
+    async def rehold(self, tenant: str, sandbox_id: str, amount: Decimal, key: str) -> bool:
+        """Make a sandbox's open hold `amount` (a TTL extension, or its undoing), or raise
+        `InsufficientCredits` if growing it is more than the tenant has available.
+        Idempotent on `key`: False if this change was made before, or there is no open
+        hold to change (the sandbox was billed)."""
+        entry_id = f"hold-{sandbox_id}-x-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+        def decide(balance: Balance) -> LedgerEntry | None:
+            current = balance.holds.get(sandbox_id)
+            if current is None or balance.hold_ids.get(sandbox_id) == entry_id:
+                return None
+            if amount > current and balance.available + current < amount:
+                raise InsufficientCredits(
+                    f"tenant {tenant} has {balance.available:.6f} USD available, extending "
+                    f"the sandbox needs {amount - current:.6f} USD more"
+                )
+            return _entry("hold", tenant, amount, entry_id, sandbox_id)
+
+        return await self._append(tenant, decide)
 
     async def release(self, tenant: str, sandbox_id: str) -> bool:
         """Drop a sandbox's open hold (it was billed, or failed before it could be);

@@ -1,5 +1,5 @@
 """Commands for sandboxes and what they are made of: `provision`, `destroy`, `status`,
-`ls`, `connect`, `extensions`, `profiles`, `schemas export`."""
+`ls`, `connect`, `extend`, `extensions`, `profiles`, `schemas export`."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from schemas import (
     ConnectGrant,
     Credential,
     DestroyRequest,
+    ExtendRequest,
     ProvisionRequest,
     SandboxId,
     SandboxState,
@@ -117,6 +118,50 @@ def destroy(
         exit_for(run(go()), as_json)
     except ValueError as exc:
         invalid("request", exc)
+
+
+@app.command()
+def extend(
+    sandbox_id: Annotated[str, typer.Argument(help="A ready sandbox.")],
+    ttl: Annotated[
+        int | None, typer.Option(help="Its new lifetime in seconds, counted from its creation.")
+    ] = None,
+    add: Annotated[int | None, typer.Option(help="Seconds added to its expiry.")] = None,
+    request_id: Annotated[
+        str | None, typer.Option(help="Idempotency key (default: a new one).")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the answer.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Give a ready sandbox a longer life (its credit hold grows first), and print its
+    status with the new `expires_at`."""
+    _check_sandbox_id(sandbox_id)
+    if (ttl is None) == (add is None):
+        die("give exactly one of --ttl and --add")
+
+    async def go() -> SandboxStatus | None:
+        async with nats_client() as client:
+            current = await client.status(sandbox_id)
+            if current is None:
+                die(f"not_found: no sandbox {sandbox_id}")
+            try:
+                request = ExtendRequest(
+                    request_id=request_id or f"cli-{uuid.uuid4().hex}",
+                    tenant=current.tenant,
+                    sandbox_id=sandbox_id,
+                    ttl_s=ttl,
+                    add_s=add,
+                )
+            except ValueError as exc:
+                invalid("request", exc)
+            return await client.extend(request, wait_s=timeout if wait else None)
+
+    answer = run(go())
+    if answer is not None and answer.error is not None:
+        print_status(answer, as_json)
+        raise typer.Exit(1)
+    exit_for(answer, as_json)
 
 
 @app.command()
