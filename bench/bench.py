@@ -754,7 +754,7 @@ if __name__ == "__main__":
         help="measure one figure alone (printed, not written): h at --rate for its (d)",
     )
     parser.add_argument("--rate", type=float, default=500.0)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of (h), each on fresh servers")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (h), on fresh servers")
     arguments = parser.parse_args()
     figures = asyncio.run(main(arguments))
     if arguments.only:
