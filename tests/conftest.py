@@ -33,6 +33,9 @@ from sandboxer.topology import ensure_topology
 from tests import containers
 from tests.helpers import as_started
 
+#: The trust boundary's fixtures (`secure_bus`, `services`), for every test module.
+pytest_plugins = ("tests.secure",)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Modal's client reads its config file when first imported (by a test or an adapter),

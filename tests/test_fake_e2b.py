@@ -63,3 +63,33 @@ async def test_sdk_sees_rate_limits_and_bad_keys(fake: FakeE2B) -> None:
     with pytest.raises(AuthenticationException):
         await AsyncSandbox.create(template="base", api_url=fake.url, api_key="wrong-key")
     assert fake.sandboxes == {}
+
+
+async def test_sdk_reaches_a_sandbox_through_the_fake_edge(fake: FakeE2B) -> None:
+    """`connect` hands back a private sandbox's tokens; envd answers the SDK with the
+    access token only, and a port answers only with the traffic token."""
+    created = await AsyncSandbox.create(
+        template="base", network={"allow_public_traffic": False}, **opts(fake)
+    )
+    assert created.traffic_access_token  # private: a token is needed for its ports
+    # The SDK, told where the edge is, routes by E2b-Sandbox-Id/-Port like sandbox.e2b.app.
+    again = await AsyncSandbox.connect(
+        created.sandbox_id, sandbox_url=fake.edge.base_url, **opts(fake)
+    )
+    assert again.traffic_access_token == created.traffic_access_token
+    assert await again.is_running() is True
+    host = again.get_host(8080)
+    assert host == f"8080-{created.sandbox_id}.{fake.domain}"
+
+    import httpx
+
+    async with httpx.AsyncClient(base_url=fake.edge.base_url) as http:
+        refused = await http.get("/", headers={"Host": host})
+        token = {"e2b-traffic-access-token": created.traffic_access_token or ""}
+        served = await http.get("/app", headers={"Host": host, **token})
+    assert refused.status_code == 403 and "traffic access token" in refused.text
+    assert served.status_code == 200
+    assert served.json() == {"served_by": created.sandbox_id, "port": "8080", "path": "/app"}
+
+    await AsyncSandbox.kill(created.sandbox_id, **opts(fake))
+    assert await again.is_running() is False  # the edge answers 502 for a gone sandbox

@@ -83,3 +83,42 @@ async def test_client_sees_names_quota_and_bad_tokens(
         await modal.App.lookup.aio("sandboxer", create_if_missing=True, client=wrong)
     await wrong.close.aio()
     assert len(fake.state.sandboxes) == 1
+
+
+@pytest.mark.parametrize("gpu", [None, "T4"], ids=["v2-cpu", "v1-gpu"])
+async def test_client_reaches_ports_through_tunnels_and_connect_tokens(
+    fake: FakeModal, client: modal.Client, gpu: str | None
+) -> None:
+    """`tunnels()` from another handle (`from_id`) leads to the sandbox's own server;
+    a connect token opens a port through the proxy, and nothing else does."""
+    import httpx
+
+    app = await modal.App.lookup.aio("sandboxer", create_if_missing=True, client=client)
+    made = await modal.Sandbox.create.aio(
+        app=app,
+        image=modal.Image.from_registry("python:3.12"),
+        gpu=gpu,
+        encrypted_ports=[3000],
+        unencrypted_ports=[22],
+        client=client,
+    )
+    handle = await modal.Sandbox.from_id.aio(made.object_id, client=client)
+    tunnels = await handle.tunnels.aio(timeout=5)
+    assert sorted(tunnels) == [22, 3000]
+    assert tunnels[22].tcp_socket == ("127.0.0.1", tunnels[22].unencrypted_port)
+    credentials = await handle.create_connect_token.aio(user_metadata={"who": "acme"}, port=8080)
+    async with httpx.AsyncClient() as http:
+        page = (await http.get(f"http://127.0.0.1:{tunnels[3000].port}/x")).json()
+        assert page == {"served_by": made.object_id, "port": "3000", "path": "/x"}
+        refused = await http.get(credentials.url)
+        bearer = {"Authorization": f"Bearer {credentials.token}"}
+        opened = (await http.get(credentials.url, headers=bearer)).json()
+        by_query = await http.get(
+            credentials.url, params={"_modal_connect_token": credentials.token}
+        )
+    assert refused.status_code == 401 and by_query.status_code == 200
+    assert opened["served_by"] == made.object_id and opened["port"] == "8080"
+    assert opened["verified_user_data"] == '{"who": "acme"}'
+    await made.terminate.aio()
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(credentials.url, headers=bearer)).status_code == 401
