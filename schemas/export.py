@@ -12,12 +12,17 @@ from pydantic import BaseModel
 from schemas.billing import LedgerEntry, UsageRecord
 from schemas.manifest import ConsumerManifest, ExtensionManifest, Profile
 from schemas.meter import MeterEvent, meter_event_model
-from schemas.requests import DestroyRequest, ProvisionRequest
-from schemas.status import SandboxStatus
+from schemas.reach import ConnectGrant, ConnectRequest
+from schemas.requests import DestroyRequest, ExtendRequest, ProvisionRequest
+from schemas.status import ConnectRefusal, SandboxStatus
 
 _MODELS: dict[str, type[BaseModel]] = {
     "ProvisionRequest": ProvisionRequest,
     "DestroyRequest": DestroyRequest,
+    "ExtendRequest": ExtendRequest,
+    "ConnectRequest": ConnectRequest,
+    "ConnectGrant": ConnectGrant,
+    "ConnectRefusal": ConnectRefusal,
     "SandboxStatus": SandboxStatus,
     "MeterEvent": MeterEvent,
     "UsageRecord": UsageRecord,
