@@ -172,6 +172,10 @@ def test_exported_json_schemas_describe_every_contract(tmp_path: Path) -> None:
         for n in (
             "ProvisionRequest",
             "DestroyRequest",
+            "ExtendRequest",
+            "ConnectRequest",
+            "ConnectGrant",
+            "ConnectRefusal",
             "SandboxStatus",
             "MeterEvent",
             "UsageRecord",
@@ -186,6 +190,9 @@ def test_exported_json_schemas_describe_every_contract(tmp_path: Path) -> None:
     assert set(provision["required"]) == {"request_id", "tenant", "profile"}
     meter = json.loads((tmp_path / "MeterEvent.schema.json").read_text())
     assert meter["additionalProperties"] is True  # any extension's fields
+    grant = json.loads((tmp_path / "ConnectGrant.schema.json").read_text())
+    credential = grant["$defs"]["Credential"]["properties"]["secret"]
+    assert {"type": "string", "format": "password", "writeOnly": True} in credential["anyOf"]
     gpu = json.loads((tmp_path / "MeterEvent.ext.gpu-cloud.schema.json").read_text())
     assert gpu["additionalProperties"] is False
     assert {"gpu_count", "gpu_type", "extension_id"} <= set(gpu["required"])
