@@ -26,6 +26,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -133,6 +134,7 @@ async def drained(
 REQUEST_CONSUMERS = [
     ("SANDBOX_REQUESTS", "provisioner-provision"),
     ("SANDBOX_REQUESTS", "provisioner-destroy"),
+    ("SANDBOX_REQUESTS", "provisioner-extend"),
 ]
 BILLING_CONSUMERS = [("SANDBOX_METER", "billing-meter"), ("BILLING", "finhub-export")]
 
@@ -422,6 +424,8 @@ R6_SUBJECTS = [
     "sandbox.provision.demo-app",
     "sandbox.destroy",
     "sandbox.destroy.demo-app",
+    "sandbox.extend",
+    "sandbox.extend.demo-app",
     "sandbox.meter.ext.saas-stub",
     "billing.usage",
     "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.SANDBOX_REQUESTS.provisioner-provision",
@@ -440,6 +444,29 @@ async def _publish_all(js: JetStreamContext, subject: str, payloads: list[bytes]
         except Exception:
             refused += 1
     return refused
+
+
+#: Connect requests are core NATS: each must be answered (with a refusal), none lost.
+R6_CONNECT_SUBJECTS = [
+    f"sandbox.connect.demo-app.sbx-{'0' * 24}",
+    "sandbox.connect.default.not-a-sandbox",
+]
+
+
+async def _ask_all(nc: Nats, subject: str, payloads: list[bytes]) -> tuple[int, int]:
+    """Send each payload as a connect request: (unanswered or not refused, too big to
+    send)."""
+    unanswered = too_big = 0
+    for payload in payloads:
+        try:
+            answer = await nc.request(subject, payload, timeout=5)
+        except nats.errors.MaxPayloadError:
+            too_big += 1
+        except nats.errors.TimeoutError:
+            unanswered += 1
+        else:
+            unanswered += b'"error"' not in answer.data
+    return unanswered, too_big
 
 
 async def _serves_end_to_end(client: Client, js: JetStreamContext, tenant: str) -> bool:
@@ -482,6 +509,10 @@ async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
         refused = 0
         for subject in R6_SUBJECTS:
             refused += await _publish_all(js, subject, payloads)
+        unanswered_connects = too_big = 0
+        for subject in R6_CONNECT_SUBJECTS:
+            lost, big = await _ask_all(nc, subject, payloads)
+            unanswered_connects, too_big = unanswered_connects + lost, too_big + big
         left = await drained(js, REQUEST_CONSUMERS + BILLING_CONSUMERS)
         attributable = {}
         for payload in generated:
@@ -516,5 +547,11 @@ async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
         len(unanswered),
         f"{len(attributable)} attributable",
     )
+    figure(
+        "R6 connect requests not refused",
+        unanswered_connects,
+        f"{len(payloads) * len(R6_CONNECT_SUBJECTS)} asked, {too_big} too big to send",
+    )
     assert len(generated) * len(R6_SUBJECTS) >= (200 if SCALE is FULL else 4 * 40)
     assert crashes == 0 and disabled == 0 and left == 0 and unanswered == []
+    assert unanswered_connects == 0
