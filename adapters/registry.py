@@ -129,7 +129,19 @@ class Registry:
                 classes[item.id] = load_adapter_class(item, path)
         if not profiles:
             raise ManifestError(f"{directory}: no profile.*.yaml found")
+        for consumer in consumers.values():
+            unknown = sorted(set(consumer.profiles or []) - set(profiles))
+            if unknown:
+                raise ManifestError(
+                    f"{directory / (consumer.id + '.yaml')}: profiles: no such profile "
+                    f"{', '.join(unknown)}"
+                )
         return cls(extensions, classes, profiles, consumers, owners)
+
+    def consumer_of(self, tenant: str) -> ConsumerManifest | None:
+        """The consumer profile that lists `tenant`, if any."""
+        owner = self.owners.get(tenant)
+        return self.consumers.get(owner) if owner else None
 
     def owner_of(self, tenant: str) -> str:
         """The consumer a tenant's statuses belong to: the one that lists it, or

@@ -147,6 +147,8 @@ class Billing:
         debited = False
         if pays_with_credits(status.credential_source):
             debited = await self._ledger.bill(status.tenant, status.sandbox_id, record.actual_usd)
+        else:  # BYOK: nothing to debit; its zero hold counted it against the limits
+            await self._ledger.release(status.tenant, status.sandbox_id)
         if debited and self._settings.fault_inject == FAULT_KILL_AFTER_DEBIT:
             os.kill(os.getpid(), signal.SIGKILL)
         # Only a delivery that did not write the debit itself can be a replay.

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from adapters.registry import Registry
 from adapters.routing import Route, Router
 from consumers.delivery import Retry
+from consumers.policy import Policies
 from sandboxer import observe
 from sandboxer.errors import (
     Forbidden,
@@ -83,8 +84,11 @@ def route_fields(route: Route, profile: Profile, ttl_s: int) -> dict[str, Any]:
 class Claims:
     """Creates, reads and settles provision claims."""
 
-    def __init__(self, registry: Registry, router: Router, statuses: StatusStore) -> None:
+    def __init__(
+        self, registry: Registry, router: Router, statuses: StatusStore, policies: Policies
+    ) -> None:
         self.registry = registry
+        self.policies = policies
         self._router = router
         self._statuses = statuses
 
@@ -128,10 +132,12 @@ class Claims:
     async def _first_status(
         self, request: ProvisionRequest, sandbox_id: str, digest: str
     ) -> SandboxStatus:
-        """Validate and route the request; its status before the provider is called."""
+        """Validate, admit and route the request; its status before the provider is
+        called."""
         profile = self.registry.profile(request.profile)
+        asked = self.policies.admit(request.tenant, profile, request.ttl_s)
         try:
-            ttl_s = profile.resolve_ttl(request.ttl_s)
+            ttl_s = profile.resolve_ttl(asked)
         except TtlOutOfRange as exc:
             raise InvalidRequest(str(exc)) from None
         route = await self._router.choose(profile, request.tenant)

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from consumers.delivery import Delivery, Retry, reject_invalid, settle
 from consumers.lifecycle import Lifecycle
 from consumers.metering import reach_fields
+from consumers.policy import Policies
 from sandboxer import money, observe
 from sandboxer.credits import Ledger
 from sandboxer.errors import Forbidden, InvalidRequest, NotFound, ProviderRejected, error_info
@@ -45,7 +46,10 @@ EXTEND_WAIT_S = 2.0
 class Extending:
     """Handles `sandbox.extend` deliveries."""
 
-    def __init__(self, lifecycle: Lifecycle, statuses: StatusStore, ledger: Ledger) -> None:
+    def __init__(
+        self, lifecycle: Lifecycle, statuses: StatusStore, ledger: Ledger, policies: Policies
+    ) -> None:
+        self._policies = policies
         self._settings = lifecycle.settings
         self._registry = lifecycle.registry
         self._router = lifecycle.router
@@ -100,7 +104,11 @@ class Extending:
         grows = money.pays_with_credits(status.credential_source)
         if grows:  # first: a tenant who cannot pay for it gets nothing changed
             await self._ledger.rehold(
-                status.tenant, status.sandbox_id, estimate, request.request_id
+                status.tenant,
+                status.sandbox_id,
+                estimate,
+                request.request_id,
+                limits=self._policies.limits(status.tenant),
             )
         try:
             with observe.provider_call(status.extension_id, "extend"):
@@ -143,6 +151,7 @@ class Extending:
             expires_at = status.expires_at + timedelta(seconds=request.add_s)
         limits = self._registry.profile(status.profile).ttl
         lifetime_s = (expires_at - status.created_at).total_seconds()
+        self._policies.allow_lifetime(status.tenant, lifetime_s)
         if lifetime_s > limits.max_s:
             raise InvalidRequest(
                 f"a lifetime of {lifetime_s:.0f} s is beyond {status.profile}'s "

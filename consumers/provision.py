@@ -11,6 +11,7 @@ change it announces (`consumers/metering.py`).
 from __future__ import annotations
 
 import logging
+from decimal import Decimal
 from functools import partial
 from typing import NoReturn
 
@@ -29,6 +30,12 @@ from sandboxer.topology import consumer_of
 from schemas import Profile, ProvisionRequest, SandboxState, SandboxStatus
 
 log = logging.getLogger("sandboxer.provision")
+
+
+def ttl_of(status: SandboxStatus) -> int:
+    """The TTL a claim was made with (its profile's, or its consumer's default)."""
+    assert status.expires_at is not None
+    return round((status.expires_at - status.created_at).total_seconds())
 
 
 class Provisioning:
@@ -94,7 +101,7 @@ class Provisioning:
             tenant=request.tenant,
             deployment=self._settings.deployment,
             profile=profile,
-            ttl_s=profile.resolve_ttl(request.ttl_s),
+            ttl_s=ttl_of(status),
             expires_at=status.expires_at,
             template=request.template or profile.template,
             metadata=request.metadata,
@@ -125,12 +132,15 @@ class Provisioning:
         await self._metering.mark_ready(status, revision, sandbox)
 
     async def _hold(self, profile: Profile, status: SandboxStatus) -> None:
-        """Hold the estimate for the sandbox's route (nothing for BYOK)."""
-        if not money.pays_with_credits(status.credential_source):
-            return
+        """Hold the estimate for the sandbox's route (0 for BYOK, which pays its
+        provider itself: the hold still counts it against the tenant's limits)."""
         assert status.estimate_usd is not None
+        amount = status.estimate_usd if money.pays_with_credits(status.credential_source) else 0
         route = money.route_number(profile, status.tenant, status.extension_id)
-        await self._ledger.hold(status.tenant, status.sandbox_id, status.estimate_usd, route)
+        limits = self._claims.policies.limits(status.tenant)
+        await self._ledger.hold(
+            status.tenant, status.sandbox_id, Decimal(amount), route, limits=limits
+        )
 
     def _check_hold(
         self, status: SandboxStatus, adapter: SandboxAdapter, sandbox: ProviderSandbox
@@ -176,8 +186,7 @@ class Provisioning:
             route = await self._router.choose(profile, request.tenant, after=status.extension_id)
         except NoRoute:
             raise rejected from None
-        ttl_s = profile.resolve_ttl(request.ttl_s)
-        moved = status.with_changes(**route_fields(route, profile, ttl_s))
+        moved = status.with_changes(**route_fields(route, profile, ttl_of(status)))
         log.warning(
             "provision %s: %s refused before creating (%s); falling back to %s",
             status.sandbox_id,
@@ -185,10 +194,7 @@ class Provisioning:
             rejected,
             route.extension_id,
         )
-        if money.pays_with_credits(moved.credential_source):
-            await self._hold(profile, moved)  # replaces the first route's hold
-        else:
-            await self._ledger.release(request.tenant, status.sandbox_id)
+        await self._hold(profile, moved)  # replaces the first route's hold
         await self._claims.replace(moved, revision)
         raise Retry(0.0, f"falling back to {route.extension_id}")
 

@@ -19,6 +19,7 @@ from consumers.destroy import Destroying
 from consumers.extend import Extending
 from consumers.lifecycle import Expiry, Lifecycle
 from consumers.metering import Metering
+from consumers.policy import Policies
 from consumers.provision import Provisioning
 from consumers.reach import Connecting
 from consumers.reconcile import Reconciler
@@ -89,7 +90,10 @@ async def open_worker(
         metering=Metering(js, providers.registry, statuses, settings.deployment),
         expiry=Expiry(js),
     )
-    claims = Claims(providers.registry, providers.router, statuses)
+    policies = Policies(providers.registry)
+    await policies.start(js)
+    stack.push_async_callback(policies.aclose)
+    claims = Claims(providers.registry, providers.router, statuses, policies)
     ledger = Ledger(js)
     log.info(
         "worker: nats=%s deployment=%s extensions=%s in-flight<=%d openbao=%s",
@@ -105,6 +109,6 @@ async def open_worker(
         lifecycle=lifecycle,
         provisioning=Provisioning(lifecycle, claims, ledger),
         destroying=Destroying(lifecycle, statuses),
-        extending=Extending(lifecycle, statuses, ledger),
+        extending=Extending(lifecycle, statuses, ledger, policies),
         connecting=Connecting(providers.router, statuses),
     )

@@ -22,14 +22,16 @@ and logged: a junk message never breaks a tenant.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
-import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
@@ -37,10 +39,10 @@ from pydantic import TypeAdapter, ValidationError
 
 from sandboxer import observe
 from sandboxer.connect import connection_of
-from sandboxer.errors import IdempotencyConflict, InsufficientCredits
+from sandboxer.errors import IdempotencyConflict, InsufficientCredits, QuotaExceeded
 from sandboxer.money import hold_entry_id, usd_text
 from sandboxer.topology import LEDGER_STREAM, ledger_subject, read_subject, tenant_ledger
-from schemas import LedgerEntry, LedgerKind, TenantId, utcnow
+from schemas import LedgerEntry, LedgerKind, TenantId, TenantLimits, utcnow
 
 log = logging.getLogger("sandboxer.credits")
 _TENANT: TypeAdapter[str] = TypeAdapter(TenantId)
@@ -52,15 +54,37 @@ _ENTRY_EXISTS = 10077
 _MAX_CONFLICTS = 1000
 
 
+def _hour(moment: datetime) -> int:
+    """The UTC hour a moment falls in, as hours since the epoch."""
+    return int(moment.timestamp() // 3600)
+
+
+def _first_hour_of_day(moment: datetime) -> int:
+    return _hour(moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0))
+
+
+#: How far back the spend windows look (a UTC day, and an hour of slack).
+_WINDOW_HOURS = 25
+
+
 @dataclass
 class Balance:
     """A tenant's credits: `balance` is granted minus debited; `holds` are open
-    reservations by sandbox id; `available` is what a new hold may take."""
+    reservations by sandbox id; `available` is what a new hold may take.
+
+    For the consumer policy's limits (docs/policy.md) it also keeps what the last day's
+    sandboxes spent, by the UTC hour each was created in (its hold while open, its debit
+    once billed, nothing if released unbilled), and when each was created."""
 
     balance: Decimal = Decimal("0")
     holds: dict[str, Decimal] = field(default_factory=dict)
     #: The entry behind each open hold (a fallback to another route re-holds).
     hold_ids: dict[str, str] = field(default_factory=dict, repr=False)
+    #: sandbox id -> [hour created, what it counts for, billed], oldest first.
+    spend: OrderedDict[str, list[Any]] = field(default_factory=OrderedDict, repr=False)
+    by_hour: dict[int, Decimal] = field(default_factory=dict, repr=False)
+    #: When each recent sandbox was created (epoch seconds), oldest first.
+    creates: deque[float] = field(default_factory=deque, repr=False)
 
     @property
     def held(self) -> Decimal:
@@ -77,11 +101,120 @@ class Balance:
         elif entry.kind == "hold" and entry.sandbox_id is not None:
             self.holds[entry.sandbox_id] = entry.amount_usd  # a later hold replaces
             self.hold_ids[entry.sandbox_id] = entry.entry_id
+            self._spent(entry, entry.amount_usd)
         elif entry.kind == "release" and entry.sandbox_id is not None:
             self.holds.pop(entry.sandbox_id, None)
             self.hold_ids.pop(entry.sandbox_id, None)
+            self._spent(entry, Decimal(0))
         elif entry.kind == "debit":
             self.balance -= entry.amount_usd
+            self._spent(entry, entry.amount_usd, billed=True)
+
+    def _spent(self, entry: LedgerEntry, amount: Decimal, *, billed: bool = False) -> None:
+        """Count what a sandbox spends now in the hour it was created in."""
+        sandbox_id = entry.sandbox_id
+        if sandbox_id is None:
+            return
+        record = self.spend.get(sandbox_id)
+        if record is None:
+            if entry.kind != "hold":
+                return  # created before the window: it no longer counts
+            record = self.spend[sandbox_id] = [_hour(entry.at), Decimal(0), False]
+            self.creates.append(entry.at.timestamp())
+            self._forget_before(entry.at)
+        if record[2]:
+            return  # billed: the debit is what it spent
+        self.by_hour[record[0]] = self.by_hour.get(record[0], Decimal(0)) + amount - record[1]
+        record[1], record[2] = amount, billed
+
+    def _forget_before(self, now: datetime) -> None:
+        oldest = _hour(now) - _WINDOW_HOURS
+        while self.spend and next(iter(self.spend.values()))[0] < oldest:
+            self.spend.popitem(last=False)
+        for hour in [h for h in self.by_hour if h < oldest]:
+            del self.by_hour[hour]
+        while self.creates and self.creates[0] < now.timestamp() - 60:
+            self.creates.popleft()
+
+    def hour_spend(self, now: datetime) -> Decimal:
+        """What the sandboxes created this UTC hour spent or hold."""
+        return self.by_hour.get(_hour(now), Decimal(0))
+
+    def day_spend(self, now: datetime) -> Decimal:
+        """What the sandboxes created this UTC day spent or hold."""
+        first = _first_hour_of_day(now)
+        return sum((v for h, v in self.by_hour.items() if h >= first), Decimal(0))
+
+    def creates_last_minute(self, now: datetime) -> int:
+        cutoff = now.timestamp() - 60
+        return sum(1 for moment in self.creates if moment > cutoff)
+
+    def check(self, limits: TenantLimits, sandbox_id: str, amount: Decimal, now: datetime) -> None:
+        """Raise `QuotaExceeded` if holding `amount` for `sandbox_id` now would go past
+        one of `limits`, naming it."""
+        tenant_has = "the tenant has"
+        if sandbox_id not in self.holds:  # a new sandbox, not a fallback's re-hold
+            if limits.max_concurrent is not None and len(self.holds) >= limits.max_concurrent:
+                raise QuotaExceeded(
+                    f"max_concurrent: {tenant_has} {len(self.holds)} sandboxes of "
+                    f"{limits.max_concurrent} running"
+                )
+            created = self.creates_last_minute(now)
+            if limits.creates_per_minute is not None and created >= limits.creates_per_minute:
+                raise QuotaExceeded(
+                    f"creates_per_minute: {tenant_has} created {created} sandboxes of "
+                    f"{limits.creates_per_minute} in the last minute"
+                )
+        # What this sandbox already counts for (a fallback's or an extension's re-hold).
+        record = self.spend.get(sandbox_id)
+        this_hour = record[1] if record and record[0] == _hour(now) else Decimal(0)
+        this_day = record[1] if record and record[0] >= _first_hour_of_day(now) else Decimal(0)
+        for name, cap, spent in (
+            ("hourly_usd", limits.hourly_usd, self.hour_spend(now) - this_hour),
+            ("daily_usd", limits.daily_usd, self.day_spend(now) - this_day),
+        ):
+            if cap is not None and spent + amount > cap:
+                raise QuotaExceeded(
+                    f"{name}: {tenant_has} spent or holds {spent:.6f} of {usd_text(cap)} USD "
+                    f"this {'hour' if name == 'hourly_usd' else 'day'}; the sandbox needs "
+                    f"{amount:.6f}"
+                )
+
+    def copy(self) -> Balance:
+        """A copy that later folds do not change."""
+        return Balance(
+            self.balance,
+            dict(self.holds),
+            dict(self.hold_ids),
+            OrderedDict((k, list(v)) for k, v in self.spend.items()),
+            dict(self.by_hour),
+            deque(self.creates),
+        )
+
+
+class _TenantLocks:
+    """One lock per tenant, kept while anyone holds or waits for it: a hot tenant's
+    appends never queue another tenant's (no shared stripes)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def held(self, tenant: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(tenant) or self._locks.setdefault(
+            tenant, (asyncio.Lock(), [0])
+        )
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._locks[tenant]
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 # Builds the entry to append from the current balance, returns None to skip it, or
@@ -150,9 +283,9 @@ class Ledger:
         self._js = js
         self._cache: OrderedDict[str, tuple[Balance, int]] = OrderedDict()
         self._cached_tenants = cached_tenants
-        # Appends of one tenant are serialized inside a process (lock striping keeps
-        # the number of locks fixed); across processes the server's check does it.
-        self._locks = [asyncio.Lock() for _ in range(64)]
+        # Appends of one tenant are serialized inside a process (a lock of its own);
+        # across processes the server's check does it.
+        self._locks = _TenantLocks()
 
     # -- operations ------------------------------------------------------------------
 
@@ -173,10 +306,19 @@ class Ledger:
             )
         return False
 
-    async def hold(self, tenant: str, sandbox_id: str, amount: Decimal, route: int = 1) -> bool:
+    async def hold(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        amount: Decimal,
+        route: int = 1,
+        *,
+        limits: TenantLimits | None = None,
+    ) -> bool:
         """Reserve `amount` for a sandbox on its `route`-th route, or raise
-        `InsufficientCredits`. A hold for a later route (after a fallback) replaces the
-        sandbox's earlier hold. Idempotent: False if this hold exists (or existed)."""
+        `InsufficientCredits` (or `QuotaExceeded`, past one of the tenant's `limits`).
+        A hold for a later route (after a fallback) replaces the sandbox's earlier
+        hold. Idempotent: False if this hold exists (or existed)."""
         entry_id = hold_entry_id(sandbox_id, route)
 
         def decide(balance: Balance) -> LedgerEntry | None:
@@ -184,6 +326,8 @@ class Ledger:
                 return None
             if route == 1 and sandbox_id in balance.holds:
                 return None
+            if limits is not None:
+                balance.check(limits, sandbox_id, amount, utcnow())
             available = balance.available + balance.holds.get(sandbox_id, Decimal(0))
             if available < amount:
                 raise InsufficientCredits(
@@ -197,7 +341,15 @@ class Ledger:
             observe.usd(observe.CREDITS_HELD_USD, amount)
         return held
 
-    async def rehold(self, tenant: str, sandbox_id: str, amount: Decimal, key: str) -> bool:
+    async def rehold(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        amount: Decimal,
+        key: str,
+        *,
+        limits: TenantLimits | None = None,
+    ) -> bool:
         """Make a sandbox's open hold `amount` (a TTL extension, or its undoing), or raise
         `InsufficientCredits` if growing it is more than the tenant has available.
         Idempotent on `key`: False if this change was made before, or there is no open
@@ -208,6 +360,8 @@ class Ledger:
             current = balance.holds.get(sandbox_id)
             if current is None or balance.hold_ids.get(sandbox_id) == entry_id:
                 return None
+            if limits is not None and amount > current:
+                balance.check(limits, sandbox_id, amount, utcnow())
             if amount > current and balance.available + current < amount:
                 raise InsufficientCredits(
                     f"tenant {tenant} has {balance.available:.6f} USD available, extending "
@@ -250,9 +404,9 @@ class Ledger:
     async def balance(self, tenant: str) -> Balance:
         """The tenant's balance, read up to the latest entry."""
         checked_tenant(tenant)
-        async with self._lock(tenant):
+        async with self._locks.held(tenant):
             balance, _ = await self._catch_up(tenant)
-            return Balance(balance.balance, dict(balance.holds), dict(balance.hold_ids))
+            return balance.copy()
 
     async def entries(self, tenant: str) -> list[LedgerEntry]:
         """The tenant's journal, oldest first (entries that are not, skipped)."""
@@ -275,12 +429,9 @@ class Ledger:
 
     # -- the journal -----------------------------------------------------------------
 
-    def _lock(self, tenant: str) -> asyncio.Lock:
-        return self._locks[zlib.crc32(tenant.encode()) % len(self._locks)]
-
     async def _append(self, tenant: str, decide: Decision) -> bool:
         """Append what `decide` builds, after the tenant's latest entry; True if written."""
-        async with self._lock(tenant):
+        async with self._locks.held(tenant):
             balance, last = self._cache.get(tenant) or await self._catch_up(tenant)
             for _ in range(_MAX_CONFLICTS):
                 entry = decide(balance)

@@ -55,6 +55,20 @@ class Forbidden(SandboxerError):
     code = ErrorCode.FORBIDDEN
 
 
+class QuotaExceeded(SandboxerError):
+    """A limit of the tenant's consumer profile (or an operator's override) is reached:
+    concurrency, create rate or a spend cap; the message names it. Never retried."""
+
+    code = ErrorCode.QUOTA_EXCEEDED
+
+
+class PolicyDenied(SandboxerError):
+    """The tenant's consumer profile does not allow this request at all: a profile,
+    a GPU type or a TTL it does not permit. Never retried."""
+
+    code = ErrorCode.POLICY_DENIED
+
+
 class ProviderRejected(SandboxerError):
     """The provider refused the request and provably created nothing."""
 

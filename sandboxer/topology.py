@@ -66,6 +66,9 @@ BILLING_BUCKET = "sandboxer-billing"
 STUB_BUCKET = "sandboxer-stub"
 #: Leases that let one process of many do a periodic job (reconciliation).
 LEASE_BUCKET = "sandboxer-leases"
+#: Operators' overrides of a tenant's limits, `tenant.<tenant>`, with their history.
+POLICY_BUCKET = "sandboxer-policy"
+POLICY_HISTORY = 64
 BILLING_CONSUMER = "billing-meter"
 EXPORT_CONSUMER = "finhub-export"
 
@@ -275,7 +278,7 @@ class TopologyMissing(RuntimeError):
 
 def topology_names() -> list[str]:
     """Every stream sandboxer needs, buckets included (`KV_<bucket>`)."""
-    buckets = (STATUS_BUCKET, BILLING_BUCKET, LEASE_BUCKET)
+    buckets = (STATUS_BUCKET, BILLING_BUCKET, LEASE_BUCKET, POLICY_BUCKET)
     return [c.name for c in stream_configs(1) if c.name] + [f"KV_{b}" for b in buckets]
 
 
@@ -300,6 +303,20 @@ async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
     for bucket, ttl in ((BILLING_BUCKET, MARKER_RETENTION_S), (LEASE_BUCKET, None)):
         kv = KeyValueConfig(bucket=bucket, storage=StorageType.FILE, replicas=replicas, ttl=ttl)
         await ensure_bucket(js, kv)
+    await ensure_bucket(js, policy_bucket_config(replicas))
+
+
+def policy_bucket_config(replicas: int) -> KeyValueConfig:
+    """Operators' overrides of tenants' limits; the history is the audit trail (each
+    value says who set it, when and why)."""
+    return KeyValueConfig(
+        bucket=POLICY_BUCKET,
+        history=POLICY_HISTORY,
+        storage=StorageType.FILE,
+        replicas=replicas,
+        max_value_size=MAX_LEDGER_ENTRY_BYTES,
+        direct=True,
+    )
 
 
 async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from schemas._types import ExtensionId, ProfileId, TenantId, UsdRate
+from schemas._types import ExtensionId, ProfileId, TenantId, Timestamp, Usd, UsdRate
 from schemas.reach import Port, unique_ports
 
 #: The owner of statuses whose tenant no consumer lists; not a consumer's name.
@@ -146,6 +146,56 @@ class Profile(BaseModel):
         return ttl_s
 
 
+class TenantLimits(BaseModel):
+    """What each tenant of a consumer may use at once and per window (None: no limit).
+    Enforced where credits are held, in the same serialized journal append, so that
+    concurrent requests on any number of workers cannot overshoot (docs/policy.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_concurrent: int | None = Field(
+        default=None, ge=0, le=1_000_000, description="Sandboxes held at once."
+    )
+    creates_per_minute: int | None = Field(
+        default=None, ge=0, le=1_000_000, description="New sandboxes in any 60 s."
+    )
+    hourly_usd: Annotated[Usd, Field(ge=0)] | None = Field(
+        default=None,
+        description="Spend per UTC hour: what its sandboxes created that hour cost, or "
+        "hold until they are billed.",
+    )
+    daily_usd: Annotated[Usd, Field(ge=0)] | None = Field(
+        default=None, description="The same per UTC day."
+    )
+
+    @property
+    def unlimited(self) -> bool:
+        return all(value is None for value in self.model_dump().values())
+
+
+class LimitsOverride(BaseModel):
+    """An operator's limits for one tenant, instead of its consumer profile's
+    (`sandboxer policy set`); kept with who set them, when and why."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+    tenant: TenantId
+    limits: TenantLimits
+    set_by: str = Field(max_length=128)
+    set_at: Timestamp
+    reason: str = Field(default="", max_length=512)
+
+
+class ConsumerTtl(BaseModel):
+    """A consumer's own TTL rules, within each profile's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default_s: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+    max_s: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+
+
 class ConsumerManifest(BaseModel):
     """An upstream system (`extensions/consumer.<name>.yaml`): the tenants it may act for.
     Its requests come on `sandbox.provision.<name>` and `sandbox.destroy.<name>`, which
@@ -159,6 +209,19 @@ class ConsumerManifest(BaseModel):
     id: str = Field(max_length=73, pattern=r"^consumer\.[a-z0-9][a-z0-9-]*$")
     description: str = Field(default="", max_length=2000)
     tenants: list[TenantId] = Field(min_length=1, max_length=10_000)
+    profiles: list[ProfileId] | None = Field(
+        default=None, description="The profiles its tenants may use; omitted: every one."
+    )
+    gpu_types: list[str] | None = Field(
+        default=None,
+        max_length=32,
+        description="The GPU types its tenants may have; omitted: any; []: none.",
+    )
+    ttl: ConsumerTtl = Field(default_factory=ConsumerTtl)
+    tenant_limits: TenantLimits = Field(
+        default_factory=TenantLimits,
+        description="Each tenant's limits (an operator may override them per tenant).",
+    )
 
     @model_validator(mode="after")
     def _sound(self) -> Self:

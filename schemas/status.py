@@ -33,6 +33,8 @@ class ErrorCode(StrEnum):
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     NOT_FOUND = "not_found"
     FORBIDDEN = "forbidden"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    POLICY_DENIED = "policy_denied"
     INTERNAL = "internal"
 
 
