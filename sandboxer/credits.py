@@ -156,14 +156,14 @@ class Balance:
         if sandbox_id not in self.holds:  # a new sandbox, not a fallback's re-hold
             if limits.max_concurrent is not None and len(self.holds) >= limits.max_concurrent:
                 raise QuotaExceeded(
-                    f"max_concurrent: {tenant_has} {len(self.holds)} sandboxes of "
-                    f"{limits.max_concurrent} running"
+                    f"max_concurrent: {tenant_has} {len(self.holds)} sandboxes running, "
+                    f"its limit is {limits.max_concurrent}"
                 )
             created = self.creates_last_minute(now)
             if limits.creates_per_minute is not None and created >= limits.creates_per_minute:
                 raise QuotaExceeded(
-                    f"creates_per_minute: {tenant_has} created {created} sandboxes of "
-                    f"{limits.creates_per_minute} in the last minute"
+                    f"creates_per_minute: {tenant_has} created {created} sandboxes in the "
+                    f"last minute, its limit is {limits.creates_per_minute}"
                 )
         # What this sandbox already counts for (a fallback's or an extension's re-hold).
         record = self.spend.get(sandbox_id)

@@ -43,6 +43,11 @@ dlq_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(dlq_app, name="dlq")
+policy_app = typer.Typer(
+    help="Tenants' limits: consumer profiles and operators' overrides (docs/policy.md).",
+    no_args_is_help=True,
+)
+app.add_typer(policy_app, name="policy")
 security_app = typer.Typer(
     help="Identities and permissions on NATS (docs/security.md).", no_args_is_help=True
 )
