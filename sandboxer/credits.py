@@ -39,7 +39,12 @@ from pydantic import TypeAdapter, ValidationError
 
 from sandboxer import observe
 from sandboxer.connect import connection_of
-from sandboxer.errors import IdempotencyConflict, InsufficientCredits, QuotaExceeded
+from sandboxer.errors import (
+    IdempotencyConflict,
+    InsufficientCredits,
+    QuotaExceeded,
+    SandboxerError,
+)
 from sandboxer.money import hold_entry_id, usd_text
 from sandboxer.topology import LEDGER_STREAM, ledger_subject, read_subject, tenant_ledger
 from schemas import LedgerEntry, LedgerKind, TenantId, TenantLimits, utcnow
@@ -432,9 +437,20 @@ class Ledger:
     async def _append(self, tenant: str, decide: Decision) -> bool:
         """Append what `decide` builds, after the tenant's latest entry; True if written."""
         async with self._locks.held(tenant):
-            balance, last = self._cache.get(tenant) or await self._catch_up(tenant)
+            cached = self._cache.get(tenant)
+            balance, last = cached or await self._catch_up(tenant)
+            fresh = cached is None
             for _ in range(_MAX_CONFLICTS):
-                entry = decide(balance)
+                try:
+                    entry = decide(balance)
+                except SandboxerError:
+                    if fresh:
+                        raise
+                    # A refusal is decided on the journal as it is, never on a cache
+                    # that may miss another process's release or grant.
+                    balance, last = await self._catch_up(tenant)
+                    fresh = True
+                    continue
                 if entry is None:
                     return False
                 try:
@@ -453,6 +469,7 @@ class Ledger:
                         raise
                     # Another writer got in first: catch up and decide again.
                     balance, last = await self._catch_up(tenant)
+                    fresh = True
                     continue
                 balance.apply(entry)
                 self._remember(tenant, balance, ack.seq)
