@@ -12,6 +12,7 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from faststream import AckPolicy
@@ -29,7 +30,7 @@ from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import DeliverPolicy
 
 from consumers.deadletter import Origin, dead_letter
-from consumers.delivery import Delivery, InFlight
+from consumers.delivery import Delivery, InFlight, KeepAlive
 from sandboxer import observe
 from sandboxer.connect import Refusals, close_nats, connect_service, tls_context
 from sandboxer.settings import NatsAuth, Settings
@@ -57,6 +58,9 @@ class Subscription:
     handler: Handler
     #: Server-side delivery limit: every consumer has one.
     max_deliver: int = LONG_RETRY_DELIVERIES
+    #: (consumer, tenant) a message is for, to share the handler slots fairly (None:
+    #: its messages wait in one queue, first come first served).
+    fair_key: Callable[[str, bytes], tuple[str, str]] | None = None
 
 
 class _FastStreamDelivery:
@@ -177,8 +181,10 @@ def consumer_config(subscription: Subscription, settings: Settings) -> ConsumerC
         ack_policy=JsAckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_s,
         max_deliver=subscription.max_deliver,
-        # Enough outstanding messages for every process to stay busy.
-        max_ack_pending=max(1000, settings.max_in_flight * 4),
+        # Enough outstanding messages for every process to stay busy; a fairly shared
+        # one sees past a tenant's backlog, up to what its queue holds.
+        max_ack_pending=max(1000, settings.max_in_flight * 4)
+        + (settings.max_queued if subscription.fair_key else 0),
     )
 
 
@@ -195,19 +201,29 @@ def _start_in_background(
     subscription: Subscription, in_flight: InFlight, js: JetStreamContext
 ) -> Callable[[NatsMessage], Awaitable[None]]:
     """FastStream's handler of a subscription: it starts the real one as a task (so a
-    slow provider call never holds a fetch), timed by `InFlight` and, when traced, run
-    in a span continuing the message's trace."""
-    handler, durable = subscription.handler, subscription.durable
+    slow provider call never holds a fetch), or queues it for its consumer and tenant
+    when every slot is taken, timed by `InFlight` and, when traced, run in a span
+    continuing the message's trace."""
+    handler, durable, fair_key = subscription.handler, subscription.durable, subscription.fair_key
 
     async def handle(message: NatsMessage) -> None:
         delivery = _FastStreamDelivery(message, js)
+        body: bytes = message.body
+        key = None
+        if fair_key is not None:
+            subject = message.raw_message.subject
+            key = partial(fair_key, subject, body)  # parsed only if it has to wait
         if observe.tracing():
-            body = message.body
             await in_flight.start(
-                lambda: observe.traced(delivery, durable, handler(body, delivery)), durable
+                lambda: observe.traced(delivery, durable, handler(body, delivery)),
+                durable,
+                key=key,
+                delivery=delivery,
             )
         else:
-            await in_flight.start(lambda: handler(message.body, delivery), durable)
+            await in_flight.start(
+                lambda: handler(body, delivery), durable, key=key, delivery=delivery
+            )
 
     return handle
 
@@ -268,6 +284,7 @@ async def serve(
     settings: Settings,
     stop: asyncio.Event,
     ready: asyncio.Event | None = None,
+    weight: Callable[[str], int] | None = None,
 ) -> None:
     """Consume `subscriptions` until `stop` is set (or SIGTERM/SIGINT), then stop
     fetching and let in-flight handlers finish for up to `drain_timeout_s`; what is cut
@@ -276,7 +293,13 @@ async def serve(
     name = lifeline.name
     await ensure_consumers(js, subscriptions, settings)
     await observe.start(settings, name.removeprefix("sandboxer-"))
-    in_flight = InFlight(settings.max_in_flight)
+    queued_alive = KeepAlive(every_s=max(0.5, settings.ack_wait_s / 3))
+    in_flight = InFlight(
+        settings.max_in_flight,
+        max_queued=settings.max_queued,
+        keepalive=queued_alive,
+        weight=weight,
+    )
     observe.HANDLERS_IN_FLIGHT.labels(name).set_function(lambda: len(in_flight))
     broker = build_broker(settings, subscriptions, in_flight, js, lifeline)
     await broker.start()
@@ -303,6 +326,10 @@ async def serve(
         lifeline.stopping()
         for subscriber in broker.subscribers:
             await subscriber.stop()
+        given = await in_flight.give_back()
+        if given:
+            log.info("%s: %d queued messages handed back to JetStream", name, given)
+        await queued_alive.aclose()
         await in_flight.drain(1.0 if lost else settings.drain_timeout_s)
         await broker.stop()
     if lost:

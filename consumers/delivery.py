@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
@@ -186,12 +187,13 @@ class KeepAlive:
         """Keep `delivery` from being redelivered while the `async with` block runs."""
         return _Watched(self, delivery)
 
-    def _add(self, delivery: Delivery) -> None:
+    def keep(self, delivery: Delivery) -> None:
+        """Keep `delivery` alive until `forget`."""
         self._active.add(delivery)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="sandboxer-keepalive")
 
-    def _discard(self, delivery: Delivery) -> None:
+    def forget(self, delivery: Delivery) -> None:
         self._active.discard(delivery)
 
     async def _run(self) -> None:
@@ -221,44 +223,124 @@ class _Watched:
         self._delivery = delivery
 
     async def __aenter__(self) -> None:
-        self._keepalive._add(self._delivery)
+        self._keepalive.keep(self._delivery)
 
     async def __aexit__(self, *exc: object) -> None:
-        self._keepalive._discard(self._delivery)
+        self._keepalive.forget(self._delivery)
+
+
+#: A queued handler: start it, the consumer it is timed under, its delivery.
+_Queued = tuple[Callable[[], Coroutine[Any, Any, None]], str, "Delivery | None"]
 
 
 class InFlight:
-    """Runs up to `limit` handlers at once, each as its own small task.
+    """Runs up to `limit` handlers at once, each as its own small task, and shares the
+    slots fairly: what cannot start at once waits in a queue of its own consumer and
+    tenant (`key`), and a finished handler's slot goes to the next queue in turn,
+    deficit round robin, a consumer's turn as long as its `weight`, its tenants in turn
+    within it. So one tenant's backlog never delays another's, whatever order the
+    messages came in (docs/policy.md, "Fair scheduling").
 
-    The FastStream handler only waits for a free slot and starts the task, so what a
-    slow provider call keeps alive is this task and the message, not FastStream's whole
-    per-message call stack (that halves the memory of 10,000 calls in flight). A full
-    set of slots blocks the FastStream handler, which stops the fetching: back-pressure.
+    The FastStream handler only queues or starts the task, so what a slow provider call
+    keeps alive is this task and the message, not FastStream's whole per-message call
+    stack (that halves the memory of 10,000 calls in flight). Queued messages are kept
+    alive by `keepalive`; once `max_queued` wait, the FastStream handler blocks, which
+    stops the fetching: back-pressure.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(
+        self,
+        limit: int,
+        *,
+        max_queued: int = 0,
+        keepalive: KeepAlive | None = None,
+        weight: Callable[[str], int] | None = None,
+    ) -> None:
         self.limit = limit
-        self._slots = asyncio.Semaphore(limit)
+        self.max_queued = max_queued
+        self._keepalive = keepalive
+        self._weight = weight or (lambda consumer: 1)
         #: Each running handler task (named after its consumer) and when it started.
         self._tasks: dict[asyncio.Task[None], float] = {}
+        self._changed = asyncio.Event()
+        # The queues: consumers in turn, each with its tenants in turn and their queues.
+        self._turns: deque[str] = deque()
+        self._lanes: dict[str, tuple[deque[str], dict[str, deque[_Queued]]]] = {}
+        self._credit: dict[str, int] = {}
+        self.queued = 0
 
     def __len__(self) -> int:
         return len(self._tasks)
 
     async def start(
-        self, handler: Callable[[], Coroutine[Any, Any, None]], consumer: str = ""
+        self,
+        handler: Callable[[], Coroutine[Any, Any, None]],
+        consumer: str = "",
+        *,
+        key: Callable[[], tuple[str, str]] | None = None,
+        delivery: Delivery | None = None,
     ) -> None:
-        """Wait for a slot, then run `handler()` in the background; its time goes into
-        `sandboxer_handled_seconds` of `consumer` (kept here, not in another object per
-        message in flight: 10,000 of them are a benchmark)."""
-        await self._slots.acquire()
+        """Run `handler()` in the background now if a slot is free and nothing waits,
+        else queue it under `key()` (the consumer and tenant it is for); wait only when
+        the queue is full. Its time goes into `sandboxer_handled_seconds` of `consumer`
+        (kept here, not in another object per message in flight: 10,000 of them are a
+        benchmark)."""
+        while len(self._tasks) >= self.limit and self.queued >= self.max_queued:
+            self._changed.clear()
+            await self._changed.wait()
+        if len(self._tasks) < self.limit and not self.queued:
+            self._launch(handler, consumer)
+            return
+        lane, tenant = key() if key is not None else (consumer, "")
+        self._enqueue(lane, tenant, (handler, consumer, delivery))
+        if delivery is not None and self._keepalive is not None:
+            self._keepalive.keep(delivery)
+        while len(self._tasks) < self.limit and self.queued:
+            self._launch_next()
+
+    def _launch(self, handler: Callable[[], Coroutine[Any, Any, None]], consumer: str) -> None:
         task = asyncio.create_task(handler(), name=consumer)
         self._tasks[task] = time.perf_counter()
         task.add_done_callback(self._finished)
 
+    def _enqueue(self, lane: str, tenant: str, item: _Queued) -> None:
+        if lane not in self._lanes:
+            self._lanes[lane] = (deque(), {})
+            self._turns.append(lane)
+            self._credit[lane] = max(1, self._weight(lane))
+        tenants, queues = self._lanes[lane]
+        if tenant not in queues:
+            queues[tenant] = deque()
+            tenants.append(tenant)
+        queues[tenant].append(item)
+        self.queued += 1
+
+    def _launch_next(self) -> None:
+        """Start the head of the next queue in turn."""
+        lane = self._turns[0]
+        tenants, queues = self._lanes[lane]
+        tenant = tenants[0]
+        waiting = queues[tenant]
+        handler, consumer, delivery = waiting.popleft()
+        self.queued -= 1
+        if waiting:
+            tenants.rotate(-1)
+        else:
+            tenants.popleft()
+            del queues[tenant]
+        self._credit[lane] -= 1
+        if not tenants:
+            self._turns.popleft()
+            del self._lanes[lane], self._credit[lane]
+        elif self._credit[lane] <= 0:
+            self._credit[lane] = max(1, self._weight(lane))
+            self._turns.rotate(-1)
+        if delivery is not None and self._keepalive is not None:
+            self._keepalive.forget(delivery)
+        self._launch(handler, consumer)
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         began = self._tasks.pop(task)
-        self._slots.release()
         crashed = not task.cancelled() and task.exception() is not None
         observe.handled_seconds(task.get_name(), "error" if crashed else "ok").observe(
             time.perf_counter() - began
@@ -267,6 +349,31 @@ class InFlight:
             # Handlers decide ack/nak/term themselves; reaching here is a bug. The
             # message is redelivered after the ack wait, so nothing is lost.
             log.error("handler crashed", exc_info=task.exception())
+        if self.queued:
+            self._launch_next()
+        self._changed.set()
+
+    async def give_back(self) -> int:
+        """Hand every queued message back to JetStream at once (a stopping worker):
+        another worker takes it now rather than after the ack wait."""
+        given = 0
+        while self.queued:
+            lane = self._turns[0]
+            tenants, queues = self._lanes[lane]
+            _, _, delivery = queues[tenants[0]].popleft()
+            self.queued -= 1
+            if not queues[tenants[0]]:
+                del queues[tenants.popleft()]
+            if not tenants:
+                self._turns.popleft()
+                del self._lanes[lane], self._credit[lane]
+            if delivery is not None:
+                if self._keepalive is not None:
+                    self._keepalive.forget(delivery)
+                with contextlib.suppress(Exception):
+                    await delivery.nack(0.0)
+                given += 1
+        return given
 
     async def drain(self, timeout_s: float) -> None:
         """Let running handlers finish for up to `timeout_s`, then cancel the rest

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 from nats.js import JetStreamContext
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from adapters.registry import Registry
 from consumers.app import Lifeline, Subscription, connect, serve
 from consumers.deadletter import on_max_deliveries
 from consumers.delivery import Delivery, settle
@@ -31,6 +34,7 @@ from sandboxer.topology import (
     PROVISION_CONSUMER,
     PROVISION_SUBJECT,
     REQUESTS_STREAM,
+    consumer_of,
     destroy_subject,
     extend_subject,
     provision_subject,
@@ -39,13 +43,48 @@ from sandboxer.topology import (
 log = logging.getLogger("sandboxer.worker")
 
 
+class _Tenant(BaseModel):
+    """The tenant a request is for, whatever else it holds (pydantic's parser refuses
+    deep nesting with an error, never a crash)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tenant: str = Field(default="", max_length=64)
+
+
+def fair_key(registry: Registry) -> Callable[[str, bytes], tuple[str, str]]:
+    """(consumer, tenant) of a request: the queue it waits in when every slot is taken.
+    A plain subject's request waits with its tenant's consumer; junk, in its own."""
+
+    def key(subject: str, body: bytes) -> tuple[str, str]:
+        try:
+            tenant = _Tenant.model_validate_json(body).tenant
+        except ValidationError:
+            tenant = ""
+        return consumer_of(subject) or registry.owner_of(tenant), tenant
+
+    return key
+
+
+def weight_of(registry: Registry) -> Callable[[str], int]:
+    """A consumer's share of the slots (its profile's `weight`; 1 for others)."""
+
+    def weight(consumer: str) -> int:
+        manifest = registry.consumers.get(consumer)
+        return manifest.weight if manifest else 1
+
+    return weight
+
+
 def subscriptions(
     parts: WorkerParts, js: JetStreamContext, settings: Settings
 ) -> list[Subscription]:
     """Requests on the plain subjects and on every consumer's own. A crash on the last
     provision attempt still gets two more deliveries before the server gives up (the
     handler itself fails the request at `max_deliver`); destroys wait for provisioning
-    to settle, which is itself bounded, and retry outages for the long bound."""
+    to settle, which is itself bounded, and retry outages for the long bound. Requests
+    share the handler slots fairly by consumer and tenant."""
+    fair = fair_key(parts.providers.registry)
     return [
         Subscription(
             REQUESTS_STREAM,
@@ -53,12 +92,14 @@ def subscriptions(
             (PROVISION_SUBJECT, provision_subject("*")),
             parts.provisioning.on_provision,
             settings.max_deliver + 2,
+            fair,
         ),
         Subscription(
             REQUESTS_STREAM,
             DESTROY_CONSUMER,
             (DESTROY_SUBJECT, destroy_subject("*")),
             parts.destroying.on_destroy,
+            fair_key=fair,
         ),
         Subscription(
             REQUESTS_STREAM,
@@ -66,6 +107,7 @@ def subscriptions(
             (EXTEND_SUBJECT, extend_subject("*")),
             parts.extending.on_extend,
             settings.max_deliver + 2,
+            fair,
         ),
         advisory_subscription(js, settings),
     ]
@@ -142,4 +184,5 @@ async def run_worker(
             settings,
             stop or asyncio.Event(),
             ready,
+            weight_of(parts.providers.registry),
         )

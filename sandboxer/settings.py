@@ -224,6 +224,9 @@ class Settings:
     extensions_dir: Path = field(default_factory=default_extensions_dir)
     #: Provision and destroy handlers running at once, per worker process and subject.
     max_in_flight: int = 256
+    #: Requests a worker holds beyond those, queued by consumer and tenant so that
+    #: the slots are shared fairly (a tenant's backlog never delays another's).
+    max_queued: int = 20_000
     #: Seconds JetStream waits for an ack; long provider calls send `in_progress` within it.
     ack_wait_s: float = 30.0
     #: Deliveries of one message before it is failed for good.
@@ -302,6 +305,7 @@ class Settings:
             deployment=env.text("SANDBOXER_DEPLOYMENT") or cls.deployment,
             extensions_dir=Path(env.text("SANDBOXER_EXTENSIONS_DIR") or default_extensions_dir()),
             max_in_flight=env.whole("SANDBOXER_MAX_IN_FLIGHT", cls.max_in_flight),
+            max_queued=env.whole("SANDBOXER_MAX_QUEUED", cls.max_queued),
             ack_wait_s=env.number("SANDBOXER_ACK_WAIT_S", cls.ack_wait_s),
             max_deliver=env.whole("SANDBOXER_MAX_DELIVER", cls.max_deliver),
             retry_backoff_s=env.number("SANDBOXER_RETRY_BACKOFF_S", cls.retry_backoff_s),

@@ -222,6 +222,13 @@ class ConsumerManifest(BaseModel):
         default_factory=TenantLimits,
         description="Each tenant's limits (an operator may override them per tenant).",
     )
+    weight: int = Field(
+        default=1,
+        ge=1,
+        le=100,
+        description="Its share of each worker's handler slots against other consumers' "
+        "when they wait (2: twice the share of a consumer of weight 1).",
+    )
 
     @model_validator(mode="after")
     def _sound(self) -> Self:
