@@ -48,7 +48,7 @@ from sandboxer.dev.fakes.http import LoopbackHTTP
 from sandboxer.dev.servers import EmbeddedNats, free_port
 from sandboxer.ids import sandbox_id_for
 from sandboxer.topology import BILLING_CONSUMER, METER_STREAM, ensure_topology
-from schemas import ProvisionRequest
+from schemas import ProvisionRequest, TenantLimits
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = "profile.burst-sandbox"
@@ -222,6 +222,8 @@ BENCH_TENANTS = (
     "warmup",
     "hot",
     "pipehot",
+    "noisy",
+    "victim",
     *(f"{prefix}{i}" for prefix in SPREAD_PREFIXES for i in range(TENANT_SPREAD)),
 )
 
@@ -309,6 +311,59 @@ async def bench_holds(url: str, n: int, concurrency: int) -> list[float]:
     await asyncio.gather(*(hold(i) for i in range(n)))
     await nc.close()
     return latencies
+
+
+async def bench_holds_with_policy(url: str, n: int, concurrency: int) -> list[float]:
+    """(i) the same as (g) with every limit of a consumer profile set (none reached):
+    what the policy check adds to placing a hold."""
+    limits = TenantLimits(
+        max_concurrent=10**6,
+        creates_per_minute=10**6,
+        hourly_usd=Decimal(10**9),
+        daily_usd=Decimal(10**9),
+    )
+    nc = await nats.connect(url)
+    js = nc.jetstream(timeout=30)
+    ledger = Ledger(js)
+    await ledger.balance("hot")
+    latencies: list[float] = []
+    slots = asyncio.Semaphore(concurrency)
+
+    async def hold(i: int) -> None:
+        async with slots:
+            began = time.perf_counter()
+            sandbox_id = f"sbx-{2 * 10**9 + i:024x}"
+            await ledger.hold("hot", sandbox_id, Decimal("0.009"), limits=limits)
+            latencies.append(time.perf_counter() - began)
+
+    await asyncio.gather(*(hold(i) for i in range(n)))
+    await nc.close()
+    return latencies
+
+
+async def bench_fairness(url: str, log: Path, backlog: int, asks: int) -> list[float]:
+    """(k) one tenant's `backlog` provisions queued (stub latency 1 s), then another
+    tenant's `asks` provisions one after the other: their publish -> ready seconds."""
+    nc = await nats.connect(url)
+    js = nc.jetstream(timeout=30)
+    env = {"SANDBOXER_STUB_LATENCY_S": "1", "SANDBOXER_ACK_WAIT_S": "60"}
+    with worker_process(url, log, **env) as proc:
+        await wait_consumers(js)
+        await publish_all(js, [payload("noisy", f"noisy-{i}") for i in range(backlog)])
+        await asyncio.sleep(2.0)  # the worker has fetched and queued what it can
+        waits = []
+        for i in range(asks):
+            request_id = f"victim-{i}"
+            answers = await nc.subscribe(f"sandbox.status.*.{sandbox_id_for('victim', request_id)}")
+            began = time.perf_counter()
+            await js.publish("sandbox.provision", payload("victim", request_id))
+            while b'"state":"ready"' not in (await answers.next_msg(timeout=120)).data:
+                pass
+            waits.append(time.perf_counter() - began)
+            await answers.unsubscribe()
+        proc.send_signal(signal.SIGKILL)  # no need to drain the backlog's fake latency
+    await nc.close()
+    return waits
 
 
 async def run_provisions(
@@ -593,6 +648,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.only == "h":
             await figure_h(Path(tmp), log, args, args.rate, results)
             return results
+        if args.only == "k":
+            with EmbeddedNats(Path(tmp) / "nats-k") as server:
+                await fund(server.url)
+                waits = await bench_fairness(server.url, log, args.fairness_backlog, 20)
+            print(f"(k) p50 {percentile(waits, 0.5):.2f} s, p99 {percentile(waits, 0.99):.2f} s")
+            return results
         with EmbeddedNats(Path(tmp) / "nats") as server:
             url = server.url
             await fund(url)
@@ -675,6 +736,26 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"p50 {results['g_hold_p50_ms']} ms, p99 {results['g_hold_p99_ms']} ms",
                 flush=True,
             )
+            limited = await bench_holds_with_policy(url, 2000, concurrency=16)
+            p50 = percentile(limited, 0.5) * 1000
+            results["i_hold_with_policy_p50_ms"] = round(p50, 2)
+            results["i_policy_added_ms"] = round(p50 - results["g_hold_p50_ms"], 2)
+            print(
+                f"(i) the same with every consumer limit set: p50 {p50:.2f} ms "
+                f"({results['i_policy_added_ms']:+.2f} ms)",
+                flush=True,
+            )
+        with EmbeddedNats(Path(tmp) / "nats-k") as server:
+            await fund(server.url)
+            waits = await bench_fairness(server.url, log, args.fairness_backlog, 20)
+            results["k_victim_p50_s"] = round(percentile(waits, 0.5), 2)
+            results["k_victim_p99_s"] = round(percentile(waits, 0.99), 2)
+            print(
+                f"(k) another tenant's publish->ready while one has {args.fairness_backlog:,} "
+                f"queued (stub 1 s): p50 {results['k_victim_p50_s']} s, "
+                f"p99 {results['k_victim_p99_s']} s",
+                flush=True,
+            )
         # (e) runs on a fresh server with a long latency: all sandboxes in flight at once.
         with EmbeddedNats(Path(tmp) / "nats-e") as server:
             await fund(server.url)
@@ -727,6 +808,8 @@ TARGETS = [
     ("c_concurrency_efficiency", ">=", 0.9, "(c) >= 0.9"),
     ("d_p99_ms", "<=", 5.0, "(d) p99 <= 5 ms"),
     ("e_peak_rss_mib", "<=", 150.0, "(e) <= 150 MiB"),
+    ("i_policy_added_ms", "<=", 1.0, "(i) the policy check adds <= 1 ms to (g) p50"),
+    ("k_victim_p99_s", "<=", 2.0, "(k) a victim's p99 behind 10,000 queued <= 2 s"),
     ("f_debits_per_s_one_tenant_8_workers", ">=", 1000, "(f) >= 1,000 debits/s"),
     ("f_balance_exact", "==", True, "(f) no lost updates"),
 ]
@@ -747,10 +830,11 @@ if __name__ == "__main__":
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--rss-sandboxes", type=int, default=10_000)
     parser.add_argument("--debits", type=int, default=5_000)
+    parser.add_argument("--fairness-backlog", type=int, default=10_000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument(
         "--only",
-        choices=["h"],
+        choices=["h", "k"],
         help="measure one figure alone (printed, not written): h at --rate for its (d)",
     )
     parser.add_argument("--rate", type=float, default=500.0)

@@ -151,8 +151,12 @@ class Balance:
         return sum((v for h, v in self.by_hour.items() if h >= first), Decimal(0))
 
     def creates_last_minute(self, now: datetime) -> int:
+        """Sandboxes created in the 60 s before `now` (older ones are forgotten: time
+        only moves on)."""
         cutoff = now.timestamp() - 60
-        return sum(1 for moment in self.creates if moment > cutoff)
+        while self.creates and self.creates[0] <= cutoff:
+            self.creates.popleft()
+        return len(self.creates)
 
     def check(self, limits: TenantLimits, sandbox_id: str, amount: Decimal, now: datetime) -> None:
         """Raise `QuotaExceeded` if holding `amount` for `sandbox_id` now would go past
