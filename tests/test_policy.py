@@ -354,3 +354,17 @@ async def test_one_tenants_backlog_does_not_delay_another(
 async def _statuses(client: Client) -> Any:
     for status in await client.statuses():
         yield status
+
+
+async def test_route_explain_shows_the_policy(tmp_path: Path, settings: Settings) -> None:
+    extensions = deployment(
+        tmp_path, profiles=["profile.burst-sandbox"], tenant_limits={"max_concurrent": 3}
+    )
+    env = {"SANDBOXER_EXTENSIONS_DIR": str(extensions)}
+    args = ("route", "explain", "--tenant", "q1", "--json")
+    code, out, err = await sandboxer(settings, *args, "--profile", "profile.burst-sandbox", **env)
+    assert code == 0, err
+    policy = json.loads(out)["policy"]
+    assert policy["admission"] == "admitted" and "max_concurrent=3" in policy["limits"]
+    code, out, err = await sandboxer(settings, *args, "--profile", "profile.e2b-burst", **env)
+    assert code == 1 and "policy_denied" in err and "may not use profile.e2b-burst" in err

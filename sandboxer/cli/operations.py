@@ -264,23 +264,45 @@ def route_explain(
 
     current = settings()
 
-    async def go() -> Explanation:
+    from consumers.policy import Policies
+
+    async def go() -> tuple[Explanation, str, str]:
         async with AsyncExitStack() as stack:
             providers = await open_providers(current, stack)
             chosen = providers.registry.profile(profile)
-            return await providers.router.explain(chosen, tenant)
+            policies = Policies(providers.registry)
+            try:
+                policies.admit(tenant, chosen, None)
+                admitted = "admitted"
+            except SandboxerError as exc:
+                admitted = f"{exc.code}: {exc}"
+            consumer = providers.registry.consumer_of(tenant)
+            limits = consumer.tenant_limits if consumer else None
+            shown = (
+                ", ".join(f"{k}={v}" for k, v in limits.model_dump(mode="json").items() if v)
+                if limits and not limits.unlimited
+                else "none"
+            )
+            source = consumer.id if consumer else "no consumer profile"
+            said = f"{shown} ({source}; `sandboxer policy show` for overrides)"
+            return await providers.router.explain(chosen, tenant), admitted, said
 
     try:
-        answer = run(go())
+        answer, admitted, limits = run(go())
     except SandboxerError as exc:
         die(f"{exc.code}: {exc}")
     if as_json:
-        typer.echo(json.dumps({"profile": profile, "tenant": tenant, **answer.as_dict()}))
+        policy = {"admission": admitted, "limits": limits}
+        body = {"profile": profile, "tenant": tenant, **answer.as_dict(), "policy": policy}
+        typer.echo(json.dumps(body))
     else:
         bao = current.bao.addr if current.bao else "not configured"
         typer.echo(f"{profile} for tenant {tenant} (OpenBao: {bao})")
+        typer.echo(f"  policy: {admitted}; limits: {limits}")
         for position, (extension, verdict) in enumerate(answer.rows, 1):
             typer.echo(f"  {position}. {extension:<16} {verdict}")
+    if admitted != "admitted":
+        die(f"{admitted}")
     if answer.chosen is None:
         die(f"no_route: no route of {profile} is eligible for tenant {tenant}")
 
