@@ -224,6 +224,7 @@ BENCH_TENANTS = (
     "pipehot",
     "noisy",
     "victim",
+    "hot2",
     *(f"{prefix}{i}" for prefix in SPREAD_PREFIXES for i in range(TENANT_SPREAD)),
 )
 
@@ -314,8 +315,8 @@ async def bench_holds(url: str, n: int, concurrency: int) -> list[float]:
 
 
 async def bench_holds_with_policy(url: str, n: int, concurrency: int) -> list[float]:
-    """(i) the same as (g) with every limit of a consumer profile set (none reached):
-    what the policy check adds to placing a hold."""
+    """(i) the same as (g), on a tenant of its own in the same state as (g)'s was, with
+    every limit of a consumer profile set (none reached): what the check adds."""
     limits = TenantLimits(
         max_concurrent=10**6,
         creates_per_minute=10**6,
@@ -325,7 +326,7 @@ async def bench_holds_with_policy(url: str, n: int, concurrency: int) -> list[fl
     nc = await nats.connect(url)
     js = nc.jetstream(timeout=30)
     ledger = Ledger(js)
-    await ledger.balance("hot")
+    await ledger.balance("hot2")
     latencies: list[float] = []
     slots = asyncio.Semaphore(concurrency)
 
@@ -333,7 +334,7 @@ async def bench_holds_with_policy(url: str, n: int, concurrency: int) -> list[fl
         async with slots:
             began = time.perf_counter()
             sandbox_id = f"sbx-{2 * 10**9 + i:024x}"
-            await ledger.hold("hot", sandbox_id, Decimal("0.009"), limits=limits)
+            await ledger.hold("hot2", sandbox_id, Decimal("0.009"), limits=limits)
             latencies.append(time.perf_counter() - began)
 
     await asyncio.gather(*(hold(i) for i in range(n)))
@@ -648,6 +649,18 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.only == "h":
             await figure_h(Path(tmp), log, args, args.rate, results)
             return results
+        if args.only in ("gi", "e"):
+            with EmbeddedNats(Path(tmp) / "nats-gi") as server:
+                await fund(server.url)
+                if args.only == "e":
+                    rss = await bench_rss(server.url, log, args.rss_sandboxes)
+                    print(f"(e) worker peak RSS, {args.rss_sandboxes:,} in flight: {rss:.1f} MiB")
+                    return results
+                plain = percentile(await bench_holds(server.url, 2000, concurrency=16), 0.5)
+                limited = await bench_holds_with_policy(server.url, 2000, concurrency=16)
+                checked = percentile(limited, 0.5)
+                print(f"(g) p50 {plain * 1000:.2f} ms; (i) p50 {checked * 1000:.2f} ms")
+            return results
         if args.only == "k":
             with EmbeddedNats(Path(tmp) / "nats-k") as server:
                 await fund(server.url)
@@ -834,7 +847,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument(
         "--only",
-        choices=["h", "k"],
+        choices=["h", "k", "gi", "e"],
         help="measure one figure alone (printed, not written): h at --rate for its (d)",
     )
     parser.add_argument("--rate", type=float, default=500.0)

@@ -26,12 +26,11 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
@@ -85,15 +84,12 @@ class Balance:
     holds: dict[str, Decimal] = field(default_factory=dict)
     #: The entry behind each open hold (a fallback to another route re-holds).
     hold_ids: dict[str, str] = field(default_factory=dict, repr=False)
-    #: sandbox id -> [hour created, what it counts for, billed], oldest first.
-    spend: OrderedDict[str, list[Any]] = field(default_factory=OrderedDict, repr=False)
+    #: The sum of `holds`, kept as they change (a hot tenant has thousands).
+    held: Decimal = field(default=Decimal("0"), repr=False)
+    #: sandbox id -> (created at, epoch seconds; what it counts for; billed), oldest
+    #: first: the last day's sandboxes.
+    spend: dict[str, tuple[float, Decimal, bool]] = field(default_factory=dict, repr=False)
     by_hour: dict[int, Decimal] = field(default_factory=dict, repr=False)
-    #: When each recent sandbox was created (epoch seconds), oldest first.
-    creates: deque[float] = field(default_factory=deque, repr=False)
-
-    @property
-    def held(self) -> Decimal:
-        return sum(self.holds.values(), Decimal("0"))
 
     @property
     def available(self) -> Decimal:
@@ -104,11 +100,13 @@ class Balance:
         if entry.kind == "grant":
             self.balance += entry.amount_usd
         elif entry.kind == "hold" and entry.sandbox_id is not None:
+            before = self.holds.get(entry.sandbox_id, Decimal(0))
             self.holds[entry.sandbox_id] = entry.amount_usd  # a later hold replaces
+            self.held += entry.amount_usd - before
             self.hold_ids[entry.sandbox_id] = entry.entry_id
             self._spent(entry, entry.amount_usd)
         elif entry.kind == "release" and entry.sandbox_id is not None:
-            self.holds.pop(entry.sandbox_id, None)
+            self.held -= self.holds.pop(entry.sandbox_id, Decimal(0))
             self.hold_ids.pop(entry.sandbox_id, None)
             self._spent(entry, Decimal(0))
         elif entry.kind == "debit":
@@ -124,22 +122,24 @@ class Balance:
         if record is None:
             if entry.kind != "hold":
                 return  # created before the window: it no longer counts
-            record = self.spend[sandbox_id] = [_hour(entry.at), Decimal(0), False]
-            self.creates.append(entry.at.timestamp())
+            record = (entry.at.timestamp(), Decimal(0), False)
             self._forget_before(entry.at)
-        if record[2]:
+        created, counted, was_billed = record
+        if was_billed:
             return  # billed: the debit is what it spent
-        self.by_hour[record[0]] = self.by_hour.get(record[0], Decimal(0)) + amount - record[1]
-        record[1], record[2] = amount, billed
+        hour = int(created // 3600)
+        self.by_hour[hour] = self.by_hour.get(hour, Decimal(0)) + amount - counted
+        self.spend[sandbox_id] = (created, amount, billed)
 
     def _forget_before(self, now: datetime) -> None:
         oldest = _hour(now) - _WINDOW_HOURS
-        while self.spend and next(iter(self.spend.values()))[0] < oldest:
-            self.spend.popitem(last=False)
+        while self.spend:
+            first = next(iter(self.spend))
+            if self.spend[first][0] // 3600 >= oldest:
+                break
+            del self.spend[first]
         for hour in [h for h in self.by_hour if h < oldest]:
             del self.by_hour[hour]
-        while self.creates and self.creates[0] < now.timestamp() - 60:
-            self.creates.popleft()
 
     def hour_spend(self, now: datetime) -> Decimal:
         """What the sandboxes created this UTC hour spent or hold."""
@@ -151,12 +151,13 @@ class Balance:
         return sum((v for h, v in self.by_hour.items() if h >= first), Decimal(0))
 
     def creates_last_minute(self, now: datetime) -> int:
-        """Sandboxes created in the 60 s before `now` (older ones are forgotten: time
-        only moves on)."""
-        cutoff = now.timestamp() - 60
-        while self.creates and self.creates[0] <= cutoff:
-            self.creates.popleft()
-        return len(self.creates)
+        """Sandboxes created in the 60 s before `now` (the newest are last)."""
+        cutoff, count = now.timestamp() - 60, 0
+        for created, _, _ in reversed(self.spend.values()):
+            if created <= cutoff:
+                break
+            count += 1
+        return count
 
     def check(self, limits: TenantLimits, sandbox_id: str, amount: Decimal, now: datetime) -> None:
         """Raise `QuotaExceeded` if holding `amount` for `sandbox_id` now would go past
@@ -176,8 +177,13 @@ class Balance:
                 )
         # What this sandbox already counts for (a fallback's or an extension's re-hold).
         record = self.spend.get(sandbox_id)
-        this_hour = record[1] if record and record[0] == _hour(now) else Decimal(0)
-        this_day = record[1] if record and record[0] >= _first_hour_of_day(now) else Decimal(0)
+        hour = int(record[0] // 3600) if record else None
+        this_hour = record[1] if record and hour == _hour(now) else Decimal(0)
+        this_day = (
+            record[1]
+            if record and hour is not None and hour >= _first_hour_of_day(now)
+            else Decimal(0)
+        )
         for name, cap, spent in (
             ("hourly_usd", limits.hourly_usd, self.hour_spend(now) - this_hour),
             ("daily_usd", limits.daily_usd, self.day_spend(now) - this_day),
@@ -195,9 +201,9 @@ class Balance:
             self.balance,
             dict(self.holds),
             dict(self.hold_ids),
-            OrderedDict((k, list(v)) for k, v in self.spend.items()),
+            self.held,
+            dict(self.spend),
             dict(self.by_hour),
-            deque(self.creates),
         )
 
 

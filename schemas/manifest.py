@@ -195,6 +195,12 @@ class ConsumerTtl(BaseModel):
     default_s: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
     max_s: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
 
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.default_s is not None and self.max_s is not None and self.default_s > self.max_s:
+            raise ValueError("ttl.default_s must not exceed ttl.max_s")
+        return self
+
 
 class ConsumerManifest(BaseModel):
     """An upstream system (`extensions/consumer.<name>.yaml`): the tenants it may act for.

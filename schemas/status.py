@@ -141,8 +141,8 @@ class SandboxStatus(BaseModel):
     control: ControlEndpoint | None = Field(
         default=None, description="The provider's control API of the sandbox, if any."
     )
-    ttl_extensions: list[TtlExtension] = Field(
-        default_factory=list,
+    ttl_extensions: tuple[TtlExtension, ...] = Field(
+        default=(),  # one shared empty tuple: 10,000 statuses in flight allocate none
         max_length=MAX_TTL_EXTENSIONS,
         description="The `sandbox.extend` requests applied, oldest first.",
     )

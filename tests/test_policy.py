@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import uuid
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -20,6 +22,7 @@ from nats.js import JetStreamContext
 from sandboxer.client import Client
 from sandboxer.credits import Balance, Ledger
 from sandboxer.errors import QuotaExceeded
+from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings, default_extensions_dir
 from schemas import (
     DestroyRequest,
@@ -31,7 +34,7 @@ from schemas import (
     TenantLimits,
 )
 from tests.conftest import Start
-from tests.helpers import provision, sandboxer, wait_for_status
+from tests.helpers import provision, reconcile, sandboxer, wait_for_status
 
 #: profile.burst-sandbox on the stub: 0.009 USD held for its 900 s TTL.
 BURST_HOLD = Decimal("0.009000")
@@ -368,3 +371,58 @@ async def test_route_explain_shows_the_policy(tmp_path: Path, settings: Settings
     assert policy["admission"] == "admitted" and "max_concurrent=3" in policy["limits"]
     code, out, err = await sandboxer(settings, *args, "--profile", "profile.e2b-burst", **env)
     assert code == 1 and "policy_denied" in err and "may not use profile.e2b-burst" in err
+
+
+async def test_a_sigkilled_worker_leaks_no_slot(
+    tmp_path: Path,
+    spawn_worker: Any,
+    start_billing: Start,
+    observer: Client,
+    js: JetStreamContext,
+    settings: Settings,
+) -> None:
+    """Three provisions held at max_concurrent 3, their worker SIGKILLed mid-create:
+    the next worker finishes them on the same three slots (a fourth is refused), a
+    reconciliation pass changes nothing, and a destroy gives one back."""
+    extensions = deployment(tmp_path, tenant_limits={"max_concurrent": 3})
+    env = {"SANDBOXER_EXTENSIONS_DIR": str(extensions)}
+    await Ledger(js).grant("q1", Decimal(100), "funds")
+    first = spawn_worker(SANDBOXER_STUB_LATENCY_S="30", **env)
+    requests = [
+        ProvisionRequest(request_id=f"k{i}", tenant="q1", profile="profile.burst-sandbox")
+        for i in range(3)
+    ]
+    for request in requests:
+        await observer.provision(request)
+    ids = [sandbox_id_for("q1", r.request_id) for r in requests]
+    for sandbox_id in ids:
+        await wait_for_status(
+            observer, sandbox_id, lambda s: s.state is SandboxState.PROVISIONING, 30
+        )
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    spawn_worker(SANDBOXER_STUB_LATENCY_S="0", **env)
+    for sandbox_id in ids:
+        await wait_for_status(observer, sandbox_id, lambda s: s.state is SandboxState.READY, 30)
+    [refused] = await provision_all(observer, "q1", 1)
+    assert refused.error is not None and refused.error.code is ErrorCode.QUOTA_EXCEEDED
+    findings = await reconcile(
+        replace(settings, extensions_dir=extensions), js, extension_id="ext.saas-stub"
+    )
+    assert {f.action for f in findings} <= {"keep"}, findings
+    assert set((await Ledger(js).balance("q1")).holds) == set(ids)
+    await start_billing(extensions_dir=extensions)
+    done = await observer.destroy(
+        DestroyRequest(request_id="d", tenant="q1", sandbox_id=ids[0]), wait_s=20
+    )
+    assert done is not None and done.state is SandboxState.DESTROYED
+    await _until_holds(js, "q1", 2)
+    assert (await provision(observer, "q1", "profile.burst-sandbox")).state is SandboxState.READY
+
+
+async def _until_holds(js: JetStreamContext, tenant: str, n: int) -> None:
+    for _ in range(200):
+        if len((await Ledger(js).balance(tenant)).holds) == n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{tenant} holds {(await Ledger(js).balance(tenant)).holds}")

@@ -431,7 +431,7 @@ async def test_extend_refusals_change_nothing(
     assert (await refused(ttl_s=60)).error.code is ErrorCode.INVALID_REQUEST  # type: ignore[union-attr]
     stored = await observer.status(status.sandbox_id)
     assert stored is not None and stored.expires_at == status.expires_at
-    assert stored.ttl_extensions == [] and stored.error is None
+    assert stored.ttl_extensions == () and stored.error is None
     assert (await Ledger(js).balance(tenant)).holds == held
     fake = clouds.e2b.sandboxes[status.provider_sandbox_id or ""]
     assert abs((fake.end_at - status.expires_at).total_seconds()) <= 1.5  # type: ignore[operator]
