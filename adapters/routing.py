@@ -7,14 +7,24 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from adapters.base import NO_CREDENTIALS, Credentials, SandboxAdapter
-from sandboxer.errors import NoRoute, ProviderUnavailable, UnknownExtension
-from schemas import ExtensionManifest, Profile, SandboxStatus, byok_path
+from sandboxer.errors import NoRoute, ProviderUnavailable, QuotaExceeded, UnknownExtension
+from schemas import (
+    CredentialSource,
+    ExtensionManifest,
+    Profile,
+    SandboxStatus,
+    TenantLimits,
+    byok_path,
+    utcnow,
+)
 
 if TYPE_CHECKING:  # hvac is imported only where OpenBao is configured
     from adapters.openbao import CredentialResolver, ResolvedKey
+    from sandboxer.credits import Ledger
 
 log = logging.getLogger("adapters.routing")
 
@@ -47,6 +57,13 @@ class Explanation:
         return {"chosen": self.chosen, "routes": routes}
 
 
+def account_of(extension_id: str, source: CredentialSource, tenant: str) -> str:
+    """The provider account a sandbox counts against: the platform key's, or the
+    tenant's own (BYOK keys never share the platform's counters)."""
+    name = extension_id.removeprefix("ext.")
+    return f"~{name}-byok-{tenant}" if source == "byok" else f"~{name}-platform"
+
+
 class Router:
     """Walks a profile's routes in order."""
 
@@ -55,10 +72,13 @@ class Router:
         adapters: dict[str, SandboxAdapter],
         manifests: dict[str, ExtensionManifest] | None = None,
         resolver: CredentialResolver | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self._adapters = adapters
         self._manifests = manifests or {}
         self._resolver = resolver
+        #: Where provider accounts' slots are kept (None: account limits unchecked).
+        self._ledger = ledger
 
     def adapter(self, extension_id: str) -> SandboxAdapter:
         """The loaded adapter of `extension_id` (for destroy, which must not re-route)."""
@@ -106,9 +126,17 @@ class Router:
         ]
         return Explanation(rows, route.extension_id)
 
-    async def choose(self, profile: Profile, tenant: str, after: str | None = None) -> Route:
+    async def choose(
+        self,
+        profile: Profile,
+        tenant: str,
+        after: str | None = None,
+        sandbox_id: str | None = None,
+    ) -> Route:
         """The first eligible route (after the extension `after`, when falling back), or
-        `NoRoute` listing why each was skipped.
+        `NoRoute` listing why each was skipped. With `sandbox_id`, a slot of the route's
+        provider account is taken for it (a full account is skipped); without, the
+        account is only looked at (`route explain`).
 
         OpenBao being unreachable is `ProviderUnavailable` (retried), not a reason to
         skip: where a sandbox is made must not depend on an outage."""
@@ -139,6 +167,10 @@ class Router:
                     )
                     continue
                 route = Route(extension_id, adapter, key, skipped)
+            full = await self._account_full(manifest, route, tenant, sandbox_id)
+            if full:
+                skipped.append((extension_id, f"account_full: {full}"))
+                continue
             log.debug(
                 "route %s for tenant %s: %s (%s key; skipped: %s)",
                 profile.id,
@@ -150,6 +182,42 @@ class Router:
             return route
         reasons = ", ".join(f"{ext}: {why}" for ext, why in skipped)
         raise NoRoute(f"no eligible route in {profile.id} ({reasons})", skipped=skipped)
+
+    async def _account_full(
+        self,
+        manifest: ExtensionManifest | None,
+        route: Route,
+        tenant: str,
+        sandbox_id: str | None,
+    ) -> str | None:
+        """Why the route's provider account cannot take the sandbox, or None (a slot
+        taken for `sandbox_id`, idempotently: a redelivery takes the same one)."""
+        if manifest is None or manifest.account_limits is None or self._ledger is None:
+            return None
+        limits = TenantLimits(**manifest.account_limits.model_dump())
+        account = account_of(route.extension_id, route.credentials.source, tenant)
+        try:
+            if sandbox_id is None:
+                balance = await self._ledger.account(account)
+                balance.check(limits, "", Decimal(0), utcnow(), who="the account")
+            else:
+                await self._ledger.hold(
+                    account, sandbox_id, Decimal(0), limits=limits, who="the account"
+                )
+        except QuotaExceeded as exc:
+            return f"{account}: {exc}"
+        return None
+
+    async def free(self, status: SandboxStatus) -> None:
+        """Give back the account slot a sandbox took (destroyed, failed, moved to
+        another route); a no-op if it took none."""
+        if self._ledger is None or status.extension_id is None:
+            return
+        manifest = self._manifests.get(status.extension_id)
+        if manifest is None or manifest.account_limits is None:
+            return
+        account = account_of(status.extension_id, status.credential_source, status.tenant)
+        await self._ledger.release(account, status.sandbox_id)
 
     async def credentials(self, status: SandboxStatus) -> Credentials:
         """The key a sandbox was created with, at the recorded version (or the current

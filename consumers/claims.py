@@ -140,7 +140,7 @@ class Claims:
             ttl_s = profile.resolve_ttl(asked)
         except TtlOutOfRange as exc:
             raise InvalidRequest(str(exc)) from None
-        route = await self._router.choose(profile, request.tenant)
+        route = await self._router.choose(profile, request.tenant, sandbox_id=sandbox_id)
         now = utcnow()
         return SandboxStatus(
             sandbox_id=sandbox_id,
@@ -154,6 +154,11 @@ class Claims:
             request_digest=digest,
             **route_fields(route, profile, ttl_s),
         )
+
+    async def stored(self, tenant: str, sandbox_id: str) -> SandboxStatus | None:
+        """The stored status of a tenant's sandbox, if any."""
+        found = await self._statuses.get(self.registry.owner_of(tenant), sandbox_id)
+        return found[0] if found else None
 
     async def replace(self, status: SandboxStatus, revision: int) -> int:
         """Store `status` over the one read at `revision`; a concurrent change is

@@ -109,6 +109,7 @@ class Destroying:
             assert status.expires_at is not None
             status = status.with_changes(destroyed_at=min(utcnow(), status.expires_at))
             revision = await self._update(status, revision)
+        await self._router.free(status)  # its provider account's slot (idempotent)
         assert status.destroyed_at is not None
         usage = adapter.meter_actual(recorded_sandbox(status), status.destroyed_at)
         destroyed = status.with_changes(state=SandboxState.DESTROYED, actual_usd=usage.actual_usd)

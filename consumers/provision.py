@@ -183,7 +183,9 @@ class Provisioning:
         connections): a sandbox might exist, and a second one elsewhere would be billed
         twice."""
         try:
-            route = await self._router.choose(profile, request.tenant, after=status.extension_id)
+            route = await self._router.choose(
+                profile, request.tenant, after=status.extension_id, sandbox_id=status.sandbox_id
+            )
         except NoRoute:
             raise rejected from None
         moved = status.with_changes(**route_fields(route, profile, ttl_of(status)))
@@ -196,12 +198,17 @@ class Provisioning:
         )
         await self._hold(profile, moved)  # replaces the first route's hold
         await self._claims.replace(moved, revision)
+        await self._router.free(status)  # the refusing account's slot
         raise Retry(0.0, f"falling back to {route.extension_id}")
 
     async def _give_up(self, request: ProvisionRequest, sandbox_id: str, exc: Exception) -> None:
         """Record the final failure of a provision as a `failed` status."""
         error = error_info(exc)
         log.warning("provision %s failed: %s: %s", sandbox_id, error.code, error.message)
-        # No sandbox, no bill: give the credits back (a no-op if none were held).
+        # No sandbox, no bill: give the credits back (a no-op if none were held), and
+        # the provider account's slot.
         await self._ledger.release(request.tenant, sandbox_id)
+        stored = await self._claims.stored(request.tenant, sandbox_id)
+        if stored is not None and stored.request_digest == request.digest():
+            await self._router.free(stored)
         await self._claims.fail(request, sandbox_id, error)

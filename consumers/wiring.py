@@ -55,7 +55,9 @@ async def open_providers(
 
         resolver = CredentialResolver(settings.bao)
         stack.callback(resolver.close)
-    return Providers(registry, Router(adapters, registry.extensions, resolver))
+    # Provider accounts' slots live in the journal too (docs/policy.md).
+    ledger = Ledger(nats.jetstream(timeout=10.0)) if nats is not None else None
+    return Providers(registry, Router(adapters, registry.extensions, resolver, ledger))
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,11 @@ from sandboxer.errors import (
 )
 from sandboxer.money import hold_entry_id, usd_text
 from sandboxer.topology import LEDGER_STREAM, ledger_subject, read_subject, tenant_ledger
-from schemas import LedgerEntry, LedgerKind, TenantId, TenantLimits, utcnow
+from schemas import AccountName, LedgerEntry, LedgerKind, TenantId, TenantLimits, utcnow
 
 log = logging.getLogger("sandboxer.credits")
 _TENANT: TypeAdapter[str] = TypeAdapter(TenantId)
+_ACCOUNT: TypeAdapter[str] = TypeAdapter(AccountName)
 
 #: Server error codes: the expected last sequence moved; the entry id exists already.
 _WRONG_LAST_SEQUENCE = 10071
@@ -159,10 +160,17 @@ class Balance:
             count += 1
         return count
 
-    def check(self, limits: TenantLimits, sandbox_id: str, amount: Decimal, now: datetime) -> None:
+    def check(
+        self,
+        limits: TenantLimits,
+        sandbox_id: str,
+        amount: Decimal,
+        now: datetime,
+        who: str = "the tenant",
+    ) -> None:
         """Raise `QuotaExceeded` if holding `amount` for `sandbox_id` now would go past
         one of `limits`, naming it."""
-        tenant_has = "the tenant has"
+        tenant_has = f"{who} has"
         if sandbox_id not in self.holds:  # a new sandbox, not a fallback's re-hold
             if limits.max_concurrent is not None and len(self.holds) >= limits.max_concurrent:
                 raise QuotaExceeded(
@@ -329,6 +337,7 @@ class Ledger:
         route: int = 1,
         *,
         limits: TenantLimits | None = None,
+        who: str = "the tenant",
     ) -> bool:
         """Reserve `amount` for a sandbox on its `route`-th route, or raise
         `InsufficientCredits` (or `QuotaExceeded`, past one of the tenant's `limits`).
@@ -342,7 +351,7 @@ class Ledger:
             if route == 1 and sandbox_id in balance.holds:
                 return None
             if limits is not None:
-                balance.check(limits, sandbox_id, amount, utcnow())
+                balance.check(limits, sandbox_id, amount, utcnow(), who)
             available = balance.available + balance.holds.get(sandbox_id, Decimal(0))
             if available < amount:
                 raise InsufficientCredits(
@@ -421,6 +430,14 @@ class Ledger:
         checked_tenant(tenant)
         async with self._locks.held(tenant):
             balance, _ = await self._catch_up(tenant)
+            return balance.copy()
+
+    async def account(self, account: str) -> Balance:
+        """A provider account's journal of slots (`~<extension>-platform`): its open
+        holds are the sandboxes that hold one of its slots (docs/policy.md)."""
+        _ACCOUNT.validate_python(account)
+        async with self._locks.held(account):
+            balance, _ = await self._catch_up(account)
             return balance.copy()
 
     async def entries(self, tenant: str) -> list[LedgerEntry]:

@@ -6,6 +6,7 @@ meter event schema per installed extension) for publishers in other languages.
 
 from schemas._types import (
     USD_QUANTUM,
+    AccountName,
     ConsumerName,
     ExtensionId,
     Factor,
@@ -23,6 +24,7 @@ from schemas._types import (
 from schemas.billing import LedgerEntry, LedgerKind, UsageRecord, usage_record_id
 from schemas.manifest import (
     DEFAULT_OWNER,
+    AccountLimits,
     ConsumerManifest,
     ConsumerTtl,
     ExtensionManifest,
@@ -62,6 +64,8 @@ __all__ = [
     "DEFAULT_OWNER",
     "MAX_TTL_EXTENSIONS",
     "USD_QUANTUM",
+    "AccountLimits",
+    "AccountName",
     "ConnectGrant",
     "ConnectRefusal",
     "ConnectRequest",

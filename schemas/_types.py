@@ -22,6 +22,14 @@ RequestId = Annotated[
     Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$"),
 ]
 SandboxId = Annotated[str, Field(pattern=r"^sbx-[0-9a-f]{24}$")]
+#: A provider account's own journal of slots (`~<extension>-platform`,
+#: `~<extension>-byok-<tenant>`): it starts with `~`, which no tenant name can.
+AccountName = Annotated[
+    str,
+    Field(
+        max_length=100, pattern=r"^~[a-z0-9][a-z0-9-]*-(platform|byok-[A-Za-z0-9][A-Za-z0-9_-]*)$"
+    ),
+]
 #: An upstream consumer's name (`extensions/consumer.<name>.yaml`), a subject token.
 ConsumerName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$")]
 ExtensionId = Annotated[str, Field(max_length=64, pattern=r"^ext\.[a-z0-9][a-z0-9-]*$")]

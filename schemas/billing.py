@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas._types import ExtensionId, SandboxId, Seconds, TenantId, Timestamp, Usd
+from schemas._types import AccountName, ExtensionId, SandboxId, Seconds, TenantId, Timestamp, Usd
 from schemas.status import CredentialSource
 
 LedgerKind = Literal["grant", "hold", "release", "debit"]
@@ -23,7 +23,7 @@ class LedgerEntry(BaseModel):
     schema_version: Literal[1] = 1
     entry_id: str = Field(max_length=160, pattern=r"^(grant|hold|release|debit)-[A-Za-z0-9_-]+$")
     kind: LedgerKind
-    tenant: TenantId
+    tenant: TenantId | AccountName
     amount_usd: Usd = Field(ge=0, description="Grant or debit amount, or the held amount.")
     sandbox_id: SandboxId | None = None
     at: Timestamp

@@ -44,6 +44,17 @@ def byok_path(tenant: str, extension_id: str) -> str:
     return f"sandboxer/tenants/{tenant}/{extension_id}"
 
 
+class AccountLimits(BaseModel):
+    """What one provider account allows (E2B: 20 concurrent sandboxes on Hobby, 100 on
+    Pro): the platform key's account, and each tenant's own (BYOK), counted apart. A
+    full account is skipped by the router, which takes the next route (docs/policy.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_concurrent: int | None = Field(default=None, ge=0, le=1_000_000)
+    creates_per_minute: int | None = Field(default=None, ge=0, le=1_000_000)
+
+
 class ExtensionManifest(BaseModel):
     """One provider adapter: which class implements it and what it costs."""
 
@@ -63,6 +74,9 @@ class ExtensionManifest(BaseModel):
     )
     secret_ref: SecretRef | None = Field(
         default=None, description="The platform key in OpenBao; None: needs no credentials."
+    )
+    account_limits: AccountLimits | None = Field(
+        default=None, description="The provider account's limits; None: none enforced."
     )
 
 

@@ -426,3 +426,68 @@ async def _until_holds(js: JetStreamContext, tenant: str, n: int) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{tenant} holds {(await Ledger(js).balance(tenant)).holds}")
+
+
+# -- provider accounts ------------------------------------------------------------------
+
+
+async def test_a_full_provider_account_routes_to_the_next_and_byok_counts_apart(
+    tmp_path: Path,
+    openbao: Any,
+    start_worker: Start,
+    start_billing: Start,
+    observer: Client,
+    js: JetStreamContext,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """E2B's platform account allows 2 sandboxes: the third goes to the next route
+    (the stub) instead of to a 429; a tenant with its own E2B key has its own 2; a
+    destroyed sandbox gives its slot back."""
+    import hvac
+
+    from sandboxer.dev.fakes.e2b import FakeE2B
+    from tests.conftest import OPENBAO_ROOT_TOKEN
+
+    extensions = deployment(tmp_path)
+    manifest = (extensions / "ext.e2b.yaml").read_text()
+    (extensions / "ext.e2b.yaml").write_text(manifest + "account_limits:\n  max_concurrent: 2\n")
+    platform, own = f"e2b_{uuid.uuid4().hex}", f"e2b_{uuid.uuid4().hex}"
+    kv = hvac.Client(url=openbao.url, token=OPENBAO_ROOT_TOKEN).secrets.kv.v2
+    kv.create_or_update_secret(
+        path="sandboxer/platform/e2b", secret={"api_key": platform}, mount_point="secret"
+    )
+    kv.create_or_update_secret(
+        path="sandboxer/tenants/q2/ext.e2b", secret={"api_key": own}, mount_point="secret"
+    )
+    try:
+        with FakeE2B(api_keys={platform, own}) as fake:
+            monkeypatch.setenv("SANDBOXER_E2B_API_URL", fake.url)
+            monkeypatch.setenv("BAO_ADDR", openbao.url)
+            monkeypatch.setenv("BAO_TOKEN", OPENBAO_ROOT_TOKEN)
+            monkeypatch.setenv("SANDBOXER_BAO_CACHE_TTL_S", "0")
+            await start_worker(extensions_dir=extensions)
+            await start_billing(extensions_dir=extensions)
+            for tenant in ("q1", "q2"):
+                await Ledger(js).grant(tenant, Decimal(100), "funds")
+            first = [await provision(observer, "q1", "profile.burst-sandbox") for _ in range(3)]
+            assert [s.extension_id for s in first] == ["ext.e2b", "ext.e2b", "ext.saas-stub"]
+            assert len(fake.alive()) == 2  # no third create was sent to a full account
+            own_key = [await provision(observer, "q2", "profile.burst-sandbox") for _ in range(2)]
+            assert [(s.extension_id, s.credential_source) for s in own_key] == [
+                ("ext.e2b", "byok"),
+                ("ext.e2b", "byok"),
+            ]
+            platform_slots = await Ledger(js).account("~e2b-platform")
+            assert set(platform_slots.holds) == {s.sandbox_id for s in first[:2]}
+            assert len((await Ledger(js).account("~e2b-byok-q2")).holds) == 2
+            await observer.destroy(
+                DestroyRequest(request_id="d", tenant="q1", sandbox_id=first[0].sandbox_id),
+                wait_s=20,
+            )
+            again = await provision(observer, "q1", "profile.burst-sandbox")
+            assert again.extension_id == "ext.e2b"
+    finally:
+        kv.delete_metadata_and_all_versions(path="sandboxer/platform/e2b", mount_point="secret")
+        kv.delete_metadata_and_all_versions(
+            path="sandboxer/tenants/q2/ext.e2b", mount_point="secret"
+        )
