@@ -140,6 +140,7 @@ class Claims:
             ttl_s = profile.resolve_ttl(asked)
         except TtlOutOfRange as exc:
             raise InvalidRequest(str(exc)) from None
+        await self.policies.take_slot(request.tenant, sandbox_id)  # the consumer's, as a whole
         route = await self._router.choose(profile, request.tenant, sandbox_id=sandbox_id)
         now = utcnow()
         return SandboxStatus(

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from consumers.delivery import Delivery, Retry, reject_invalid, settle
 from consumers.lifecycle import Lifecycle
 from consumers.metering import recorded_sandbox
+from consumers.policy import Policies
 from sandboxer import observe
 from sandboxer.errors import Forbidden, NotFound, SandboxerError, error_info
 from sandboxer.statuses import StaleStatus, StatusStore
@@ -34,7 +35,8 @@ DESTROY_WAIT_S = 2.0
 class Destroying:
     """Handles `sandbox.destroy` deliveries."""
 
-    def __init__(self, lifecycle: Lifecycle, statuses: StatusStore) -> None:
+    def __init__(self, lifecycle: Lifecycle, statuses: StatusStore, policies: Policies) -> None:
+        self._policies = policies
         self._settings = lifecycle.settings
         self._registry = lifecycle.registry
         self._router = lifecycle.router
@@ -110,6 +112,7 @@ class Destroying:
             status = status.with_changes(destroyed_at=min(utcnow(), status.expires_at))
             revision = await self._update(status, revision)
         await self._router.free(status)  # its provider account's slot (idempotent)
+        await self._policies.free_slot(status.tenant, status.sandbox_id)  # its consumer's
         assert status.destroyed_at is not None
         usage = adapter.meter_actual(recorded_sandbox(status), status.destroyed_at)
         destroyed = status.with_changes(state=SandboxState.DESTROYED, actual_usd=usage.actual_usd)

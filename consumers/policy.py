@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from decimal import Decimal
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from adapters.registry import Registry
+from sandboxer.credits import Ledger
 from sandboxer.errors import PolicyDenied
 from sandboxer.topology import POLICY_BUCKET, kv_entries
 from schemas import LimitsOverride, Profile, TenantLimits
@@ -39,11 +41,18 @@ def override_key(tenant: str) -> str:
     return f"tenant.{tenant}"
 
 
+def consumer_journal(name: str) -> str:
+    """The journal of a consumer's slots as a whole."""
+    return f"~consumer-{name}"
+
+
 class Policies:
     """The effective policy of every tenant, in memory."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, ledger: Ledger | None = None) -> None:
         self._registry = registry
+        #: Where a consumer's slots as a whole are kept (None: not checked).
+        self._ledger = ledger
         self._overrides: dict[str, LimitsOverride] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -117,6 +126,25 @@ class Policies:
                 f"(its longest: {limit} s)"
             )
         return ttl_s
+
+    async def take_slot(self, tenant: str, sandbox_id: str) -> None:
+        """Take one of the tenant's consumer's slots as a whole (`max_concurrent` of the
+        consumer profile), or `QuotaExceeded`; idempotent for a sandbox."""
+        consumer = self._registry.consumer_of(tenant)
+        if consumer is None or consumer.max_concurrent is None or self._ledger is None:
+            return
+        limits = TenantLimits(max_concurrent=consumer.max_concurrent)
+        who = f"{consumer.id} (all its tenants)"
+        await self._ledger.hold(
+            consumer_journal(consumer.name), sandbox_id, Decimal(0), limits=limits, who=who
+        )
+
+    async def free_slot(self, tenant: str, sandbox_id: str) -> None:
+        """Give the consumer's slot back (destroyed, failed); a no-op if none was taken."""
+        consumer = self._registry.consumer_of(tenant)
+        if consumer is None or consumer.max_concurrent is None or self._ledger is None:
+            return
+        await self._ledger.release(consumer_journal(consumer.name), sandbox_id)
 
     def allow_lifetime(self, tenant: str, lifetime_s: float) -> None:
         """`PolicyDenied` if the tenant's consumer allows no sandbox to live so long (an

@@ -208,6 +208,7 @@ class Provisioning:
         # No sandbox, no bill: give the credits back (a no-op if none were held), and
         # the provider account's slot.
         await self._ledger.release(request.tenant, sandbox_id)
+        await self._claims.policies.free_slot(request.tenant, sandbox_id)
         stored = await self._claims.stored(request.tenant, sandbox_id)
         if stored is not None and stored.request_digest == request.digest():
             await self._router.free(stored)

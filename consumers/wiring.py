@@ -92,11 +92,11 @@ async def open_worker(
         metering=Metering(js, providers.registry, statuses, settings.deployment),
         expiry=Expiry(js),
     )
-    policies = Policies(providers.registry)
+    ledger = Ledger(js)
+    policies = Policies(providers.registry, ledger)
     await policies.start(js)
     stack.push_async_callback(policies.aclose)
     claims = Claims(providers.registry, providers.router, statuses, policies)
-    ledger = Ledger(js)
     log.info(
         "worker: nats=%s deployment=%s extensions=%s in-flight<=%d openbao=%s",
         settings.nats_where,
@@ -110,7 +110,7 @@ async def open_worker(
         statuses=statuses,
         lifecycle=lifecycle,
         provisioning=Provisioning(lifecycle, claims, ledger),
-        destroying=Destroying(lifecycle, statuses),
+        destroying=Destroying(lifecycle, statuses, policies),
         extending=Extending(lifecycle, statuses, ledger, policies),
         connecting=Connecting(providers.router, statuses),
     )

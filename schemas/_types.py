@@ -22,13 +22,12 @@ RequestId = Annotated[
     Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$"),
 ]
 SandboxId = Annotated[str, Field(pattern=r"^sbx-[0-9a-f]{24}$")]
-#: A provider account's own journal of slots (`~<extension>-platform`,
-#: `~<extension>-byok-<tenant>`): it starts with `~`, which no tenant name can.
+#: A journal of slots that is no tenant's: a provider account's
+#: (`~<extension>-platform`, `~<extension>-byok-<tenant>`) or a consumer's as a whole
+#: (`~consumer-<name>`). It starts with `~`, which no tenant name can.
 AccountName = Annotated[
     str,
-    Field(
-        max_length=100, pattern=r"^~[a-z0-9][a-z0-9-]*-(platform|byok-[A-Za-z0-9][A-Za-z0-9_-]*)$"
-    ),
+    Field(max_length=100, pattern=r"^~[a-z0-9][a-z0-9-]*(-byok-[A-Za-z0-9][A-Za-z0-9_-]*)?$"),
 ]
 #: An upstream consumer's name (`extensions/consumer.<name>.yaml`), a subject token.
 ConsumerName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$")]

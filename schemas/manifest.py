@@ -242,6 +242,12 @@ class ConsumerManifest(BaseModel):
         default_factory=TenantLimits,
         description="Each tenant's limits (an operator may override them per tenant).",
     )
+    max_concurrent: int | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000,
+        description="Sandboxes of all its tenants at once; omitted: no limit.",
+    )
     weight: int = Field(
         default=1,
         ge=1,

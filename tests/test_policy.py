@@ -491,3 +491,33 @@ async def test_a_full_provider_account_routes_to_the_next_and_byok_counts_apart(
         kv.delete_metadata_and_all_versions(
             path="sandboxer/tenants/q2/ext.e2b", mount_point="secret"
         )
+
+
+async def test_a_consumer_as_a_whole_has_its_own_limit(
+    tmp_path: Path,
+    start_worker: Start,
+    start_billing: Start,
+    observer: Client,
+    js: JetStreamContext,
+) -> None:
+    extensions = deployment(tmp_path, max_concurrent=4)
+    for _ in range(2):
+        await start_worker(extensions_dir=extensions)
+    await start_billing(extensions_dir=extensions)
+    for tenant in ("q1", "q2"):
+        await Ledger(js).grant(tenant, Decimal(100), "funds")
+    both = await asyncio.gather(provision_all(observer, "q1", 6), provision_all(observer, "q2", 6))
+    statuses = [s for group in both for s in group]
+    assert outcomes(statuses) == {"ready": 4, "quota_exceeded": 8}
+    refused = next(s for s in statuses if s.error)
+    assert (
+        refused.error is not None and "consumer.limited (all its tenants)" in refused.error.message
+    )
+    assert len((await Ledger(js).account("~consumer-limited")).holds) == 4
+    ready = next(s for s in statuses if s.state is SandboxState.READY)
+    await observer.destroy(
+        DestroyRequest(request_id="d", tenant=ready.tenant, sandbox_id=ready.sandbox_id),
+        wait_s=20,
+    )
+    assert len((await Ledger(js).account("~consumer-limited")).holds) == 3
+    assert (await provision(observer, "q2", "profile.burst-sandbox")).state is SandboxState.READY
