@@ -439,6 +439,7 @@ async def test_a_full_provider_account_routes_to_the_next_and_byok_counts_apart(
     observer: Client,
     js: JetStreamContext,
     monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
 ) -> None:
     """E2B's platform account allows 2 sandboxes: the third goes to the next route
     (the stub) instead of to a 429; a tenant with its own E2B key has its own 2; a
@@ -472,6 +473,15 @@ async def test_a_full_provider_account_routes_to_the_next_and_byok_counts_apart(
             first = [await provision(observer, "q1", "profile.burst-sandbox") for _ in range(3)]
             assert [s.extension_id for s in first] == ["ext.e2b", "ext.e2b", "ext.saas-stub"]
             assert len(fake.alive()) == 2  # no third create was sent to a full account
+            code, out, err = await sandboxer(
+                settings,
+                *("route", "explain", "--tenant", "q1", "--profile", "profile.burst-sandbox"),
+                "--json",
+                SANDBOXER_EXTENSIONS_DIR=str(extensions),
+            )
+            assert code == 0, err
+            [e2b] = [r for r in json.loads(out)["routes"] if r["extension_id"] == "ext.e2b"]
+            assert e2b["verdict"].startswith("account_full: ~e2b-platform: max_concurrent")
             own_key = [await provision(observer, "q2", "profile.burst-sandbox") for _ in range(2)]
             assert [(s.extension_id, s.credential_source) for s in own_key] == [
                 ("ext.e2b", "byok"),

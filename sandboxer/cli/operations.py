@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from nats.errors import NoServersError
 
 from adapters.routing import Explanation
 from sandboxer.cli._common import (
@@ -24,7 +25,9 @@ from sandboxer.cli._common import (
     settings,
     setup_logging,
 )
+from sandboxer.connect import connection_of
 from sandboxer.errors import SandboxerError
+from sandboxer.topology import TopologyMissing
 
 
 @app.command()
@@ -268,7 +271,14 @@ def route_explain(
 
     async def go() -> tuple[Explanation, str, str]:
         async with AsyncExitStack() as stack:
-            providers = await open_providers(current, stack)
+            # With NATS, provider accounts' slots are looked at too (never taken).
+            nats = None
+            try:
+                client = await stack.enter_async_context(nats_client())
+                nats = connection_of(client.js)
+            except (OSError, NoServersError, TopologyMissing):
+                pass
+            providers = await open_providers(current, stack, nats)
             chosen = providers.registry.profile(profile)
             policies = Policies(providers.registry)
             try:
