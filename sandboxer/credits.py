@@ -22,10 +22,12 @@ and logged: a junk message never breaks a tenant.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import json
 import logging
+from array import array
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -91,6 +93,10 @@ class Balance:
     #: first: the last day's sandboxes.
     spend: dict[str, tuple[float, Decimal, bool]] = field(default_factory=dict, repr=False)
     by_hour: dict[int, Decimal] = field(default_factory=dict, repr=False)
+    #: When each recent sandbox was created, in order, from `created_from` on (a flat
+    #: array: counting the last minute's is a binary search, not a scan).
+    created: array[float] = field(default_factory=lambda: array("d"), repr=False)
+    created_from: int = field(default=0, repr=False)
 
     @property
     def available(self) -> Decimal:
@@ -124,6 +130,7 @@ class Balance:
             if entry.kind != "hold":
                 return  # created before the window: it no longer counts
             record = (entry.at.timestamp(), Decimal(0), False)
+            self.created.append(record[0])
             self._forget_before(entry.at)
         created, counted, was_billed = record
         if was_billed:
@@ -152,13 +159,14 @@ class Balance:
         return sum((v for h, v in self.by_hour.items() if h >= first), Decimal(0))
 
     def creates_last_minute(self, now: datetime) -> int:
-        """Sandboxes created in the 60 s before `now` (the newest are last)."""
-        cutoff, count = now.timestamp() - 60, 0
-        for created, _, _ in reversed(self.spend.values()):
-            if created <= cutoff:
-                break
-            count += 1
-        return count
+        """Sandboxes created in the 60 s before `now` (older ones are forgotten: time
+        only moves on)."""
+        first = bisect.bisect_right(self.created, now.timestamp() - 60, lo=self.created_from)
+        self.created_from = first
+        if first > 4096 and first * 2 > len(self.created):
+            del self.created[:first]
+            self.created_from = 0
+        return len(self.created) - self.created_from
 
     def check(
         self,
@@ -212,6 +220,7 @@ class Balance:
             self.held,
             dict(self.spend),
             dict(self.by_hour),
+            array("d", self.created[self.created_from :]),
         )
 
 
