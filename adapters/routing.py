@@ -208,16 +208,16 @@ class Router:
             return f"{account}: {exc}"
         return None
 
-    async def free(self, status: SandboxStatus) -> None:
+    async def free(self, status: SandboxStatus) -> bool:
         """Give back the account slot a sandbox took (destroyed, failed, moved to
-        another route); a no-op if it took none."""
+        another route); False if it held none."""
         if self._ledger is None or status.extension_id is None:
-            return
+            return False
         manifest = self._manifests.get(status.extension_id)
         if manifest is None or manifest.account_limits is None:
-            return
+            return False
         account = account_of(status.extension_id, status.credential_source, status.tenant)
-        await self._ledger.release(account, status.sandbox_id)
+        return await self._ledger.release(account, status.sandbox_id)
 
     async def credentials(self, status: SandboxStatus) -> Credentials:
         """The key a sandbox was created with, at the recorded version (or the current

@@ -139,12 +139,12 @@ class Policies:
             consumer_journal(consumer.name), sandbox_id, Decimal(0), limits=limits, who=who
         )
 
-    async def free_slot(self, tenant: str, sandbox_id: str) -> None:
-        """Give the consumer's slot back (destroyed, failed); a no-op if none was taken."""
+    async def free_slot(self, tenant: str, sandbox_id: str) -> bool:
+        """Give the consumer's slot back (destroyed, failed); False if it held none."""
         consumer = self._registry.consumer_of(tenant)
         if consumer is None or consumer.max_concurrent is None or self._ledger is None:
-            return
-        await self._ledger.release(consumer_journal(consumer.name), sandbox_id)
+            return False
+        return await self._ledger.release(consumer_journal(consumer.name), sandbox_id)
 
     def allow_lifetime(self, tenant: str, lifetime_s: float) -> None:
         """`PolicyDenied` if the tenant's consumer allows no sandbox to live so long (an

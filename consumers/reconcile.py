@@ -39,15 +39,17 @@ from nats.js.kv import KeyValue
 
 from adapters.base import TAG_DEPLOYMENT, TAG_SANDBOX_ID, TAG_TENANT, Credentials, ProviderSandbox
 from consumers.lifecycle import Lifecycle
+from consumers.policy import Policies
 from sandboxer import observe
+from sandboxer.credits import Ledger
 from sandboxer.errors import SandboxerError
 from sandboxer.statuses import StatusStore
 from schemas import SandboxState, SandboxStatus, utcnow
 
 log = logging.getLogger("sandboxer.reconcile")
 
-Action = Literal["adopt", "destroy", "expire", "keep", "wait", "unlisted"]
-ACTIONS_TAKEN = ("adopt", "destroy", "expire")
+Action = Literal["adopt", "destroy", "expire", "keep", "wait", "unlisted", "free"]
+ACTIONS_TAKEN = ("adopt", "destroy", "expire", "free")
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,16 @@ class Reconciler:
     """Runs one reconciliation pass over every (or one) loaded extension."""
 
     def __init__(
-        self, lifecycle: Lifecycle, statuses: StatusStore, *, grace_s: float = 120.0
+        self,
+        lifecycle: Lifecycle,
+        statuses: StatusStore,
+        *,
+        grace_s: float = 120.0,
+        ledger: Ledger | None = None,
+        policies: Policies | None = None,
     ) -> None:
+        self._ledger = ledger
+        self._policies = policies
         self._router = lifecycle.router
         self._registry = lifecycle.registry
         self._metering = lifecycle.metering
@@ -120,7 +130,47 @@ class Reconciler:
                             finding.reason,
                         )
                     findings.append(finding)
+        if extension_id is None:
+            findings += await self._free_slots(dry_run)
         return findings
+
+    async def _free_slots(self, dry_run: bool) -> list[Finding]:
+        """Give back what settled sandboxes still hold (a worker killed between a
+        failure's writes): a failed one's credit hold, and a failed or destroyed one's
+        provider-account and consumer slots. A destroyed sandbox's credit hold is
+        billing's to release, after its debit. Settled for `grace_s` at least."""
+        if dry_run or self._ledger is None:
+            return []
+        found: list[Finding] = []
+        cutoff = utcnow() - self._grace
+        async for status in self._statuses.all():
+            settled = status.state in (SandboxState.FAILED, SandboxState.DESTROYED)
+            if not settled or (status.destroyed_at or status.created_at) > cutoff:
+                continue
+            freed = []
+            failed = status.state is SandboxState.FAILED
+            if failed and await self._ledger.release(status.tenant, status.sandbox_id):
+                freed.append("credit hold")
+            if await self._router.free(status):
+                freed.append("provider account slot")
+            if self._policies and await self._policies.free_slot(status.tenant, status.sandbox_id):
+                freed.append("consumer slot")
+            if freed:
+                ext = status.extension_id or "-"
+                reason = f"{status.state.value} but still held: {', '.join(freed)}"
+                log.warning("reconcile %s: freed: %s", status.sandbox_id, reason)
+                observe.RECONCILE_ACTIONS.labels(ext, "free").inc()
+                found.append(
+                    Finding(
+                        ext,
+                        status.provider_sandbox_id or "-",
+                        status.sandbox_id,
+                        status.tenant,
+                        "free",
+                        reason,
+                    )
+                )
+        return found
 
     async def _byok_accounts(self) -> dict[str, list[SandboxStatus]]:
         """One status per tenant key in use, by extension: BYOK sandboxes live in the

@@ -71,9 +71,17 @@ class WorkerParts:
     destroying: Destroying
     extending: Extending
     connecting: Connecting
+    ledger: Ledger
+    policies: Policies
 
     def reconciler(self, *, grace_s: float) -> Reconciler:
-        return Reconciler(self.lifecycle, self.statuses, grace_s=grace_s)
+        return Reconciler(
+            self.lifecycle,
+            self.statuses,
+            grace_s=grace_s,
+            ledger=self.ledger,
+            policies=self.policies,
+        )
 
 
 async def open_worker(
@@ -113,4 +121,6 @@ async def open_worker(
         destroying=Destroying(lifecycle, statuses, policies),
         extending=Extending(lifecycle, statuses, ledger, policies),
         connecting=Connecting(providers.router, statuses),
+        ledger=ledger,
+        policies=policies,
     )

@@ -412,7 +412,11 @@ class Ledger:
             held = balance.holds.get(sandbox_id)
             if held is None:
                 return None
-            return _entry("release", tenant, held, f"release-{sandbox_id}", sandbox_id)
+            # One release per hold entry (`release-<sandbox_id>` for a first route's),
+            # so that a sandbox held again after a release can be released again.
+            hold_id = balance.hold_ids.get(sandbox_id, f"hold-{sandbox_id}")
+            entry_id = "release-" + hold_id.removeprefix("hold-")
+            return _entry("release", tenant, held, entry_id, sandbox_id)
 
         return await self._append(tenant, decide)
 

@@ -531,3 +531,32 @@ async def test_a_consumer_as_a_whole_has_its_own_limit(
     )
     assert len((await Ledger(js).account("~consumer-limited")).holds) == 3
     assert (await provision(observer, "q2", "profile.burst-sandbox")).state is SandboxState.READY
+
+
+async def test_reconciliation_frees_what_a_settled_sandbox_still_holds(
+    tmp_path: Path,
+    start_worker: Start,
+    observer: Client,
+    js: JetStreamContext,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker killed between a failure's writes would leave the failed sandbox's
+    credit hold and consumer slot taken: a reconciliation pass gives them back."""
+    monkeypatch.setenv("SANDBOXER_STUB_REJECT_RATE", "1")
+    extensions = deployment(tmp_path, max_concurrent=5)
+    await start_worker(extensions_dir=extensions)
+    await Ledger(js).grant("q1", Decimal(100), "funds")
+    failed = await provision(observer, "q1", "profile.burst-sandbox")
+    assert failed.state is SandboxState.FAILED
+    ledger = Ledger(js)  # what the killed worker had written (as a later route's holds)
+    await ledger.hold("q1", failed.sandbox_id, BURST_HOLD, route=2)
+    await ledger.hold("~consumer-limited", failed.sandbox_id, Decimal(0), route=2)
+    findings = await reconcile(replace(settings, extensions_dir=extensions), js)
+    [freed] = [f for f in findings if f.action == "free"]
+    assert freed.sandbox_id == failed.sandbox_id
+    assert freed.reason == "failed but still held: credit hold, consumer slot"
+    assert (await Ledger(js).balance("q1")).holds == {}
+    assert (await Ledger(js).account("~consumer-limited")).holds == {}
+    again = await reconcile(replace(settings, extensions_dir=extensions), js)
+    assert not [f for f in again if f.action == "free"]  # nothing twice
