@@ -18,6 +18,7 @@ from pydantic.json_schema import models_json_schema
 from consumers.deadletter import H_CONSUMER, H_DELIVERIES, H_REASON, H_RETRY, H_SEQ, H_STREAM
 from consumers.replay import H_REPLAY
 from sandboxer.topology import (
+    CHECKPOINT_SUBJECT_PREFIX,
     CONNECT_SUBJECT_PREFIX,
     DESTROY_SUBJECT,
     DLQ_SUBJECT_PREFIX,
@@ -35,6 +36,7 @@ from schemas import (
     ConnectRequest,
     DestroyRequest,
     ExtendRequest,
+    LedgerCheckpoint,
     LedgerEntry,
     MeterEvent,
     ProvisionRequest,
@@ -135,6 +137,7 @@ def asyncapi_document(
         )
     ]
     models.append((LedgerEntry, "validation"))
+    models.append((LedgerCheckpoint, "validation"))
     per_extension = {
         ext: meter_event_model(ext, fields) for ext, fields in sorted(meter_fields.items())
     }
@@ -210,6 +213,12 @@ def asyncapi_document(
         ),
         "LedgerEntry": _message(
             "LedgerEntry", ref(LedgerEntry), "One entry of a tenant's credit journal.", _DEDUP
+        ),
+        "LedgerCheckpoint": _message(
+            "LedgerCheckpoint",
+            ref(LedgerCheckpoint),
+            "A tenant's folded journal at one entry: where a cold read starts.",
+            _DEDUP,
         ),
         "DeadLetter": _message(
             "DeadLetter",
@@ -299,6 +308,12 @@ def asyncapi_document(
             ["LedgerEntry"],
             {"tenant": "the tenant", "kind": "the entry's kind", "entry_id": "its id"},
         ),
+        "checkpoint": _channel(
+            f"{CHECKPOINT_SUBJECT_PREFIX}.{{tenant}}",
+            "Checkpoints of a tenant's journal, the whole chain kept (docs/payments.md).",
+            ["LedgerCheckpoint"],
+            {"tenant": "the tenant (or an account's `~` journal)"},
+        ),
         "deadLetters": _channel(
             f"{DLQ_SUBJECT_PREFIX}.{{consumer}}",
             "Dead letters, by the consumer that gave up (`sandboxer dlq`).",
@@ -358,6 +373,12 @@ def asyncapi_document(
         ),
         "sendLedger": _operation(
             "send", "ledger", "Workers hold and release, billing debits.", ["LedgerEntry"]
+        ),
+        "sendCheckpoint": _operation(
+            "send",
+            "checkpoint",
+            "Workers and billing checkpoint every 1,000 entries they fold.",
+            ["LedgerCheckpoint"],
         ),
         "sendDeadLetter": _operation(
             "send", "deadLetters", "Every consumer keeps what it gives up on.", ["DeadLetter"]

@@ -25,6 +25,7 @@ from sandboxer.topology import (
     ADVISORY_STREAM,
     BILLING_BUCKET,
     BILLING_STREAM,
+    CHECKPOINT_SUBJECT_PREFIX,
     CONNECT_SUBJECT_PREFIX,
     DESTROY_SUBJECT,
     DLQ_SUBJECT_PREFIX,
@@ -101,6 +102,7 @@ ROLES: dict[str, tuple[str, ...]] = {
         f"{METER_SUBJECT_PREFIX}.>",
         f"{STATUS_SUBJECT_PREFIX}.>",  # answers that are no stored status
         *_ledger("hold", "release"),
+        f"{CHECKPOINT_SUBJECT_PREFIX}.*",
         _kv(STATUS_BUCKET),
         _kv(STUB_BUCKET),
         _kv(LEASE_BUCKET),
@@ -110,6 +112,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     "billing": (
         *_SERVICE_API,
         *_ledger("debit", "release"),
+        f"{CHECKPOINT_SUBJECT_PREFIX}.*",
         USAGE_SUBJECT,
         _kv(BILLING_BUCKET, "usage.>"),
         _acks(METER_STREAM),

@@ -47,8 +47,25 @@ from sandboxer.errors import (
     SandboxerError,
 )
 from sandboxer.money import hold_entry_id, usd_text
-from sandboxer.topology import LEDGER_STREAM, ledger_subject, read_subject, tenant_ledger
-from schemas import AccountName, LedgerEntry, LedgerKind, TenantId, TenantLimits, utcnow
+from sandboxer.topology import (
+    CHECKPOINT_STREAM,
+    LEDGER_STREAM,
+    MAX_CHECKPOINT_BYTES,
+    checkpoint_subject,
+    ledger_subject,
+    read_subject,
+    tenant_ledger,
+)
+from schemas import (
+    AccountName,
+    LedgerCheckpoint,
+    LedgerEntry,
+    LedgerKind,
+    SpendRecord,
+    TenantId,
+    TenantLimits,
+    utcnow,
+)
 
 log = logging.getLogger("sandboxer.credits")
 _TENANT: TypeAdapter[str] = TypeAdapter(TenantId)
@@ -97,6 +114,8 @@ class Balance:
     #: array: counting the last minute's is a binary search, not a scan).
     created: array[float] = field(default_factory=lambda: array("d"), repr=False)
     created_from: int = field(default=0, repr=False)
+    #: The time of the last entry folded in.
+    last_at: datetime | None = field(default=None, repr=False)
 
     @property
     def available(self) -> Decimal:
@@ -104,6 +123,7 @@ class Balance:
 
     def apply(self, entry: LedgerEntry) -> None:
         """Fold one journal entry in."""
+        self.last_at = entry.at
         if entry.kind == "grant":
             self.balance += entry.amount_usd
         elif entry.kind == "hold" and entry.sandbox_id is not None:
@@ -211,6 +231,48 @@ class Balance:
                     f"{amount:.6f}"
                 )
 
+    def checkpoint(self, tenant: str, seq: int, previous: int | None) -> LedgerCheckpoint:
+        """This fold as the checkpoint of entry `seq`: what a later fold needs of it
+        (open holds and their spend records, the spend by hour, the last minute's
+        creations); settled sandboxes' records are final and kept in `by_hour` only."""
+        at = self.last_at or utcnow()
+        cutoff = at.timestamp() - 60
+        body = LedgerCheckpoint(
+            tenant=tenant,
+            seq=seq,
+            at=at,
+            balance=self.balance,
+            holds=self.holds,
+            hold_ids={s: h for s, h in self.hold_ids.items() if h != f"hold-{s}"},
+            spend={
+                s: SpendRecord(created=r[0], counted=r[1], billed=r[2])
+                for s, r in self.spend.items()
+                if s in self.holds
+            },
+            by_hour=self.by_hour,
+            recent_creates=[t for t in self.created[self.created_from :] if t > cutoff],
+            previous=previous,
+        )
+        return body.model_copy(update={"digest": body.body_digest()})
+
+    @classmethod
+    def restored(cls, checkpoint: LedgerCheckpoint) -> Balance:
+        """The fold a checkpoint was taken of, as later entries need it."""
+        balance = cls(
+            checkpoint.balance,
+            dict(checkpoint.holds),
+            {s: checkpoint.hold_ids.get(s, f"hold-{s}") for s in checkpoint.holds},
+            sum(checkpoint.holds.values(), Decimal(0)),
+            {
+                s: (r.created, r.counted, r.billed)
+                for s, r in sorted(checkpoint.spend.items(), key=lambda item: item[1].created)
+            },
+            dict(checkpoint.by_hour),
+            array("d", sorted(checkpoint.recent_creates)),
+        )
+        balance.last_at = checkpoint.at
+        return balance
+
     def copy(self) -> Balance:
         """A copy that later folds do not change."""
         return Balance(
@@ -252,6 +314,25 @@ class _TenantLocks:
 # Builds the entry to append from the current balance, returns None to skip it, or
 # raises to refuse it; re-run after every conflict.
 Decision = Callable[[Balance], LedgerEntry | None]
+
+
+#: Entries folded between two checkpoints of a tenant.
+CHECKPOINT_EVERY = 1000
+
+
+def checked_checkpoint(tenant: str, data: bytes) -> LedgerCheckpoint | None:
+    """The checkpoint in `data` if it is one of `tenant`'s whose digest matches."""
+    try:
+        checkpoint = LedgerCheckpoint.model_validate_json(data)
+    except ValidationError:
+        log.warning("ledger of %s: a checkpoint that is no LedgerCheckpoint, not used", tenant)
+        return None
+    if checkpoint.tenant != tenant or checkpoint.digest != checkpoint.body_digest():
+        log.warning(
+            "ledger of %s: checkpoint at %d does not check out, not used", tenant, checkpoint.seq
+        )
+        return None
+    return checkpoint
 
 
 def checked_tenant(tenant: str) -> str:
@@ -311,8 +392,17 @@ def _entry(
 class Ledger:
     """Appends to and reads the credits journal."""
 
-    def __init__(self, js: JetStreamContext, *, cached_tenants: int = 10_000) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        cached_tenants: int = 10_000,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+    ) -> None:
         self._js = js
+        self._checkpoint_every = checkpoint_every
+        #: Per tenant: the last checkpoint's seq and the entries folded since.
+        self._since: dict[str, tuple[int | None, int]] = {}
         self._cache: OrderedDict[str, tuple[Balance, int]] = OrderedDict()
         self._cached_tenants = cached_tenants
         # Appends of one tenant are serialized inside a process (a lock of its own);
@@ -513,6 +603,7 @@ class Ledger:
                     continue
                 balance.apply(entry)
                 self._remember(tenant, balance, ack.seq)
+                await self._counted(tenant, balance, ack.seq, 1)
                 return True
         raise RuntimeError(f"ledger of {tenant}: too many concurrent writers")
 
@@ -520,18 +611,116 @@ class Ledger:
         """The cached balance brought up to date with the journal (under the lock).
 
         A known tenant is usually a few entries behind (another process appended):
-        single direct gets are cheapest. An unknown one may have a long journal: it is
-        read in batches."""
+        single direct gets are cheapest. An unknown one starts from its latest
+        checkpoint (a full fold if it has none, or one that does not check out) and
+        reads what came after in batches; a long fold writes a checkpoint."""
         cached = self._cache.get(tenant)
-        balance, last = cached or (Balance(), 0)
-        entries = self._entries_after(tenant, last) if cached is None else self._next(tenant, last)
+        if cached is not None:
+            balance, last = cached
+            entries = self._next(tenant, last)
+        else:
+            checkpoint = await self._latest_checkpoint(tenant)
+            balance = Balance.restored(checkpoint) if checkpoint else Balance()
+            last = checkpoint.seq if checkpoint else 0
+            self._since[tenant] = (checkpoint.seq if checkpoint else None, 0)
+            entries = self._entries_after(tenant, last)
+        folded = 0
         async for seq, subject, data in entries:
             entry = entry_of(tenant, subject, data)
             if entry is not None:
                 balance.apply(entry)
             last = seq
+            folded += 1
         self._remember(tenant, balance, last)
+        await self._counted(tenant, balance, last, folded)
         return balance, last
+
+    async def _counted(self, tenant: str, balance: Balance, last: int, folded: int) -> None:
+        """Count entries folded since the tenant's last checkpoint; past
+        `checkpoint_every`, write one (best effort: a reader without one folds more)."""
+        previous, since = self._since.get(tenant, (None, 0))
+        since += folded
+        self._since[tenant] = (previous, since)
+        if since < self._checkpoint_every or last == 0:
+            return
+        try:
+            await self._write_checkpoint(tenant, balance.checkpoint(tenant, last, previous))
+        except Exception as exc:  # a reader without it folds more; nothing is wrong
+            log.warning("ledger of %s: checkpoint not written: %s", tenant, exc)
+            return
+        self._since[tenant] = (last, 0)
+
+    async def _write_checkpoint(self, tenant: str, checkpoint: LedgerCheckpoint) -> None:
+        data = checkpoint.model_dump_json().encode()
+        if len(data) > MAX_CHECKPOINT_BYTES:
+            log.info("ledger of %s: checkpoint of %d bytes not written", tenant, len(data))
+            return
+        await self._js.publish(
+            checkpoint_subject(tenant),
+            data,
+            headers={"Nats-Msg-Id": f"{tenant}.{checkpoint.seq}"},
+        )
+
+    async def checkpoint(self, tenant: str) -> LedgerCheckpoint:
+        """Write a checkpoint of the tenant's journal as it is now (an operator's, or a
+        benchmark's: the service writes them every `checkpoint_every` entries)."""
+        async with self._locks.held(tenant):
+            balance, last = await self._catch_up(tenant)
+            previous, _ = self._since.get(tenant, (None, 0))
+            made = balance.checkpoint(tenant, last, previous)
+            await self._write_checkpoint(tenant, made)
+            self._since[tenant] = (last, 0)
+            return made
+
+    async def _catch_up_from_scratch(self, tenant: str) -> Balance:
+        """The tenant's fold from its first entry, checkpoints aside (for `verify` and
+        the tests)."""
+        balance = Balance()
+        async for _, subject, data in self._entries_after(tenant, 0):
+            entry = entry_of(tenant, subject, data)
+            if entry is not None:
+                balance.apply(entry)
+        return balance
+
+    async def _latest_checkpoint(self, tenant: str) -> LedgerCheckpoint | None:
+        """The tenant's latest checkpoint, if it has one that checks out."""
+        try:
+            message = await self._js.get_msg(
+                CHECKPOINT_STREAM, subject=checkpoint_subject(tenant), direct=True
+            )
+        except NotFoundError:
+            return None
+        return checked_checkpoint(tenant, message.data or b"")
+
+    async def verify(self, tenant: str) -> tuple[int, list[str]]:
+        """Fold the tenant's journal from its first entry and compare it with every
+        checkpoint of the chain: (checkpoints, what disagrees)."""
+        checkpoints: list[tuple[LedgerCheckpoint | None, bytes]] = []
+        async for _, _, data in read_subject(
+            self._js, CHECKPOINT_STREAM, checkpoint_subject(tenant)
+        ):
+            checkpoints.append((checked_checkpoint(tenant, data), data))
+        problems = [
+            "a checkpoint does not check out (its digest, or its body)"
+            for made, _ in checkpoints
+            if made is None
+        ]
+        wanted = {c.seq: c for c, _ in checkpoints if c is not None}
+        balance = Balance()
+        async for seq, subject, data in self._entries_after(tenant, 0):
+            entry = entry_of(tenant, subject, data)
+            if entry is not None:
+                balance.apply(entry)
+            stored = wanted.pop(seq, None)
+            if stored is not None:
+                refolded = balance.checkpoint(tenant, seq, stored.previous)
+                if refolded.digest != stored.digest:
+                    problems.append(
+                        f"the checkpoint at entry {seq} disagrees with the journal "
+                        f"(balance {stored.balance} there, {refolded.balance} refolded)"
+                    )
+        problems += [f"the checkpoint at entry {seq} names no entry" for seq in wanted]
+        return len(checkpoints), problems
 
     async def _next(self, tenant: str, last: int) -> AsyncIterator[tuple[int, str, bytes]]:
         """(sequence, subject, data) of the tenant's entries after `last`, one direct get

@@ -49,6 +49,9 @@ STATUS_BUCKET = "sandboxer-status"
 #: (the kind is a token of its own so that permissions can say who writes which).
 LEDGER_STREAM = "CREDITS_LEDGER"
 LEDGER_SUBJECT_PREFIX = "credits.ledger"
+#: Each tenant's checkpoints, one subject per tenant, every one kept (the chain).
+CHECKPOINT_STREAM = "CREDITS_CHECKPOINTS"
+CHECKPOINT_SUBJECT_PREFIX = "credits.checkpoint"
 
 BILLING_STREAM = "BILLING"
 USAGE_SUBJECT = "billing.usage"
@@ -95,6 +98,8 @@ KIB, MIB, GIB = 1024, 1024**2, 1024**3
 MAX_REQUEST_BYTES = 64 * KIB
 MAX_EVENT_BYTES = 64 * KIB
 MAX_LEDGER_ENTRY_BYTES = 8 * KIB
+#: A checkpoint of a tenant with thousands of open holds (a larger one is not written).
+MAX_CHECKPOINT_BYTES = 768 * KIB
 MAX_USAGE_RECORD_BYTES = 16 * KIB
 
 
@@ -149,6 +154,11 @@ def schedule_subject(sandbox_id: str) -> str:
 def ledger_subject(tenant: str, kind: str, entry_id: str) -> str:
     """The subject of one journal entry."""
     return f"{LEDGER_SUBJECT_PREFIX}.{tenant}.{kind}.{entry_id}"
+
+
+def checkpoint_subject(tenant: str) -> str:
+    """Where a tenant's journal checkpoints go."""
+    return f"{CHECKPOINT_SUBJECT_PREFIX}.{tenant}"
 
 
 def tenant_ledger(tenant: str) -> str:
@@ -221,6 +231,13 @@ def stream_configs(replicas: int) -> list[StreamConfig]:
             discard_new_per_subject=True,
             allow_direct=True,
             max_msg_size=MAX_LEDGER_ENTRY_BYTES,
+        ),
+        stream(
+            CHECKPOINT_STREAM,
+            [f"{CHECKPOINT_SUBJECT_PREFIX}.*"],
+            # Never trimmed: verify walks the whole chain.
+            allow_direct=True,
+            max_msg_size=MAX_CHECKPOINT_BYTES,
         ),
         stream(
             BILLING_STREAM,

@@ -21,7 +21,14 @@ from schemas._types import (
     quantize_usd,
     utcnow,
 )
-from schemas.billing import LedgerEntry, LedgerKind, UsageRecord, usage_record_id
+from schemas.billing import (
+    LedgerCheckpoint,
+    LedgerEntry,
+    LedgerKind,
+    SpendRecord,
+    UsageRecord,
+    usage_record_id,
+)
 from schemas.manifest import (
     DEFAULT_OWNER,
     AccountLimits,
@@ -83,6 +90,7 @@ __all__ = [
     "ExtensionId",
     "ExtensionManifest",
     "Factor",
+    "LedgerCheckpoint",
     "LedgerEntry",
     "LedgerKind",
     "LimitsOverride",
@@ -101,6 +109,7 @@ __all__ = [
     "SandboxStatus",
     "Seconds",
     "SecretRef",
+    "SpendRecord",
     "TenantId",
     "TenantLimits",
     "Timestamp",

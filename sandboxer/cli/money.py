@@ -117,6 +117,28 @@ def credits_balance(
         )
 
 
+@credits_app.command("verify")
+def credits_verify(
+    tenant: Annotated[str, typer.Argument(help="The tenant.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold the tenant's journal from its first entry and compare it with every
+    checkpoint a cold read may start from; exit 1 on any that disagrees."""
+    name = _tenant(tenant)
+
+    async def go() -> tuple[int, list[str]]:
+        async with nats_client() as client:
+            return await Ledger(client.js).verify(name)
+
+    count, problems = run(go())
+    if as_json:
+        typer.echo(json.dumps({"tenant": name, "checkpoints": count, "problems": problems}))
+    else:
+        typer.echo(f"{name}: {count} checkpoints, {len(problems)} disagree")
+    if problems:
+        die(f"{name}: " + "; ".join(problems))
+
+
 @credits_app.command("ledger")
 def credits_ledger(
     tenant: Annotated[str, typer.Argument(help="Tenant to look up.")],
