@@ -430,6 +430,7 @@ R6_SUBJECTS = [
     "billing.usage",
     "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.SANDBOX_REQUESTS.provisioner-provision",
     "credits.ledger.t1.hold",  # + a unique entry id: one message per journal subject
+    "credits.checkpoint.t1",  # junk checkpoints: a cold read must not believe them
 ]
 
 
@@ -534,6 +535,9 @@ async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
             # Still at work, each of them: t1's journal holds the junk of the ledger
             # subjects, acme's is clean.
             serving = [await _serves_end_to_end(client, js, tenant) for tenant in ("acme", "t1")]
+            # A restarted process reads t1's balance past the junk checkpoints.
+            fresh = await Ledger(js).balance("t1")
+            misled = int(fresh.balance != (await Ledger(js)._catch_up_from_scratch("t1")).balance)
         crashes = sum(1 for w in (worker, billing) if w.crashed) + caplog.text.count(
             "handler crashed"
         )
@@ -547,6 +551,7 @@ async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
         len(unanswered),
         f"{len(attributable)} attributable",
     )
+    figure("R6 cold reads misled by a junk checkpoint", misled, "a fresh read of t1")
     figure(
         "R6 connect requests not refused",
         unanswered_connects,
@@ -554,4 +559,4 @@ async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
     )
     assert len(generated) * len(R6_SUBJECTS) >= (200 if SCALE is FULL else 4 * 40)
     assert crashes == 0 and disabled == 0 and left == 0 and unanswered == []
-    assert unanswered_connects == 0
+    assert unanswered_connects == 0 and misled == 0
