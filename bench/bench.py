@@ -520,8 +520,13 @@ def observed_env(metrics_port: int, sink: OtlpSink, sampled: str = "1") -> dict[
     }
 
 
+#: How often (h) scrapes the worker's metrics (Prometheus' default is 15 s or 60 s; a
+#: scrape renders every series on the worker's event loop).
+SCRAPE_EVERY_S = float(os.environ.get("BENCH_SCRAPE_EVERY_S", "1"))
+
+
 async def scrape_while(port: int, stop: asyncio.Event) -> list[list[str]]:
-    """The worker's domain metric lines, scraped once a second until `stop`."""
+    """The worker's domain metric lines, scraped every `SCRAPE_EVERY_S` until `stop`."""
     import httpx
 
     wanted = (
@@ -539,7 +544,7 @@ async def scrape_while(port: int, stop: asyncio.Event) -> list[list[str]]:
             except httpx.TransportError:
                 pass
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+                await asyncio.wait_for(stop.wait(), SCRAPE_EVERY_S)
     return seen
 
 
