@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -172,44 +172,47 @@ class SaasStubAdapter(SandboxAdapter):
         return sandbox
 
     async def teardown(self, provider_sandbox_id: str, credentials: Credentials) -> None:
-        kv = await self._kv()
-        key = f"sbx.{provider_sandbox_id}"
-        while True:
-            try:
-                entry = await kv.get(key)
-            except KeyNotFoundError:
-                return  # never made, or long gone: nothing to do
-            record = _Record.model_validate_json(entry.value or b"")
-            if record.terminated_at is not None:
-                return
+        def stop(record: _Record | None) -> _Record | None:
+            if record is None or record.terminated_at is not None:
+                return None  # never made, long gone, or stopped already: nothing to do
             # Like a real provider, a sandbox past its timeout stopped running at expiry.
-            stopped = min(utcnow(), record.expires_at)
-            done = record.model_copy(update={"terminated_at": stopped})
-            try:
-                await kv.update(key, done.model_dump_json().encode(), last=entry.revision)
-                return
-            except KeyWrongLastSequenceError:
-                continue  # a concurrent teardown won; read its result
+            return record.model_copy(update={"terminated_at": min(utcnow(), record.expires_at)})
+
+        await self._change(provider_sandbox_id, stop)
 
     async def extend(
         self, provider_sandbox_id: str, expires_at: datetime, credentials: Credentials
     ) -> None:
+        def later(record: _Record | None) -> _Record | None:
+            if record is None:
+                raise ProviderRejected(f"stub: no sandbox {provider_sandbox_id}")
+            if record.terminated_at is not None or record.expires_at <= utcnow():
+                raise ProviderRejected(f"stub: {provider_sandbox_id} has stopped")
+            return record.model_copy(update={"expires_at": max(expires_at, record.expires_at)})
+
+        await self._change(provider_sandbox_id, later)
+
+    async def _change(
+        self, provider_sandbox_id: str, change: Callable[[_Record | None], _Record | None]
+    ) -> None:
+        """Store what `change` makes of a sandbox's record (None: leave it), by
+        compare-and-set, again after a concurrent change."""
         kv = await self._kv()
         key = f"sbx.{provider_sandbox_id}"
         while True:
             try:
                 entry = await kv.get(key)
             except KeyNotFoundError:
-                raise ProviderRejected(f"stub: no sandbox {provider_sandbox_id}") from None
-            record = _Record.model_validate_json(entry.value or b"")
-            if record.terminated_at is not None or record.expires_at <= utcnow():
-                raise ProviderRejected(f"stub: {provider_sandbox_id} has stopped")
-            later = record.model_copy(update={"expires_at": max(expires_at, record.expires_at)})
+                change(None)
+                return
+            changed = change(_Record.model_validate_json(entry.value or b""))
+            if changed is None:
+                return
             try:
-                await kv.update(key, later.model_dump_json().encode(), last=entry.revision)
+                await kv.update(key, changed.model_dump_json().encode(), last=entry.revision)
                 return
             except KeyWrongLastSequenceError:
-                continue
+                continue  # a concurrent change won; read its result
 
     def estimate_cost(self, profile: Profile, ttl_s: int) -> Decimal:
         return self.rates.cost(Decimal(ttl_s))

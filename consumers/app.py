@@ -210,9 +210,8 @@ def _start_in_background(
         delivery = _FastStreamDelivery(message, js)
         body: bytes = message.body
         key = None
-        if fair_key is not None:
-            subject = message.raw_message.subject
-            key = partial(fair_key, subject, body)  # parsed only if it has to wait
+        if fair_key is not None and in_flight.busy:  # it will wait: in which queue
+            key = partial(fair_key, message.raw_message.subject, body)
         if observe.tracing():
             await in_flight.start(
                 lambda: observe.traced(delivery, durable, handler(body, delivery)),

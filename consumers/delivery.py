@@ -272,6 +272,11 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    @property
+    def busy(self) -> bool:
+        """True when a handler started now would have to wait in a queue."""
+        return len(self._tasks) >= self.limit or self.queued > 0
+
     async def start(
         self,
         handler: Callable[[], Coroutine[Any, Any, None]],

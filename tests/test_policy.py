@@ -136,11 +136,7 @@ async def test_a_slot_comes_back_after_destroy_failure_and_ttl_expiry(
 
 
 async def _until_free(js: JetStreamContext, tenant: str) -> None:
-    for _ in range(200):
-        if not (await Ledger(js).balance(tenant)).holds:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{tenant} still holds {await Ledger(js).balance(tenant)}")
+    await _until_holds(js, tenant, 0)
 
 
 async def test_a_failed_provision_frees_its_slot(
