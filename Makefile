@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # `make run PORT=4333` beside a NATS server that already has 4222.
 PORT ?= 4222
 
-.PHONY: run check lint types test bench chaos install clean
+.PHONY: run check lint types test bench chaos install packer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,16 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP)
+test: $(STAMP) packer
 	$(BIN)/pytest -q
+
+## Packer for the template tests (Debian's package) unless it is on PATH; where it
+## cannot be installed, those tests say so and are skipped.
+packer:
+	@command -v packer >/dev/null || { \
+	  apt-get install -y -qq packer >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq packer; } >/dev/null 2>&1 || \
+	  echo "make: cannot install packer (apt-get install packer failed); the template tests will be skipped" >&2; }
 
 ## Throughput, latency and memory figures (not part of check).
 bench: $(STAMP)

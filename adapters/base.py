@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 from nats.aio.client import Client as Nats
 from pydantic import BaseModel
@@ -117,6 +117,54 @@ class Grant:
 
 
 @dataclass(frozen=True, slots=True)
+class TemplateImage:
+    """A built image (Packer's artifact) to register as one provider's template.
+
+    `image` is a pullable OCI reference (`registry/repo:tag` or `…@sha256:…`) and
+    `digest` its content digest; `alias` is the provider-side name, the same for the
+    same name, version and digest, so a repeated registration finds the first."""
+
+    name: str
+    version: str
+    image: str
+    digest: str
+    cpu: int
+    memory_mb: int
+    start_cmd: str | None = None
+    ready_cmd: str | None = None
+
+    @property
+    def alias(self) -> str:
+        """`<name>-<version>-<first 12 hex of the digest>`, lower case, `[a-z0-9-]`."""
+        hexes = self.digest.partition(":")[2] or self.digest
+        raw = f"{self.name}-{self.version}-{hexes[:12]}".lower()
+        return "".join(c if c.isalnum() else "-" for c in raw).strip("-")
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateBuildRef:
+    """A registration the provider has accepted: the id a create takes
+    (`SandboxSpec.template`) and, where the provider builds asynchronously, the build
+    to poll."""
+
+    template_id: str
+    build_id: str = ""
+
+
+TemplateState = Literal["building", "ready", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateProgress:
+    """One poll of a registration: its state, the provider's reason when it failed, and
+    the build log lines that are new since the previous poll."""
+
+    state: TemplateState
+    reason: str | None = None
+    logs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     """What a finished sandbox cost, by the provider's own formula."""
 
@@ -188,6 +236,9 @@ class SandboxAdapter(Protocol):
     #: Whether the provider lets a running sandbox live longer (`extend`); a
     #: `sandbox.extend` of one whose adapter cannot is refused before anything changes.
     can_extend: ClassVar[bool] = False
+    #: Whether it can register a built image as one of its templates
+    #: (`register_template`); a logical template lists only providers that can.
+    builds_templates: ClassVar[bool] = False
 
     def __init__(self, context: AdapterContext) -> None: ...
 
@@ -235,6 +286,21 @@ class SandboxAdapter(Protocol):
         """Have the provider keep the sandbox running until `expires_at` (an absolute
         time, so repeating it is harmless). `ProviderRejected` if the provider cannot."""
         raise ProviderRejected(f"{self.extension_id}: cannot extend a running sandbox")
+
+    async def register_template(
+        self, image: TemplateImage, credentials: Credentials
+    ) -> TemplateBuildRef:
+        """Start making `image` one of the provider's templates. Idempotent on
+        `image.alias`: a template already registered under it is returned, and nothing
+        is built twice. Raise `ProviderRejected` if the provider refuses it outright."""
+        raise ProviderRejected(f"{self.extension_id}: cannot register templates")
+
+    async def template_progress(
+        self, ref: TemplateBuildRef, credentials: Credentials
+    ) -> TemplateProgress:
+        """Poll a registration `register_template` started (also after a restart: `ref`
+        is all it needs)."""
+        raise ProviderRejected(f"{self.extension_id}: cannot register templates")
 
     async def aclose(self) -> None:
         """Release connections and clients."""

@@ -5,9 +5,16 @@ per request in `X-API-KEY`, because with BYOK it differs per tenant. Paths, fiel
 status codes are the ones the official `e2b` SDK uses (docs/research/e2b-sdk.md).
 
 Every call is safe to repeat: reads and deletes by nature, creates because they carry
-an `Idempotency-Key` derived from the sandbox id. So lost connections are retried like
-429s and 502/503/504, with capped jittered backoff (honouring `Retry-After`), unless
-E2B answers `Should-Retry: false`.
+an `Idempotency-Key` derived from the sandbox id, a template's build request because a
+newer one supersedes the unstarted one it repeats, and a build's start because E2B
+refuses to start one twice. So lost connections are retried like 429s and 502/503/504,
+with capped jittered backoff (honouring `Retry-After`), unless E2B answers
+`Should-Retry: false`.
+
+Templates are built from an OCI image as the SDK's `AsyncTemplate.build` does it: the
+alias is looked up (`GET /templates/aliases/{alias}`), a build is requested under it
+(`POST /v3/templates`) and started from the image (`POST /v2/templates/{id}/builds/
+{buildID}`), and its status polled (`GET /templates/{id}/builds/{buildID}/status`).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import dataclasses
 import email.utils
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -33,6 +40,10 @@ from adapters.base import (
     Reach,
     SandboxAdapter,
     SandboxSpec,
+    TemplateBuildRef,
+    TemplateImage,
+    TemplateProgress,
+    TemplateState,
     Usage,
 )
 from adapters.shared import ProviderConfig, backoff_s, metered_usage, redact
@@ -71,6 +82,15 @@ TRAFFIC_HEADER = "e2b-traffic-access-token"
 #: envd, the sandbox's own control API (commands, files), and its token's header.
 ENVD_PORT = 49983
 ENVD_HEADER = "X-Access-Token"
+#: A template build's E2B status, as the seam names it (`waiting`: not started yet).
+BUILD_STATES: Mapping[str, TemplateState] = {
+    "waiting": "building",
+    "building": "building",
+    "ready": "ready",
+    "error": "failed",
+}
+#: The most log entries E2B gives in one status answer.
+MAX_LOG_ENTRIES = 100
 
 
 class E2BRates(BaseModel):
@@ -135,6 +155,11 @@ def _parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
 
 
+def _build_path(ref: TemplateBuildRef) -> str:
+    """`/templates/{id}/builds/{buildID}`, each part one path segment."""
+    return f"/templates/{quote(ref.template_id, safe='')}/builds/{quote(ref.build_id, safe='')}"
+
+
 def _retry_after_s(response: httpx.Response) -> float | None:
     """`Retry-After` in seconds (a number or an HTTP date), if the response has one."""
     raw = response.headers.get("Retry-After")
@@ -169,12 +194,15 @@ class E2BAdapter(SandboxAdapter):
     env_prefix: ClassVar[str | None] = "SANDBOXER_E2B_"
     serves_ports: ClassVar[bool] = True
     can_extend: ClassVar[bool] = True
+    builds_templates: ClassVar[bool] = True
 
     def __init__(self, context: AdapterContext) -> None:
         self.rates = context.rates(E2BRates)
         self.config = context.config(E2BConfig, self.env_prefix)
         self._deployment = context.deployment
         self._client: httpx.AsyncClient | None = None
+        #: Log entries of each build already handed out by `template_progress`.
+        self._logs_seen: dict[TemplateBuildRef, int] = {}
 
     def _http(self) -> httpx.AsyncClient:
         """The shared client, made on first use (pooled connections for every call)."""
@@ -231,7 +259,7 @@ class E2BAdapter(SandboxAdapter):
         # A 201 means E2B already started it; the detail confirms it is running and says
         # what it is billed on (vCPUs, memory) and since when, and its domain.
         path = f"/sandboxes/{sandbox.provider_sandbox_id}"
-        response = await self._call("GET", path, credentials, missing_ok=True)
+        response = await self._call("GET", path, credentials, accept=(404,))
         if response.status_code == 404:
             raise ProviderFailed(f"ext.e2b: sandbox {sandbox.provider_sandbox_id} is gone")
         detail = response.json()
@@ -258,7 +286,7 @@ class E2BAdapter(SandboxAdapter):
     async def teardown(self, provider_sandbox_id: str, credentials: Credentials) -> None:
         # 404: already killed, or stopped at its timeout. Gone either way.
         path = f"/sandboxes/{provider_sandbox_id}"
-        await self._call("DELETE", path, credentials, missing_ok=True)
+        await self._call("DELETE", path, credentials, accept=(404,))
 
     async def connect(self, reach: Reach, credentials: Credentials) -> Grant:
         # `connect` with no timeout hands back a running sandbox's tokens and changes
@@ -341,6 +369,50 @@ class E2BAdapter(SandboxAdapter):
             seen_tokens.add(token)
             params = {**params, "nextToken": token}
 
+    async def register_template(
+        self, image: TemplateImage, credentials: Credentials
+    ) -> TemplateBuildRef:
+        # E2B claims the alias when a build is requested, so a registration that got
+        # that far (before a crash, or on another worker) is found, and its build kept:
+        # requesting another would supersede it, starting one cancel it.
+        existing = await self._template_id(image.alias, credentials)
+        latest = await self._latest_build(existing, credentials) if existing else None
+        if latest is not None:
+            ref, status = latest
+            if status == "waiting":  # requested, never started: the crash came between
+                await self._start_build(ref, image, credentials)
+            if status != "error":
+                return ref
+        # No build yet, or the last one failed: registering again is trying again.
+        body = {"name": image.alias, "cpuCount": image.cpu, "memoryMB": image.memory_mb}
+        requested = await self._call("POST", "/v3/templates", credentials, json=body, creating=True)
+        answer = requested.json()
+        ref = TemplateBuildRef(str(answer["templateID"]), str(answer["buildID"]))
+        await self._start_build(ref, image, credentials)
+        return ref
+
+    async def template_progress(
+        self, ref: TemplateBuildRef, credentials: Credentials
+    ) -> TemplateProgress:
+        # E2B pages the log (`logsOffset`); this process remembers how far it has read,
+        # so after a restart the first poll hands out the whole log again.
+        offset = self._logs_seen.get(ref, 0)
+        info = await self._build_status(ref, offset, credentials)
+        state = BUILD_STATES.get(str(info.get("status")), "building")
+        entries = page = list(info.get("logEntries") or [])
+        while state != "building" and len(page) == MAX_LOG_ENTRIES:
+            # Finished, so no poll follows: the rest of the log comes now.
+            more = await self._build_status(ref, offset + len(entries), credentials)
+            page = list(more.get("logEntries") or [])
+            entries = entries + page
+        self._logs_seen[ref] = offset + len(entries)
+        reason = None
+        if state == "failed":
+            given = (info.get("reason") or {}).get("message")
+            reason = redact(str(given or "the build failed, E2B gave no reason"), credentials)
+        logs = tuple(redact(self._log_line(e), credentials) for e in entries)
+        return TemplateProgress(state, reason, logs)
+
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
@@ -387,6 +459,60 @@ class E2BAdapter(SandboxAdapter):
             meter_fields={"cpu_count": int(item["cpuCount"]), "memory_mb": int(item["memoryMB"])},
         )
 
+    async def _template_id(self, alias: str, credentials: Credentials) -> str | None:
+        """The id of this team's template `alias`, or None if there is none."""
+        path = f"/templates/aliases/{quote(alias, safe='')}"
+        response = await self._call("GET", path, credentials, accept=(403, 404))
+        if response.status_code == 403:  # E2B's "exists, but you are not the owner"
+            raise ProviderRejected(f"ext.e2b: template alias {alias!r} is another team's")
+        if response.status_code == 404:
+            return None
+        return str(response.json()["templateID"])
+
+    async def _latest_build(
+        self, template_id: str, credentials: Credentials
+    ) -> tuple[TemplateBuildRef, str] | None:
+        """The template's newest build and its E2B status, if it has any."""
+        path = f"/templates/{quote(template_id, safe='')}"
+        builds = (await self._call("GET", path, credentials)).json().get("builds") or []
+        if not builds:
+            return None
+        newest = max(builds, key=lambda b: _parse_time(str(b["createdAt"])))
+        return TemplateBuildRef(template_id, str(newest["buildID"])), str(newest["status"])
+
+    async def _start_build(
+        self, ref: TemplateBuildRef, image: TemplateImage, credentials: Credentials
+    ) -> None:
+        """Start the requested build `ref` from `image`. A 400 is E2B refusing to start
+        a build twice (a retried start, another worker's) unless it is still waiting."""
+        body: dict[str, Any] = {"fromImage": image.image, "steps": [], "force": False}
+        if image.start_cmd:
+            body["startCmd"] = image.start_cmd
+        if image.ready_cmd:
+            body["readyCmd"] = image.ready_cmd
+        path = f"/v2{_build_path(ref)}"
+        response = await self._call("POST", path, credentials, json=body, accept=(400,))
+        if response.status_code == 400:
+            status = (await self._build_status(ref, 0, credentials)).get("status")
+            if status == "waiting":
+                raise ProviderRejected(self._error_text(response, f"POST {path}", credentials)[0])
+
+    async def _build_status(
+        self, ref: TemplateBuildRef, logs_offset: int, credentials: Credentials
+    ) -> dict[str, Any]:
+        """E2B's `TemplateBuildInfo` of `ref`, with its log entries from `logs_offset`."""
+        path = f"{_build_path(ref)}/status"
+        params = {"logsOffset": str(logs_offset), "limit": str(MAX_LOG_ENTRIES)}
+        answer = (await self._call("GET", path, credentials, params=params)).json()
+        return answer if isinstance(answer, dict) else {}
+
+    @staticmethod
+    def _log_line(entry: Mapping[str, Any]) -> str:
+        """`<timestamp> <level> [<step>] <message>`: one of E2B's build log entries."""
+        step = f" [{entry['step']}]" if entry.get("step") else ""
+        head = f"{entry.get('timestamp', '')} {entry.get('level', 'info')}{step}"
+        return f"{head} {entry.get('message', '')}"
+
     async def _call(
         self,
         method: str,
@@ -397,10 +523,10 @@ class E2BAdapter(SandboxAdapter):
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         creating: bool = False,
-        missing_ok: bool = False,
+        accept: Collection[int] = (),
     ) -> httpx.Response:
         """One API call, retried as E2B asks; raises a SandboxerError that never contains
-        the key. `missing_ok` returns a 404 instead of failing on it."""
+        the key. A status in `accept` (404: already gone) is returned, not failed on."""
         import httpx
 
         key = self._key(credentials)
@@ -418,7 +544,7 @@ class E2BAdapter(SandboxAdapter):
                 )
                 delay = self._backoff_s(attempt)
             else:
-                if response.status_code < 300 or (missing_ok and response.status_code == 404):
+                if response.status_code < 300 or response.status_code in accept:
                     return response
                 if not _should_retry(response):
                     raise self._failure(response, what, credentials, creating=creating)

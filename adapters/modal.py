@@ -13,6 +13,10 @@ docs/research/modal-client.md.
   the sandbox it finds by its tags.
 - What the price depends on (cores, memory, GPU) and the start time are kept in the
   sandbox's own tags, so a sandbox found after a crash can be metered like any other.
+- Templates are Modal images built from the registry reference
+  (`Image.from_registry(...).build()`), kept by their `im-…` id (`Image.from_id` at
+  create). Modal keys a build by its definition, so registering the same image again,
+  or again after a worker died mid-build, joins or reuses the one build.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ from adapters.base import (
     Reach,
     SandboxAdapter,
     SandboxSpec,
+    TemplateBuildRef,
+    TemplateImage,
+    TemplateProgress,
+    TemplateState,
     Usage,
 )
 from adapters.shared import ProviderConfig, metered_usage, redact
@@ -150,6 +158,36 @@ class ModalConfig(ProviderConfig):
 
 #: Protocols of a port Modal serves through a TLS tunnel.
 _TLS = frozenset({"http", "https", "wss"})
+#: Last build log lines put in a failed build's reason: Modal's own message names no
+#: cause (its result carries one only for a function step), the log does.
+_REASON_LOG_LINES = 3
+
+
+@dataclasses.dataclass
+class _Registration:
+    """What this process knows of one registered image: how its build ended, and the
+    build log lines not handed out yet (None: not read yet)."""
+
+    state: TemplateState
+    reason: str | None = None
+    unread_logs: tuple[str, ...] | None = None
+
+
+def _template_commands(image: TemplateImage) -> list[str]:
+    """The Dockerfile lines after `FROM <image.image>`, in that one layer (one build):
+
+    - a label with the alias, so the definition is the template's own: Modal reuses a
+      build by its definition, and `FROM repo:tag` alone would keep serving the first
+      build after the tag moved to another digest (another alias);
+    - the start command as `CMD`, which Modal runs as a sandbox's main process when the
+      create names none (`Image.cmd`: "Used with modal.Sandbox"), as `provision` does.
+
+    A readiness check is no part of a Modal image (`readiness_probe` is an option of each
+    create, and a create is given only the image id), so `ready_cmd` is not carried."""
+    commands = [f"LABEL sandboxer.template={json.dumps(image.alias)}"]
+    if image.start_cmd:
+        commands.append(f"CMD {json.dumps(['sh', '-c', image.start_cmd])}")
+    return commands
 
 
 def _key_of(credentials: Credentials) -> tuple[str, str]:
@@ -157,6 +195,12 @@ def _key_of(credentials: Credentials) -> tuple[str, str]:
     if not token_id or not secret:
         raise ProviderRejected("ext.modal: the credentials lack token_id or token_secret")
     return token_id, secret
+
+
+def _workspace_of(credentials: Credentials) -> str:
+    """What the state kept per credential is keyed by (a hash: never the secret)."""
+    token_id, secret = _key_of(credentials)
+    return hashlib.sha256(f"{token_id}\0{secret}".encode()).hexdigest()
 
 
 def _error_text(what: str, exc: BaseException, credentials: Credentials) -> str:
@@ -174,6 +218,8 @@ def _translate(
         return ProviderRejected(f"{message}; the token was refused")
     if isinstance(exc, mx.ConflictError):  # made, then finished or refused: may exist
         return ProviderFailed(message)
+    if isinstance(exc, mx.ImageBuildError):  # the image, not the sandbox: none was made
+        return ProviderRejected(message) if creating else ProviderFailed(message)
     if isinstance(exc, mx.ResourceExhaustedError | mx.InvalidError | mx.NotFoundError):
         # quota, an invalid GPU or image, no such app/environment: nothing was made
         return ProviderRejected(message) if creating else ProviderFailed(message)
@@ -192,6 +238,7 @@ class ModalAdapter(SandboxAdapter):
     requires: ClassVar[str | None] = "modal"
     env_prefix: ClassVar[str | None] = "SANDBOXER_MODAL_"
     serves_ports: ClassVar[bool] = True
+    builds_templates: ClassVar[bool] = True
 
     def __init__(self, context: AdapterContext) -> None:
         self.rates = context.rates(ModalRates)
@@ -199,6 +246,8 @@ class ModalAdapter(SandboxAdapter):
         self._clients: OrderedDict[str, modal.Client] = OrderedDict()
         self._apps: dict[str, modal.App] = {}
         self._lock = asyncio.Lock()
+        #: (workspace, image id) -> what a registration of this process learnt.
+        self._registrations: dict[tuple[str, str], _Registration] = {}
 
     # -- the seam ---------------------------------------------------------------------
 
@@ -406,6 +455,53 @@ class ModalAdapter(SandboxAdapter):
             raise _translate("list", exc, credentials, creating=False) from None
         return found
 
+    async def register_template(
+        self, image: TemplateImage, credentials: Credentials
+    ) -> TemplateBuildRef:
+        """Build `image.image` as a Modal image, and return once the build ended: the
+        client tells the image id only then. A build Modal has of the same definition
+        is reused (built) or joined (under way, as after a worker died mid-build), never
+        repeated. A failed build is returned too; `template_progress` reports it."""
+        import modal
+        from modal import exception as mx
+
+        _, app = await self._session(credentials)  # the app's client builds
+        definition = modal.Image.from_registry(
+            image.image, setup_dockerfile_commands=_template_commands(image)
+        )
+        try:
+            await definition.build.aio(app)
+        except mx.ImageBuildError as exc:
+            image_id = exc.image_id
+            registration = await self._failed_build(definition, exc, credentials)
+        except Exception as exc:
+            raise _translate("image build", exc, credentials, creating=True) from None
+        else:
+            image_id, registration = definition.object_id, _Registration("ready")
+        self._registrations[(_workspace_of(credentials), image_id)] = registration
+        return TemplateBuildRef(template_id=image_id)
+
+    async def template_progress(
+        self, ref: TemplateBuildRef, credentials: Credentials
+    ) -> TemplateProgress:
+        """How the build of `ref` ended (it has: `register_template` waits for it), with
+        its log lines the first time. After a restart, Modal's word: an image it can load
+        is built."""
+        import modal
+
+        key = (_workspace_of(credentials), ref.template_id)
+        registration = self._registrations.get(key)
+        if registration is None:
+            registration = await self._image_state(ref.template_id, credentials)
+            self._registrations[key] = registration
+        logs = registration.unread_logs
+        if logs is None:
+            client, _ = await self._session(credentials)
+            image = modal.Image.from_id(ref.template_id, client=client)
+            logs = await self._build_logs(image, credentials)
+        registration.unread_logs = None if logs is None else ()  # unreadable: next poll
+        return TemplateProgress(registration.state, registration.reason, logs or ())
+
     async def aclose(self) -> None:
         clients, self._clients, self._apps = list(self._clients.values()), OrderedDict(), {}
         for client in clients:
@@ -418,7 +514,7 @@ class ModalAdapter(SandboxAdapter):
         import modal
 
         token_id, secret = _key_of(credentials)
-        key = hashlib.sha256(f"{token_id}\0{secret}".encode()).hexdigest()
+        key = _workspace_of(credentials)
         async with self._lock:
             client = self._clients.get(key)
             try:
@@ -456,6 +552,48 @@ class ModalAdapter(SandboxAdapter):
             return None
         except Exception as exc:
             raise _translate("get", exc, credentials, creating=False) from None
+
+    async def _image_state(self, image_id: str, credentials: Credentials) -> _Registration:
+        """Whether Modal has `image_id` built: loading it (`ImageFromId`) succeeds only
+        then, and a failed or deleted build is not found."""
+        import modal
+        from modal import exception as mx
+
+        if not image_id.startswith("im-"):
+            raise ProviderRejected(f"ext.modal: {image_id!r} is not a Modal image id")
+        client, app = await self._session(credentials)
+        try:
+            await modal.Image.from_id(image_id, client=client).build.aio(app)
+        except mx.NotFoundError as exc:
+            return _Registration("failed", _error_text("image", exc, credentials))
+        except Exception as exc:
+            raise _translate("image", exc, credentials, creating=False) from None
+        return _Registration("ready")
+
+    async def _failed_build(
+        self, definition: modal.Image, exc: Exception, credentials: Credentials
+    ) -> _Registration:
+        """A failed build: Modal's message, and the cause from the last lines of its log."""
+        logs = await self._build_logs(definition, credentials)
+        tail = " | ".join((logs or ())[-_REASON_LOG_LINES:])
+        reason = _error_text("image build", exc, credentials)
+        return _Registration("failed", reason + (f"; build log: {tail}" if tail else ""), logs)
+
+    @staticmethod
+    async def _build_logs(image: modal.Image, credentials: Credentials) -> tuple[str, ...] | None:
+        """The lines of every build step of `image`, or None if Modal cannot tell them
+        now: a registration never fails for want of its logs."""
+        try:
+            entries = [entry async for entry in image.logs.fetch.aio(layers=None)]
+        except Exception as exc:
+            log.warning("%s", _error_text("build logs", exc, credentials))
+            return None
+        return tuple(
+            redact(line, credentials)
+            for entry in entries
+            for line in entry.message.splitlines()
+            if line.strip()
+        )
 
     async def _by_sandbox_id(
         self, sandbox_id: str, credentials: Credentials

@@ -17,7 +17,13 @@ from nats.aio.client import Client as Nats
 from pydantic import ValidationError
 
 from adapters.base import AdapterContext, SandboxAdapter
-from sandboxer.errors import Forbidden, ManifestError, UnknownProfile, validation_problems
+from sandboxer.errors import (
+    Forbidden,
+    ManifestError,
+    NotFound,
+    UnknownProfile,
+    validation_problems,
+)
 from sandboxer.settings import Settings
 from schemas import (
     DEFAULT_OWNER,
@@ -25,6 +31,8 @@ from schemas import (
     ExtensionManifest,
     MeterEvent,
     Profile,
+    TemplateManifest,
+    logical_template,
     meter_event_model,
 )
 
@@ -32,10 +40,14 @@ log = logging.getLogger("adapters.registry")
 
 
 #: The model of each kind of file, by the first word of its name.
-_MODELS: dict[str, type[ExtensionManifest] | type[Profile] | type[ConsumerManifest]] = {
+_MODELS: dict[
+    str,
+    type[ExtensionManifest] | type[Profile] | type[ConsumerManifest] | type[TemplateManifest],
+] = {
     "ext": ExtensionManifest,
     "profile": Profile,
     "consumer": ConsumerManifest,
+    "template": TemplateManifest,
 }
 
 
@@ -81,6 +93,44 @@ def load_adapter_class(manifest: ExtensionManifest, path: Path) -> type[SandboxA
     return cls
 
 
+def _check_templates(
+    directory: Path,
+    templates: dict[str, TemplateManifest],
+    classes: dict[str, type[SandboxAdapter]],
+    profiles: dict[str, Profile],
+) -> None:
+    """A template lists providers that can register images (its Packer file is looked
+    for when it is built: only the template worker needs it); a profile on a logical
+    template names one that exists, at its version, listed on every route (a route the
+    template is never built for could never be taken)."""
+    for template in templates.values():
+        where = directory / f"{template.id}.yaml"
+        for ext in template.providers:
+            cls = classes.get(ext)
+            if cls is None:
+                raise ManifestError(f"{where}: providers: no extension {ext}")
+            if not cls.builds_templates:
+                raise ManifestError(f"{where}: providers: {ext} cannot register templates")
+    for profile in profiles.values():
+        logical = logical_template(profile.template)
+        if logical is None:
+            continue
+        where = directory / f"{profile.id}.yaml"
+        found = templates.get(logical[0])
+        if found is None:
+            raise ManifestError(f"{where}: template: no template.{logical[0]}.yaml")
+        if found.version != logical[1]:
+            raise ManifestError(
+                f"{where}: template: {profile.template}, but template.{found.name} is at "
+                f"version {found.version}"
+            )
+        strays = sorted(set(profile.routes) - set(found.providers))
+        if strays:
+            raise ManifestError(
+                f"{where}: routes: {', '.join(strays)} not in template.{found.name}'s providers"
+            )
+
+
 @dataclass(frozen=True)
 class Registry:
     """Every extension manifest and profile, validated."""
@@ -91,11 +141,15 @@ class Registry:
     #: Upstream consumers by name, and the consumer of each tenant one lists.
     consumers: dict[str, ConsumerManifest] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)
+    #: Logical templates by name, and the Packer file of each.
+    templates: dict[str, TemplateManifest] = field(default_factory=dict)
+    packer_files: dict[str, Path] = field(default_factory=dict)
     _meter_events: dict[str, type[MeterEvent]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, directory: Path) -> Registry:
-        """Read `ext.*.yaml`, `profile.*.yaml` and `consumer.*.yaml` from `directory`."""
+        """Read `ext.*.yaml`, `profile.*.yaml`, `consumer.*.yaml` and `template.*.yaml`
+        from `directory`."""
         if not directory.is_dir():
             raise ManifestError(f"{directory}: extensions directory not found")
         extensions: dict[str, ExtensionManifest] = {}
@@ -103,6 +157,8 @@ class Registry:
         profiles: dict[str, Profile] = {}
         consumers: dict[str, ConsumerManifest] = {}
         owners: dict[str, str] = {}
+        templates: dict[str, TemplateManifest] = {}
+        packer_files: dict[str, Path] = {}
         for path in sorted(directory.glob("*.y*ml")):
             data = _read_yaml(path)
             kind = path.name.partition(".")[0]
@@ -124,6 +180,9 @@ class Registry:
                             "already; a tenant has one consumer at most"
                         )
                     owners[tenant] = item.name
+            elif isinstance(item, TemplateManifest):
+                templates[item.name] = item
+                packer_files[item.name] = (path.parent / item.packer).resolve()
             else:
                 extensions[item.id] = item
                 classes[item.id] = load_adapter_class(item, path)
@@ -136,7 +195,16 @@ class Registry:
                     f"{directory / (consumer.id + '.yaml')}: profiles: no such profile "
                     f"{', '.join(unknown)}"
                 )
-        return cls(extensions, classes, profiles, consumers, owners)
+        _check_templates(directory, templates, classes, profiles)
+        return cls(extensions, classes, profiles, consumers, owners, templates, packer_files)
+
+    def template(self, name: str) -> TemplateManifest:
+        """The logical template `name`, or `NotFound`."""
+        try:
+            return self.templates[name]
+        except KeyError:
+            known = ", ".join(sorted(self.templates)) or "none"
+            raise NotFound(f"no template {name!r} (extensions/template.*.yaml: {known})") from None
 
     def consumer_of(self, tenant: str) -> ConsumerManifest | None:
         """The consumer profile that lists `tenant`, if any."""

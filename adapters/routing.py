@@ -6,7 +6,7 @@ profile that declares ports skips extensions whose sandboxes serve none."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -17,13 +17,16 @@ from schemas import (
     ExtensionManifest,
     Profile,
     SandboxStatus,
+    TemplateRecord,
     TenantLimits,
     byok_path,
+    logical_template,
     utcnow,
 )
 
 if TYPE_CHECKING:  # hvac is imported only where OpenBao is configured
     from adapters.openbao import CredentialResolver, ResolvedKey
+    from sandboxer.catalogue import Catalogue
     from sandboxer.credits import Ledger
 
 log = logging.getLogger("adapters.routing")
@@ -38,6 +41,8 @@ class Route:
     adapter: SandboxAdapter
     key: ResolvedKey | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: The provider's own template id, when the profile names a logical template.
+    template_id: str | None = None
 
     @property
     def credentials(self) -> Credentials:
@@ -73,12 +78,15 @@ class Router:
         manifests: dict[str, ExtensionManifest] | None = None,
         resolver: CredentialResolver | None = None,
         ledger: Ledger | None = None,
+        catalogue: Catalogue | None = None,
     ) -> None:
         self._adapters = adapters
         self._manifests = manifests or {}
         self._resolver = resolver
         #: Where provider accounts' slots are kept (None: account limits unchecked).
         self._ledger = ledger
+        #: Where logical templates' readiness is looked up (None: none is ever ready).
+        self._catalogue = catalogue
 
     def adapter(self, extension_id: str) -> SandboxAdapter:
         """The loaded adapter of `extension_id` (for destroy, which must not re-route)."""
@@ -104,11 +112,13 @@ class Router:
         key = await self._resolver.read(ref.mount, ref.path, ref.keys, "platform")
         return key.credentials if key else None
 
-    async def explain(self, profile: Profile, tenant: str) -> Explanation:
+    async def explain(
+        self, profile: Profile, tenant: str, template: str | None = None
+    ) -> Explanation:
         """Every route of `profile` for `tenant`, with what routing makes of it: the
         chosen one, why others are skipped, what comes after. No key values."""
         try:
-            route = await self.choose(profile, tenant)
+            route = await self.choose(profile, tenant, template=template)
         except NoRoute as exc:
             return Explanation([*exc.skipped, ("-", "no_route: nothing eligible")], None)
         routes = profile.routes_for(tenant)
@@ -119,9 +129,10 @@ class Router:
             else "needs no key"
         )
         pinned = " pinned for this tenant" if tenant in profile.pins else ""
+        made_from = f", template {route.template_id}" if route.template_id else ""
         rows = [
             *route.skipped,
-            (route.extension_id, f"CHOSEN{pinned} ({key})"),
+            (route.extension_id, f"CHOSEN{pinned} ({key}{made_from})"),
             *((ext, "not tried") for ext in routes[chosen_at + 1 :]),
         ]
         return Explanation(rows, route.extension_id)
@@ -132,15 +143,20 @@ class Router:
         tenant: str,
         after: str | None = None,
         sandbox_id: str | None = None,
+        template: str | None = None,
     ) -> Route:
         """The first eligible route (after the extension `after`, when falling back), or
         `NoRoute` listing why each was skipped. With `sandbox_id`, a slot of the route's
         provider account is taken for it (a full account is skipped); without, the
-        account is only looked at (`route explain`).
+        account is only looked at (`route explain`). A logical `template`
+        (`<name>@<version>`, the request's or else the profile's) skips every provider
+        where it is not ready (`template_not_ready`).
 
         OpenBao being unreachable is `ProviderUnavailable` (retried), not a reason to
         skip: where a sandbox is made must not depend on an outage."""
         skipped: list[tuple[str, str]] = []
+        logical = logical_template(template or profile.template)
+        record = await self._template(logical) if logical else None
         routes = profile.routes_for(tenant)
         if after is not None:
             routes = routes[routes.index(after) + 1 :] if after in routes else []
@@ -167,6 +183,14 @@ class Router:
                     )
                     continue
                 route = Route(extension_id, adapter, key, skipped)
+            if logical:
+                not_ready = self._not_ready(logical, record, route)
+                if not_ready:
+                    skipped.append((extension_id, f"template_not_ready: {not_ready}"))
+                    continue
+                route = replace(
+                    route, template_id=record.ready_on(extension_id) if record else None
+                )
             full = await self._account_full(manifest, route, tenant, sandbox_id)
             if full:
                 skipped.append((extension_id, f"account_full: {full}"))
@@ -182,6 +206,26 @@ class Router:
             return route
         reasons = ", ".join(f"{ext}: {why}" for ext, why in skipped)
         raise NoRoute(f"no eligible route in {profile.id} ({reasons})", skipped=skipped)
+
+    async def _template(self, logical: tuple[str, str]) -> TemplateRecord | None:
+        if self._catalogue is None:
+            return None
+        found = await self._catalogue.get(*logical)
+        return found[0] if found else None
+
+    @staticmethod
+    def _not_ready(
+        logical: tuple[str, str], record: TemplateRecord | None, route: Route
+    ) -> str | None:
+        """Why the route cannot use the logical template, or None. Templates are
+        registered with the platform's key: a tenant's own account (BYOK) has none."""
+        if record is None:
+            return f"{'@'.join(logical)} was never built (sandboxer template build)"
+        if route.credentials.source == "byok":
+            return f"{record.reference} is registered on the platform's account, not the tenant's"
+        if record.ready_on(route.extension_id) is None:
+            return record.why_not_ready(route.extension_id)
+        return None
 
     async def _account_full(
         self,

@@ -10,9 +10,10 @@ Latency and failures can be injected through the manifest's `config` or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -28,6 +29,9 @@ from adapters.base import (
     ProviderSandbox,
     SandboxAdapter,
     SandboxSpec,
+    TemplateBuildRef,
+    TemplateImage,
+    TemplateProgress,
     Usage,
 )
 from adapters.shared import metered_usage
@@ -81,6 +85,16 @@ class _Record(BaseModel):
     created_at: datetime
     expires_at: datetime
     terminated_at: datetime | None = None
+    template: str | None = None
+
+
+class _Template(BaseModel):
+    """One registered image, as kept in the stub's bucket (`template.<alias>`)."""
+
+    alias: str
+    image: str
+    digest: str
+    registered_at: datetime
 
 
 def _provider_id(sandbox_id: str) -> str:
@@ -97,6 +111,7 @@ class SaasStubAdapter(SandboxAdapter):
     MeterFields: ClassVar[type[BaseModel]] = StubMeterFields
     env_prefix: ClassVar[str | None] = "SANDBOXER_STUB_"
     can_extend: ClassVar[bool] = True
+    builds_templates: ClassVar[bool] = True
 
     def __init__(self, context: AdapterContext) -> None:
         self.rates = context.rates(StubRates)
@@ -126,6 +141,7 @@ class SaasStubAdapter(SandboxAdapter):
             tags=spec.tags,
             created_at=utcnow(),
             expires_at=spec.expires_at,
+            template=spec.template,
         )
         key = f"sbx.{record.provider_sandbox_id}"
         try:
@@ -214,6 +230,43 @@ class SaasStubAdapter(SandboxAdapter):
             except KeyWrongLastSequenceError:
                 continue  # a concurrent change won; read its result
 
+    async def register_template(
+        self, image: TemplateImage, credentials: Credentials
+    ) -> TemplateBuildRef:
+        """Records the image under its alias (once: a second registration finds it)."""
+        kv = await self._kv()
+        record = _Template(
+            alias=image.alias, image=image.image, digest=image.digest, registered_at=utcnow()
+        )
+        with contextlib.suppress(KeyWrongLastSequenceError):  # registered before
+            await kv.create(f"template.{image.alias}", record.model_dump_json().encode())
+        return TemplateBuildRef(template_id=f"stub-{image.alias}", build_id=image.alias)
+
+    async def template_progress(
+        self, ref: TemplateBuildRef, credentials: Credentials
+    ) -> TemplateProgress:
+        try:
+            entry = await (await self._kv()).get(f"template.{ref.build_id}")
+        except KeyNotFoundError:
+            return TemplateProgress("failed", f"stub: no template {ref.build_id}")
+        recorded = _Template.model_validate_json(entry.value or b"")
+        return TemplateProgress("ready", logs=(f"stub: {recorded.image} registered",))
+
+    async def templates(self) -> list[str]:
+        """The aliases of every image registered (for tests and `sandboxer dev`)."""
+        if self._js is None:
+            return []
+        return [key.removeprefix("template.") async for key, _ in self._entries("template.>")]
+
+    async def _entries(self, keys: str) -> AsyncIterator[tuple[str, bytes]]:
+        assert self._js is not None
+        try:  # a look never creates the cloud
+            await self._js.key_value(STUB_BUCKET)
+        except NotFoundError:
+            return
+        async for key, value in kv_entries(self._js, STUB_BUCKET, keys):
+            yield key, value
+
     def estimate_cost(self, profile: Profile, ttl_s: int) -> Decimal:
         return self.rates.cost(Decimal(ttl_s))
 
@@ -229,12 +282,8 @@ class SaasStubAdapter(SandboxAdapter):
     ) -> list[ProviderSandbox]:
         if self._js is None:
             raise ProviderUnavailable("ext.saas-stub: this process has no NATS connection")
-        try:  # a look never creates the cloud (a CLI's reconcile, say)
-            await self._js.key_value(STUB_BUCKET)
-        except NotFoundError:
-            return []
         found = []
-        async for _key, value in kv_entries(self._js, STUB_BUCKET, "sbx.>"):
+        async for _key, value in self._entries("sbx.>"):
             record = _Record.model_validate_json(value)
             if record.terminated_at is None and tags.items() <= record.tags.items():
                 found.append(self._sandbox(record))

@@ -78,6 +78,7 @@ def route_fields(route: Route, profile: Profile, ttl_s: int) -> dict[str, Any]:
         "credential_source": route.credentials.source,
         "credential_path": route.key.path if route.key else None,
         "credential_version": route.key.version if route.key else None,
+        "template_id": route.template_id,
     }
 
 
@@ -141,7 +142,9 @@ class Claims:
         except TtlOutOfRange as exc:
             raise InvalidRequest(str(exc)) from None
         await self.policies.take_slot(request.tenant, sandbox_id)  # the consumer's, as a whole
-        route = await self._router.choose(profile, request.tenant, sandbox_id=sandbox_id)
+        route = await self._router.choose(
+            profile, request.tenant, sandbox_id=sandbox_id, template=request.template
+        )
         now = utcnow()
         return SandboxStatus(
             sandbox_id=sandbox_id,

@@ -28,6 +28,8 @@ from sandboxer.topology import (
     PROVISION_SUBJECT,
     SCHEDULE_SUBJECT_PREFIX,
     STATUS_SUBJECT_PREFIX,
+    TEMPLATE_BUILD_SUBJECT,
+    TEMPLATE_STATUS_PREFIX,
     USAGE_SUBJECT,
 )
 from schemas import (
@@ -41,6 +43,8 @@ from schemas import (
     MeterEvent,
     ProvisionRequest,
     SandboxStatus,
+    TemplateBuildRequest,
+    TemplateEvent,
     UsageRecord,
     meter_event_model,
 )
@@ -138,6 +142,7 @@ def asyncapi_document(
     ]
     models.append((LedgerEntry, "validation"))
     models.append((LedgerCheckpoint, "validation"))
+    models += [(TemplateBuildRequest, "validation"), (TemplateEvent, "validation")]
     per_extension = {
         ext: meter_event_model(ext, fields) for ext, fields in sorted(meter_fields.items())
     }
@@ -219,6 +224,18 @@ def asyncapi_document(
             ref(LedgerCheckpoint),
             "A tenant's folded journal at one entry: where a cold read starts.",
             _DEDUP,
+        ),
+        "TemplateBuildRequest": _message(
+            "TemplateBuildRequest",
+            ref(TemplateBuildRequest),
+            "Build a logical template with Packer and register it on its providers.",
+            {},
+        ),
+        "TemplateEvent": _message(
+            "TemplateEvent",
+            ref(TemplateEvent),
+            "A step of a template build; the last (`done`) carries the catalogue's record.",
+            {},
         ),
         "DeadLetter": _message(
             "DeadLetter",
@@ -314,6 +331,17 @@ def asyncapi_document(
             ["LedgerCheckpoint"],
             {"tenant": "the tenant (or an account's `~` journal)"},
         ),
+        "templateBuild": _channel(
+            TEMPLATE_BUILD_SUBJECT,
+            "Template builds, from operators only (docs/templates.md).",
+            ["TemplateBuildRequest"],
+        ),
+        "templateStatus": _channel(
+            f"{TEMPLATE_STATUS_PREFIX}.{{name}}",
+            "A template's build progress.",
+            ["TemplateEvent"],
+            {"name": "the logical template"},
+        ),
         "deadLetters": _channel(
             f"{DLQ_SUBJECT_PREFIX}.{{consumer}}",
             "Dead letters, by the consumer that gave up (`sandboxer dlq`).",
@@ -379,6 +407,15 @@ def asyncapi_document(
             "checkpoint",
             "Workers and billing checkpoint every 1,000 entries they fold.",
             ["LedgerCheckpoint"],
+        ),
+        "receiveTemplateBuild": _operation(
+            "receive",
+            "templateBuild",
+            "The template worker builds and registers.",
+            ["TemplateBuildRequest"],
+        ),
+        "sendTemplateStatus": _operation(
+            "send", "templateStatus", "The template worker tells each step.", ["TemplateEvent"]
         ),
         "sendDeadLetter": _operation(
             "send", "deadLetters", "Every consumer keeps what it gives up on.", ["DeadLetter"]

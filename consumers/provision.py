@@ -103,7 +103,8 @@ class Provisioning:
             profile=profile,
             ttl_s=ttl_of(status),
             expires_at=status.expires_at,
-            template=request.template or profile.template,
+            # A logical template is the provider's own id the route resolved.
+            template=status.template_id or request.template or profile.template,
             metadata=request.metadata,
         )
         # Credits are held before the provider is called: a tenant that cannot pay for
@@ -184,7 +185,11 @@ class Provisioning:
         twice."""
         try:
             route = await self._router.choose(
-                profile, request.tenant, after=status.extension_id, sandbox_id=status.sandbox_id
+                profile,
+                request.tenant,
+                after=status.extension_id,
+                sandbox_id=status.sandbox_id,
+                template=request.template,
             )
         except NoRoute:
             raise rejected from None

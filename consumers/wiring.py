@@ -23,6 +23,7 @@ from consumers.policy import Policies
 from consumers.provision import Provisioning
 from consumers.reach import Connecting
 from consumers.reconcile import Reconciler
+from sandboxer.catalogue import Catalogue
 from sandboxer.connect import connection_of
 from sandboxer.credits import Ledger
 from sandboxer.settings import Settings
@@ -55,9 +56,13 @@ async def open_providers(
 
         resolver = CredentialResolver(settings.bao)
         stack.callback(resolver.close)
-    # Provider accounts' slots live in the journal too (docs/policy.md).
-    ledger = Ledger(nats.jetstream(timeout=10.0)) if nats is not None else None
-    return Providers(registry, Router(adapters, registry.extensions, resolver, ledger))
+    # Provider accounts' slots live in the journal too (docs/policy.md); logical
+    # templates' readiness in the catalogue (docs/templates.md).
+    js = nats.jetstream(timeout=10.0) if nats is not None else None
+    ledger = Ledger(js) if js is not None else None
+    catalogue = Catalogue(js, None) if js is not None else None
+    router = Router(adapters, registry.extensions, resolver, ledger, catalogue)
+    return Providers(registry, router)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,9 @@ from sandboxer.topology import (
     STATUS_BUCKET,
     STATUS_SUBJECT_PREFIX,
     STUB_BUCKET,
+    TEMPLATE_BUCKET,
+    TEMPLATE_STATUS_PREFIX,
+    TEMPLATE_STREAM,
     USAGE_SUBJECT,
     destroy_subject,
     extend_subject,
@@ -92,7 +95,8 @@ _SERVICE_API = (
 
 #: The service roles. The worker alone writes statuses, meter events, holds and TTL
 #: schedules; billing alone writes debits and usage records; the exporter alone marks
-#: records exported; only an operator grants credits.
+#: records exported; the template worker alone writes the template catalogue; only an
+#: operator grants credits and asks for template builds.
 ROLES: dict[str, tuple[str, ...]] = {
     "worker": (
         *_SERVICE_API,
@@ -116,6 +120,13 @@ ROLES: dict[str, tuple[str, ...]] = {
         USAGE_SUBJECT,
         _kv(BILLING_BUCKET, "usage.>"),
         _acks(METER_STREAM),
+    ),
+    "templates": (  # builds templates, registers them with the platform's keys
+        *_SERVICE_API,
+        f"{TEMPLATE_STATUS_PREFIX}.*",
+        _kv(TEMPLATE_BUCKET),
+        _kv(STUB_BUCKET, "template.>"),
+        _acks(TEMPLATE_STREAM),
     ),
     "exporter": (
         *_SERVICE_API,

@@ -98,6 +98,13 @@ class NotFound(SandboxerError):
     code = ErrorCode.NOT_FOUND
 
 
+class TemplateFailed(SandboxerError):
+    """A template build cannot finish: Packer is missing or failed, or gave no usable
+    artifact. Provider build failures are recorded per provider, not raised."""
+
+    code = ErrorCode.TEMPLATE_FAILED
+
+
 def error_info(exc: Exception) -> ErrorInfo:
     """What a `failed` status says about `exc`: its code and message, or only the type
     of an unexpected error (its text may carry internals)."""

@@ -27,6 +27,21 @@ def default_extensions_dir() -> Path:
     return here.parent / "extensions"
 
 
+#: What a Packer build may see of the template worker's environment (docs/templates.md):
+#: no OpenBao token, no NATS key, no provider key.
+PACKER_PASSED = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "USER"})
+PACKER_PASSED_PREFIXES = ("PACKER_", "PKR_VAR_")
+
+
+def packer_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of `environ` a Packer build gets."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if name in PACKER_PASSED or name.startswith(PACKER_PASSED_PREFIXES)
+    }
+
+
 def servers_of(url: str) -> list[str]:
     """`nats://a:4222,nats://b:4222` as a list of server URLs."""
     return [part.strip() for part in url.split(",") if part.strip()]
@@ -248,6 +263,14 @@ class Settings:
     reconcile_every_s: float = 300.0
     #: Seconds a claim or an expiry is given before reconciliation acts on it.
     reconcile_grace_s: float = 120.0
+    #: Seconds between a template worker's polls of a provider's template build.
+    template_poll_s: float = 5.0
+    #: Seconds one `packer build` may take, and one provider's build of a template.
+    template_build_timeout_s: float = 3600.0
+    #: The Packer binary the template worker runs (looked for on PATH).
+    packer: str = "packer"
+    #: What Packer's child process gets of this one's environment: no secret of ours.
+    packer_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     #: OpenBao, for provider keys; None: only extensions that need no key can be used.
     bao: BaoSettings | None = None
     #: `SANDBOXER_*` variables as read at start-up, for adapters' config overrides.
@@ -317,6 +340,12 @@ class Settings:
             replicas=env.whole("SANDBOXER_REPLICAS", cls.replicas),
             reconcile_every_s=env.number("SANDBOXER_RECONCILE_EVERY_S", cls.reconcile_every_s),
             reconcile_grace_s=env.number("SANDBOXER_RECONCILE_GRACE_S", cls.reconcile_grace_s),
+            template_poll_s=env.number("SANDBOXER_TEMPLATE_POLL_S", cls.template_poll_s),
+            template_build_timeout_s=env.number(
+                "SANDBOXER_TEMPLATE_BUILD_TIMEOUT_S", cls.template_build_timeout_s
+            ),
+            packer=env.text("SANDBOXER_PACKER") or cls.packer,
+            packer_env=packer_environment(source),
             bao=BaoSettings.from_env(source),
             adapter_env=env.prefixed("SANDBOXER_"),
             fault_inject=env.text("SANDBOXER_FAULT_INJECT") or "",

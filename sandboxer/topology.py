@@ -72,6 +72,14 @@ LEASE_BUCKET = "sandboxer-leases"
 #: Operators' overrides of a tenant's limits, `tenant.<tenant>`, with their history.
 POLICY_BUCKET = "sandboxer-policy"
 POLICY_HISTORY = 64
+#: Template builds (docs/templates.md): requests, and progress events kept beside them.
+TEMPLATE_STREAM = "TEMPLATES"
+TEMPLATE_BUILD_SUBJECT = "template.build"
+TEMPLATE_STATUS_PREFIX = "template.status"
+TEMPLATE_CONSUMER = "templates-build"
+#: The catalogue: one TemplateRecord per `<name>.<version>`, with its history.
+TEMPLATE_BUCKET = "sandboxer-templates"
+TEMPLATE_HISTORY = 16
 BILLING_CONSUMER = "billing-meter"
 EXPORT_CONSUMER = "finhub-export"
 
@@ -141,6 +149,11 @@ def status_subject(owner: str, sandbox_id: str) -> str:
 def status_key(owner: str, sandbox_id: str) -> str:
     """A sandbox's key in the status bucket (republished as its status subject)."""
     return f"{owner}.{sandbox_id}"
+
+
+def template_status_subject(name: str) -> str:
+    """Where a template's build progress is told."""
+    return f"{TEMPLATE_STATUS_PREFIX}.{name}"
 
 
 def meter_subject(extension_id: str) -> str:
@@ -257,6 +270,13 @@ def stream_configs(replicas: int) -> list[StreamConfig]:
             duplicate_window=DAY_S,
         ),
         stream(
+            TEMPLATE_STREAM,
+            [TEMPLATE_BUILD_SUBJECT, f"{TEMPLATE_STATUS_PREFIX}.*"],
+            max_age=EVENTS_MAX_AGE_S,
+            max_msg_size=MAX_EVENT_BYTES,
+            max_bytes=256 * MIB,
+        ),
+        stream(
             ADVISORY_STREAM,
             [f"{MAX_DELIVERIES_ADVISORIES}.>"],
             max_age=REQUESTS_MAX_AGE_S,
@@ -295,7 +315,7 @@ class TopologyMissing(RuntimeError):
 
 def topology_names() -> list[str]:
     """Every stream sandboxer needs, buckets included (`KV_<bucket>`)."""
-    buckets = (STATUS_BUCKET, BILLING_BUCKET, LEASE_BUCKET, POLICY_BUCKET)
+    buckets = (STATUS_BUCKET, BILLING_BUCKET, LEASE_BUCKET, POLICY_BUCKET, TEMPLATE_BUCKET)
     return [c.name for c in stream_configs(1) if c.name] + [f"KV_{b}" for b in buckets]
 
 
@@ -321,6 +341,19 @@ async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
         kv = KeyValueConfig(bucket=bucket, storage=StorageType.FILE, replicas=replicas, ttl=ttl)
         await ensure_bucket(js, kv)
     await ensure_bucket(js, policy_bucket_config(replicas))
+    await ensure_bucket(js, template_bucket_config(replicas))
+
+
+def template_bucket_config(replicas: int) -> KeyValueConfig:
+    """The template catalogue; its history shows how a version got where it is."""
+    return KeyValueConfig(
+        bucket=TEMPLATE_BUCKET,
+        history=TEMPLATE_HISTORY,
+        storage=StorageType.FILE,
+        replicas=replicas,
+        max_value_size=MAX_EVENT_BYTES,
+        direct=True,
+    )
 
 
 def policy_bucket_config(replicas: int) -> KeyValueConfig:

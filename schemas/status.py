@@ -35,6 +35,7 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"
     QUOTA_EXCEEDED = "quota_exceeded"
     POLICY_DENIED = "policy_denied"
+    TEMPLATE_FAILED = "template_failed"
     INTERNAL = "internal"
 
 
@@ -131,6 +132,12 @@ class SandboxStatus(BaseModel):
         default=None, max_length=300, description="OpenBao path of the key used (no value)."
     )
     credential_version: int | None = Field(default=None, ge=1)
+    template_id: str | None = Field(
+        default=None,
+        max_length=256,
+        description="The provider's own template the sandbox is made from, when its profile "
+        "or request names a logical template (`<name>@<version>`, docs/templates.md).",
+    )
     error: ErrorInfo | None = None
     endpoints: list[Endpoint] | None = Field(
         default=None,

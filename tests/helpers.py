@@ -151,19 +151,23 @@ async def wait_for_state(
     return await wait_for_status(client, sandbox_id, lambda s: s.state is state, timeout_s)
 
 
-async def consumer_backlog(js: JetStreamContext, durable: str) -> tuple[int, int]:
+async def consumer_backlog(
+    js: JetStreamContext, durable: str, stream: str = "SANDBOX_REQUESTS"
+) -> tuple[int, int]:
     """(messages not yet delivered, delivered but not acked) of a durable consumer."""
-    info = await js.consumer_info("SANDBOX_REQUESTS", durable)
+    info = await js.consumer_info(stream, durable)
     return info.num_pending or 0, info.num_ack_pending or 0
 
 
-async def wait_until_drained(js: JetStreamContext, durable: str, timeout_s: float = 15.0) -> None:
+async def wait_until_drained(
+    js: JetStreamContext, durable: str, timeout_s: float = 15.0, stream: str = "SANDBOX_REQUESTS"
+) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while asyncio.get_running_loop().time() < deadline:
-        if await consumer_backlog(js, durable) == (0, 0):
+        if await consumer_backlog(js, durable, stream) == (0, 0):
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"{durable} still has {await consumer_backlog(js, durable)}")
+    raise AssertionError(f"{durable} still has {await consumer_backlog(js, durable, stream)}")
 
 
 async def deliveries(js: JetStreamContext, durable: str) -> int:

@@ -6,8 +6,13 @@ from collections.abc import Iterator
 from typing import TypedDict
 
 import pytest
-from e2b import AsyncSandbox, SandboxQuery
+from e2b import AsyncSandbox, AsyncTemplate, BuildException, SandboxQuery
+from e2b.api.client.api.templates import get_templates_template_id
+from e2b.api.client.models import TemplateWithBuilds
+from e2b.api.client_async import get_api_client
+from e2b.connection_config import ConnectionConfig
 from e2b.exceptions import AuthenticationException, RateLimitException
+from e2b.template.logger import LogEntry
 
 from sandboxer.dev.fakes.e2b import FakeE2B, Fault
 
@@ -93,3 +98,89 @@ async def test_sdk_reaches_a_sandbox_through_the_fake_edge(fake: FakeE2B) -> Non
 
     await AsyncSandbox.kill(created.sandbox_id, **opts(fake))
     assert await again.is_running() is False  # the edge answers 502 for a gone sandbox
+
+
+# -- templates -------------------------------------------------------------------------
+
+IMAGE = "registry.example/team/py-app:1.0.0"
+
+
+async def test_sdk_builds_a_template_from_an_image_and_creates_from_it(fake: FakeE2B) -> None:
+    template = (
+        AsyncTemplate()
+        .from_image(IMAGE)
+        .set_start_cmd("python -m http.server 8000", "curl -sf localhost:8000")
+    )
+    assert await AsyncTemplate.exists("py-app", **opts(fake)) is False
+    logs: list[LogEntry] = []
+    info = await AsyncTemplate.build(
+        template, "py-app", cpu_count=4, memory_mb=2048, on_build_logs=logs.append, **opts(fake)
+    )
+    assert len(info.template_id) == 20 and info.tags == ["default"]
+
+    [build] = fake.builds
+    assert (build.build_id, build.status) == (info.build_id, "ready")
+    assert (build.from_image, build.start_cmd) == (IMAGE, "python -m http.server 8000")
+    assert build.ready_cmd == "curl -sf localhost:8000" and build.polls == 2
+    messages = [entry.message for entry in logs]
+    assert f"Requesting base image {IMAGE}" in messages  # the fake's log reached the SDK
+    assert messages.index("Building layers (1/2)") < messages.index("Template is ready")
+    assert len(messages) == len(set(messages))  # each entry once: logsOffset honoured
+
+    assert await AsyncTemplate.exists("py-app", **opts(fake)) is True
+    assert await AsyncTemplate.exists("base", **opts(fake)) is True  # E2B's: a 403
+    for name in ("py-app", info.template_id, f"{fake.team}/py-app"):
+        sandbox = await AsyncSandbox.create(template=name, **opts(fake))
+        detail = await AsyncSandbox.get_info(sandbox.sandbox_id, **opts(fake))
+        assert (detail.template_id, detail.cpu_count, detail.memory_mb) == (
+            info.template_id,
+            4,
+            2048,
+        )
+
+
+async def test_sdk_polls_a_background_build_by_log_offset(fake: FakeE2B) -> None:
+    info = await AsyncTemplate.build_in_background(
+        AsyncTemplate().from_image(IMAGE), "py-app:v1", **opts(fake)
+    )
+    assert info.tags == ["v1"]
+    first = await AsyncTemplate.get_build_status(info, logs_offset=0, **opts(fake))
+    assert first.status.value == "building"
+    assert [e.message for e in first.log_entries][-1] == "Building layers (1/2)"
+    offset = len(first.log_entries)
+    second = await AsyncTemplate.get_build_status(info, logs_offset=offset, **opts(fake))
+    assert second.status.value == "ready"
+    assert [e.message for e in second.log_entries] == ["Template is ready"]
+    assert await AsyncTemplate.exists("py-app:v1", **opts(fake)) is True
+    assert await AsyncTemplate.exists("py-app:v2", **opts(fake)) is False  # no such tag
+
+    # The template's record, as the generated client parses it.
+    client = get_api_client(ConnectionConfig(api_url=fake.url, api_key="e2b_test_key"))
+    answer = await get_templates_template_id.asyncio_detailed(info.template_id, client=client)
+    assert isinstance(answer.parsed, TemplateWithBuilds)
+    assert answer.parsed.aliases == ["py-app"]
+    assert answer.parsed.names == [f"{fake.team}/py-app"]
+    assert [str(b.build_id) for b in answer.parsed.builds] == [info.build_id]
+    assert (answer.parsed.build_id, answer.parsed.cpu_count) == (info.build_id, 2)
+
+
+async def test_sdk_sees_a_failed_build_with_e2b_reason(fake: FakeE2B) -> None:
+    reason = f"failed to pull image {IMAGE}: manifest unknown"
+    fake.failing_images[IMAGE] = reason
+    with pytest.raises(BuildException, match="manifest unknown"):
+        await AsyncTemplate.build(AsyncTemplate().from_image(IMAGE), "py-app", **opts(fake))
+    [build] = fake.builds
+    assert build.status == "error" and build.reason == {"message": reason, "step": "base"}
+    assert "py-app" not in fake.templates  # nothing to create sandboxes from
+    # The alias was claimed by the request all the same, as E2B claims it.
+    assert await AsyncTemplate.exists("py-app", **opts(fake)) is True
+
+
+async def test_sdk_build_requests_are_checked_as_e2b_checks_them(fake: FakeE2B) -> None:
+    with pytest.raises(BuildException, match="CPU count"):
+        await AsyncTemplate.build(
+            AsyncTemplate().from_image(IMAGE), "py-app", cpu_count=3, **opts(fake)
+        )
+    with pytest.raises(BuildException, match="Invalid name"):
+        await AsyncTemplate.build(AsyncTemplate().from_image(IMAGE), "py app", **opts(fake))
+    assert fake.builds == []

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import modal
 import pytest
 from grpclib import Status
-from modal.exception import AlreadyExistsError, AuthError, ResourceExhaustedError
+from modal.exception import (
+    AlreadyExistsError,
+    AuthError,
+    ImageBuildError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 
 from sandboxer.dev.fakes.modal import FakeModal
 
@@ -122,3 +129,69 @@ async def test_client_reaches_ports_through_tunnels_and_connect_tokens(
     await made.terminate.aio()
     async with httpx.AsyncClient() as http:
         assert (await http.get(credentials.url, headers=bearer)).status_code == 401
+
+
+async def test_client_builds_a_registry_image_once_and_streams_its_log(
+    fake: FakeModal, client: modal.Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`Image.from_registry(...).build()`: ImageGetOrCreate, then ImageJoinStreaming in
+    several rounds, each resumed from `last_entry_id` (every line printed once); the
+    same definition again, even twice at once, is the same image and no new build."""
+    fake.state.join_round_s = 0.05  # rounds end before the 0.2 s build does
+    app = await modal.App.lookup.aio("sandboxer", create_if_missing=True, client=client)
+    image = modal.Image.from_registry("ghcr.io/acme/tool:1.0")
+    with modal.enable_output():
+        await image.build.aio(app)
+    printed = capsys.readouterr().out
+    [build] = fake.state.builds_of("ghcr.io/acme/tool:1.0")
+    assert image.object_id == build.image_id and len(image.object_id) == 25  # im- + 22
+    assert list(build.definition.dockerfile_commands) == ["FROM ghcr.io/acme/tool:1.0"]
+    assert fake.state.calls["ImageJoinStreaming"] >= 2
+    lines = [line.data.strip() for line in build.logs]
+    assert lines[-1] == f"Finished image build for {image.object_id}"
+    assert all(printed.count(line) == 1 for line in lines), printed
+
+    joins = fake.state.calls["ImageJoinStreaming"]
+    again = modal.Image.from_registry("ghcr.io/acme/tool:1.0")
+    await again.build.aio(app)
+    assert again.object_id == image.object_id  # built already: no join, no build
+    assert fake.state.calls["ImageJoinStreaming"] == joins
+    first, second = (
+        modal.Image.from_registry("ghcr.io/acme/x:2"),
+        modal.Image.from_registry("ghcr.io/acme/x:2"),
+    )
+    await asyncio.gather(first.build.aio(app), second.build.aio(app))
+    assert first.object_id == second.object_id  # the second joined the first's build
+    assert len(fake.state.builds_of("ghcr.io/acme/x:2")) == 1 and len(fake.state.images) == 2
+
+    loaded = modal.Image.from_id(image.object_id, client=client)
+    fetched = [entry.message async for entry in loaded.logs.fetch.aio(layers=None)]
+    assert fetched == [line.data for line in build.logs]
+    sandbox = await modal.Sandbox.create.aio(app=app, image=loaded, client=client)
+    assert fake.state.sandboxes[sandbox.object_id].definition.image_id == image.object_id
+
+
+async def test_client_sees_a_failed_pull_in_the_build_log(
+    fake: FakeModal, client: modal.Client
+) -> None:
+    """A reference that cannot be pulled: ImageBuildError with Modal's message (the
+    result has no exception text; the log has the cause), an image nothing can use,
+    and a new build when asked again (Modal keeps no failed build)."""
+    app = await modal.App.lookup.aio("sandboxer", create_if_missing=True, client=client)
+    image = modal.Image.from_registry("ghcr.io/acme/fail:1")
+    with pytest.raises(ImageBuildError) as raised:
+        await image.build.aio(app)
+    failed = raised.value.image_id
+    assert str(raised.value) == (
+        f"Image build for {failed} failed.\nView the build logs:\n  modal image logs {failed}"
+    )
+    fetched = [entry.message async for entry in image.logs.fetch.aio(layers=None)]
+    assert "Error: reading manifest of ghcr.io/acme/fail:1: manifest unknown\n" in fetched
+    with pytest.raises(NotFoundError):
+        await modal.Sandbox.create.aio(
+            app=app, image=modal.Image.from_id(failed, client=client), client=client
+        )
+    with pytest.raises(ImageBuildError) as again:
+        await modal.Image.from_registry("ghcr.io/acme/fail:1").build.aio(app)
+    assert again.value.image_id != failed
+    assert len(fake.state.builds_of("ghcr.io/acme/fail:1")) == 2 and fake.state.sandboxes == {}

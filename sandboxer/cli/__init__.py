@@ -1,7 +1,8 @@
 """`sandboxer`: run the service, and talk to it. The commands are grouped by who uses
 them: `service.py` (worker, billing, dev), `sandboxes.py` (provision, destroy,
 status, ls, extensions, profiles, schemas), `money.py` (credits, fin-hub), `policy.py`
-(usage, policy) and `operations.py` (replay, reconcile, dead letters, route explain).
+(usage, policy), `templates.py` (template build, ls, show) and `operations.py` (replay,
+reconcile, dead letters, route explain).
 
 Exit codes: 0 success; 1 the operation failed; 2 the command line is wrong. Either
 way one line on stderr says why.
@@ -13,10 +14,19 @@ import typer
 from typer._click.exceptions import ClickException, UsageError  # typer vendors click
 from typer.main import get_command
 
-from sandboxer.cli import money, operations, policy, sandboxes, service
+from sandboxer.cli import money, operations, policy, sandboxes, service, templates
 from sandboxer.cli._common import app
 
-__all__ = ["app", "main", "money", "operations", "policy", "sandboxes", "service"]
+__all__ = [
+    "app",
+    "main",
+    "money",
+    "operations",
+    "policy",
+    "sandboxes",
+    "service",
+    "templates",
+]
 
 
 def main() -> None:

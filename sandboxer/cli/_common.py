@@ -48,6 +48,10 @@ policy_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(policy_app, name="policy")
+template_app = typer.Typer(
+    help="Logical templates: Packer builds registered on every provider.", no_args_is_help=True
+)
+app.add_typer(template_app, name="template")
 security_app = typer.Typer(
     help="Identities and permissions on NATS (docs/security.md).", no_args_is_help=True
 )
@@ -126,6 +130,8 @@ def print_status(status: SandboxStatus, as_json: bool) -> None:
         line += f"  {status.extension_id}"
     if status.provider_sandbox_id:
         line += f"  provider_id={status.provider_sandbox_id}"
+    if status.template_id:
+        line += f"  template={status.template_id}"
     if status.expires_at and status.state is SandboxState.READY:
         line += f"  expires_at={status.expires_at.isoformat()}"
     if status.actual_usd is not None:

@@ -1,5 +1,5 @@
-"""Commands that run the service: `worker`, `billing`, and `dev` (both on an embedded
-nats-server, for local use)."""
+"""Commands that run the service: `worker`, `billing`, `export`, `templates`, and `dev`
+(worker, billing and the template worker on an embedded nats-server, for local use)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,15 @@ def billing(log_level: LogLevelOpt = "INFO") -> None:
     from consumers.billing import run_billing
 
     _serve(run_billing, log_level)
+
+
+@app.command()
+def templates(log_level: LogLevelOpt = "INFO") -> None:
+    """Run a template worker (Packer builds, provider registrations) until SIGTERM; it
+    needs `packer` on PATH (docs/templates.md)."""
+    from consumers.templates import run_template_worker
+
+    _serve(run_template_worker, log_level)
 
 
 @app.command()
@@ -168,6 +177,7 @@ def dev(
         f"  {env}.venv/bin/sandboxer credits balance demo\n"
         f"  {env}.venv/bin/sandboxer credits ledger demo\n"
         f"  {env}.venv/bin/sandboxer route explain --tenant demo --profile {profile}\n"
+        f"  {env}.venv/bin/sandboxer template build python-web\n"
         f"  {env}.venv/bin/sandboxer reconcile --dry-run{only}\n"
         f"Ctrl-C stops the worker and the server.",
         err=True,
@@ -210,21 +220,31 @@ def _identities(current: Settings, directory: Path) -> dict[str, Settings]:
             current,
             nats_auth=NatsAuth.from_env(read_env_file(directory / f"{role}.env")),
         )
-        for role in ("worker", "billing", "operator")
+        for role in ("worker", "billing", "templates", "operator")
     }
 
 
 async def _dev_services(current: Settings, identities: dict[str, Settings] | None) -> None:
-    """Worker and billing in one process (each as its own identity in secure mode), and
-    credits for the demo tenant (granted as the operator)."""
+    """Worker, billing and the template worker in one process (each as its own identity
+    in secure mode), and credits for the demo tenant (granted as the operator)."""
     from consumers.billing import run_billing
+    from consumers.templates import run_template_worker
     from consumers.worker import run_worker
 
-    who = identities or {"worker": current, "billing": current, "operator": current}
+    who = identities or {
+        "worker": current,
+        "billing": current,
+        "templates": current,
+        "operator": current,
+    }
     operator = who["operator"]
     async with Client(operator.nats_url, auth=operator.nats_auth) as client:
         await ensure_topology(client.js, replicas=current.replicas)
         if await Ledger(client.js).grant("demo", DEMO_CREDITS, "dev-welcome", "sandboxer dev"):
             logging.getLogger("sandboxer.dev").info("granted %s USD to tenant demo", DEMO_CREDITS)
     stop = asyncio.Event()
-    await asyncio.gather(run_worker(who["worker"], stop), run_billing(who["billing"], stop))
+    await asyncio.gather(
+        run_worker(who["worker"], stop),
+        run_billing(who["billing"], stop),
+        run_template_worker(who["templates"], stop),
+    )

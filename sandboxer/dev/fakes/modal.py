@@ -9,6 +9,18 @@ deduplicated by the client's `x-idempotency-key`, sandboxes that stop at their
 `timeout_secs`, list paging by `before_timestamp`. Faults can be injected per RPC:
 `fail_next[rpc]` (gRPC errors, raised in order) and `latency_s[rpc]`.
 
+Images are built as Modal builds them (docs/research/modal-client.md §2b):
+`ImageGetOrCreate` answers an `im-` id for an image definition and starts its build, or
+returns the build of an identical definition (under way: the client joins it; done: its
+result, no build); `ImageJoinStreaming` streams the build's log lines from the client's
+`last_entry_id`, then its result, in rounds of at most `join_round_s`. A build takes
+`build_s`; one whose `FROM` reference contains a word of `unpullable` ("fail") fails the
+way a missing registry image does (the reason is in the logs; the result carries no
+exception), and is built again when asked for again. `ImageFromId` knows what was built
+(and takes ids it never saw for images built before it started), and the build logs are
+read back as `image.logs.fetch()` reads them (`ImageBuildChainGet`, `AppCountLogs`,
+`AppFetchLogs`). `builds_of(reference)` is what a test counts.
+
 Sandboxes are reachable too: `tunnels()` answers, for each port the create opened, a
 loopback server of that sandbox's port (its TCP tunnel too, for `unencrypted_ports`);
 `create_connect_token()` mints a token that the fake's connect proxy (`url` of the
@@ -24,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import secrets
 import string
@@ -83,6 +96,35 @@ class FakeSandbox:
 
 
 @dataclass
+class FakeImage:
+    """One image definition and its build: the log lines so far, then its result."""
+
+    image_id: str
+    definition: Any  # api_pb2.Image
+    builder_version: str
+    #: The app and task the build ran as (where its logs are kept).
+    builder_app_id: str
+    builder_task_id: str
+    started_at: float
+    logs: list[Any] = field(default_factory=list)  # api_pb2.TaskLogs; entry id: index + 1
+    result: Any = None  # api_pb2.GenericResult once the build ended
+    finished_at: float | None = None
+
+    @property
+    def reference(self) -> str:
+        """What its first line pulls (`FROM <reference>`; a base image's tag for a layer)."""
+        return str(self.definition.dockerfile_commands[0]).removeprefix("FROM ").strip()
+
+    @property
+    def built(self) -> bool:
+        return self.result is not None and self.result.status == _GS.GENERIC_STATUS_SUCCESS
+
+    @property
+    def failed(self) -> bool:
+        return self.result is not None and not self.built
+
+
+@dataclass
 class FakeModalState:
     """What the fake knows, readable (and faults settable) from tests."""
 
@@ -101,6 +143,21 @@ class FakeModalState:
     #: The loopback server of each opened (sandbox id, port).
     port_servers: dict[tuple[str, int], LoopbackHTTP] = field(default_factory=dict)
     proxy_url: str = ""
+    #: Every build, by image id; a definition asked for again is not built again.
+    images: dict[str, FakeImage] = field(default_factory=dict)
+    #: The image id of each definition (its serialized `api_pb2.Image`, builder version).
+    image_definitions: dict[tuple[bytes, str], str] = field(default_factory=dict)
+    #: How long a build runs; its log lines are spread over it.
+    build_s: float = 0.2
+    #: A build whose `FROM` reference contains one of these fails to pull it.
+    unpullable: set[str] = field(default_factory=lambda: {"fail"})
+    #: The longest one `ImageJoinStreaming` is held (Modal: the request's `timeout`, 55 s);
+    #: then it ends without a result and the client joins again from its `last_entry_id`.
+    join_round_s: float = 55.0
+
+    def builds_of(self, reference: str) -> list[FakeImage]:
+        """The builds of images pulled from `reference`, oldest first."""
+        return [image for image in self.images.values() if image.reference == reference]
 
     def alive(self) -> list[FakeSandbox]:
         return [s for s in self.sandboxes.values() if s.running]
@@ -114,6 +171,8 @@ class _Servicer(ModalClientBase):
     def __init__(self, state: FakeModalState) -> None:
         self.state = state
         self._changed = asyncio.Event()
+        self._images_changed = asyncio.Event()
+        self._builds: set[asyncio.Task[None]] = set()
 
     async def _recv(self, name: str, stream: Stream[Any, Any]) -> Any:
         request = await stream.recv_message()
@@ -178,17 +237,187 @@ class _Servicer(ModalClientBase):
         )
 
     async def ImageGetOrCreate(self, stream: Stream[Any, Any]) -> None:
-        await self._recv("ImageGetOrCreate", stream)
-        built = api_pb2.GenericResult(status=_GS.GENERIC_STATUS_SUCCESS)  # no build stream
-        await stream.send_message(
-            api_pb2.ImageGetOrCreateResponse(image_id=_id("im"), result=built)
-        )
+        request = await self._recv("ImageGetOrCreate", stream)
+        commands = request.image.dockerfile_commands
+        if not request.app_id:
+            raise GRPCError(Status.INVALID_ARGUMENT, "app_id required")
+        if not commands or not commands[0].startswith("FROM "):
+            raise GRPCError(Status.INVALID_ARGUMENT, "An image definition starts with FROM")
+        for base in request.image.base_images:
+            known = self.state.images.get(base.image_id)
+            if known is not None and not known.built:
+                raise GRPCError(Status.FAILED_PRECONDITION, f"Image {base.image_id} is not built")
+        key = (request.image.SerializeToString(deterministic=True), request.builder_version)
+        image = self.state.images.get(self.state.image_definitions.get(key, ""))
+        # An identical definition reuses its build, under way or done; a failed one is
+        # built again.
+        if image is None or request.force_build or image.failed:
+            image = self._start_build(request, key)
+        response = api_pb2.ImageGetOrCreateResponse(image_id=image.image_id)
+        if image.built:  # the client joins no build
+            response.result.CopyFrom(image.result)
+            response.metadata.CopyFrom(self._image_metadata(image))
+        await stream.send_message(response)
+
+    async def ImageJoinStreaming(self, stream: Stream[Any, Any]) -> None:
+        request = await self._recv("ImageJoinStreaming", stream)
+        image = self._image(request.image_id)
+        sent = int(request.last_entry_id or 0)
+        if image.result is not None and not request.include_logs_for_finished:
+            sent = len(image.logs)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(request.timeout or 55.0, self.state.join_round_s)
+        while True:
+            changed = self._images_changed  # before looking: a change after it wakes us
+            if len(image.logs) > sent:
+                lines, sent = image.logs[sent:], len(image.logs)
+                await stream.send_message(
+                    api_pb2.ImageJoinStreamingResponse(task_logs=lines, entry_id=str(sent))
+                )
+            if image.result is not None:
+                await stream.send_message(
+                    api_pb2.ImageJoinStreamingResponse(
+                        result=image.result, metadata=self._image_metadata(image), eof=True
+                    )
+                )
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return  # a round without a result: the client joins again
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=remaining)
 
     async def ImageFromId(self, stream: Stream[Any, Any]) -> None:
         request = await self._recv("ImageFromId", stream)
-        if not request.image_id.startswith("im-"):
+        image = self.state.images.get(request.image_id)
+        if not request.image_id.startswith("im-") or (image is not None and not image.built):
             raise GRPCError(Status.NOT_FOUND, f"Image {request.image_id} not found")
-        await stream.send_message(api_pb2.ImageFromIdResponse(image_id=request.image_id))
+        metadata = self._image_metadata(image) if image else api_pb2.ImageMetadata()
+        await stream.send_message(
+            api_pb2.ImageFromIdResponse(image_id=request.image_id, metadata=metadata)
+        )
+
+    async def ImageBuildChainGet(self, stream: Stream[Any, Any]) -> None:
+        request = await self._recv("ImageBuildChainGet", stream)
+        chain = self._build_chain(self._image(request.image_id))
+        await stream.send_message(api_pb2.ImageBuildChainGetResponse(build_steps=chain))
+
+    async def AppCountLogs(self, stream: Stream[Any, Any]) -> None:
+        request = await self._recv("AppCountLogs", stream)
+        width = max(request.bucket_secs, 1)
+        counts: dict[int, Counter[str]] = {}
+        for _, line in self._app_logs(request):
+            start = int(line.timestamp // width) * width  # buckets align to the epoch
+            counts.setdefault(start, Counter())[_SOURCES.get(line.file_descriptor, "system")] += 1
+        buckets = []
+        for start, count in sorted(counts.items()):
+            bucket = api_pb2.AppCountLogsResponse.LogBucket(
+                stdout_logs=count["stdout"],
+                stderr_logs=count["stderr"],
+                system_logs=count["system"],
+            )
+            bucket.bucket_start_at.FromSeconds(start)
+            buckets.append(bucket)
+        await stream.send_message(
+            api_pb2.AppCountLogsResponse(app_id=request.app_id, buckets=buckets)
+        )
+
+    async def AppFetchLogs(self, stream: Stream[Any, Any]) -> None:
+        request = await self._recv("AppFetchLogs", stream)
+        batches: dict[str, Any] = {}
+        for image, line in self._app_logs(request)[: request.limit or None]:
+            batch = batches.setdefault(
+                image.image_id,
+                api_pb2.TaskLogsBatch(task_id=image.builder_task_id, image_id=image.image_id),
+            )
+            batch.items.append(line)
+        await stream.send_message(api_pb2.AppFetchLogsResponse(batches=list(batches.values())))
+
+    def _image(self, image_id: str) -> FakeImage:
+        image = self.state.images.get(image_id)
+        if image is None:
+            raise GRPCError(Status.NOT_FOUND, f"Image {image_id} not found")
+        return image
+
+    @staticmethod
+    def _image_metadata(image: FakeImage) -> Any:
+        return api_pb2.ImageMetadata(image_builder_version=image.builder_version, workdir="/")
+
+    def _start_build(self, request: Any, key: tuple[bytes, str]) -> FakeImage:
+        image = FakeImage(
+            image_id=_id("im"),
+            definition=request.image,
+            builder_version=request.builder_version,
+            builder_app_id=_id("ap"),
+            builder_task_id=_id("ta"),
+            started_at=time.time(),
+        )
+        self.state.images[image.image_id] = image
+        self.state.image_definitions[key] = image.image_id
+        task = asyncio.get_running_loop().create_task(self._build(image))
+        self._builds.add(task)
+        task.add_done_callback(self._builds.discard)
+        return image
+
+    async def _build(self, image: FakeImage) -> None:
+        """Log the build's lines over `build_s`, then set its result."""
+        fails = not image.definition.base_images and any(
+            word in image.reference for word in self.state.unpullable
+        )
+        lines = _build_log(image, fails)
+        for source, data in lines:
+            await asyncio.sleep(self.state.build_s / len(lines))
+            now = time.time_ns()
+            image.logs.append(
+                api_pb2.TaskLogs(
+                    data=data, file_descriptor=source, timestamp=now / 1e9, timestamp_ns=now
+                )
+            )
+            self._notify_images()
+        # After its last line (log reads take the build's span, its end excluded); a
+        # failed pull's result carries no exception: Modal fills it for a function step.
+        image.finished_at = max(time.time(), image.logs[-1].timestamp + 1e-3)
+        status = _GS.GENERIC_STATUS_FAILURE if fails else _GS.GENERIC_STATUS_SUCCESS
+        image.result = api_pb2.GenericResult(status=status)
+        self._notify_images()
+
+    def _notify_images(self) -> None:
+        self._images_changed.set()
+        self._images_changed = asyncio.Event()
+
+    def cancel_builds(self) -> None:
+        for task in list(self._builds):
+            task.cancel()
+
+    def _build_chain(self, image: FakeImage) -> list[Any]:
+        """The build steps that made `image`, its base images' first."""
+        steps = [
+            step
+            for base in image.definition.base_images
+            if base.image_id in self.state.images
+            for step in self._build_chain(self.state.images[base.image_id])
+        ]
+        step = api_pb2.ImageBuildStep(
+            image_id=image.image_id,
+            builder_app_id=image.builder_app_id,
+            builder_task_id=image.builder_task_id,
+        )
+        step.started_at.FromNanoseconds(int(image.started_at * 1e9))
+        step.finished_at.FromNanoseconds(int((image.finished_at or time.time()) * 1e9))
+        return [*steps, step]
+
+    def _app_logs(self, request: Any) -> list[tuple[FakeImage, Any]]:
+        """The build log lines of app `request.app_id` (a builder's), of its task
+        `request.task_id` if one is named, from `request.since` up to `request.until`."""
+        since, until = request.since.ToNanoseconds() / 1e9, request.until.ToNanoseconds() / 1e9
+        return [
+            (image, line)
+            for image in self.state.images.values()
+            if image.builder_app_id == request.app_id
+            and request.task_id in ("", image.builder_task_id)
+            for line in image.logs
+            if since <= line.timestamp < until
+        ]
 
     async def AuthTokenGet(self, stream: Stream[Any, Any]) -> None:
         await self._recv("AuthTokenGet", stream)
@@ -392,6 +621,45 @@ class _Servicer(ModalClientBase):
         await stream.send_message(api_pb2.ClientHelloResponse())
 
 
+_STDOUT, _STDERR, _INFO = (
+    api_pb2.FILE_DESCRIPTOR_STDOUT,
+    api_pb2.FILE_DESCRIPTOR_STDERR,
+    api_pb2.FILE_DESCRIPTOR_INFO,
+)
+#: How `modal image logs` names a line's file descriptor (the counts of `AppCountLogs`).
+_SOURCES = {_STDOUT: "stdout", _STDERR: "stderr", _INFO: "system"}
+
+
+def _build_log(image: FakeImage, fails: bool) -> list[tuple[api_pb2.FileDescriptor.ValueType, str]]:
+    """The lines of a build, as Modal's builder prints them: each Dockerfile step, the
+    registry pull of a `FROM` that is not a base image, the snapshot."""
+    commands = list(image.definition.dockerfile_commands)
+    lines = [
+        (_INFO, f"Building image {image.image_id}\n"),
+        (_STDOUT, f"\n=> Step 0: {commands[0]}\n"),
+    ]
+    if not image.definition.base_images:
+        reference = image.reference
+        if fails:
+            return [
+                *lines,
+                (_STDERR, f"Error: reading manifest of {reference}: manifest unknown\n"),
+                (_INFO, f"Terminating task due to error: failed to pull {reference}\n"),
+            ]
+        blob = hashlib.sha256(reference.encode()).hexdigest()
+        lines += [
+            (_STDOUT, "Getting image source signatures\n"),
+            (_STDOUT, f"Copying blob sha256:{blob}\n"),
+            (_STDOUT, "Writing manifest to image destination\n"),
+        ]
+    lines += [(_STDOUT, f"=> Step {n}: {command}\n") for n, command in enumerate(commands[1:], 1)]
+    return [
+        *lines,
+        (_INFO, "Creating image snapshot...\n"),
+        (_INFO, f"Finished image build for {image.image_id}\n"),
+    ]
+
+
 #: The GPU types Modal offers (what `gpu=` accepts; others are INVALID_ARGUMENT).
 GPU_TYPES = frozenset(
     {"T4", "L4", "A10G", "A10", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H200", "B200"}
@@ -464,6 +732,7 @@ class FakeModal:
             target=self._loop.run_forever, daemon=True, name="fake-modal"
         )
         self._server: Server | None = None
+        self._servicer: _Servicer | None = None
         self.port = 0
 
     @property
@@ -479,12 +748,15 @@ class FakeModal:
 
     async def _start(self) -> int:
         servicer = _Servicer(self.state)  # type: ignore[abstract]  # filled in above
+        self._servicer = servicer
         self._server = Server([servicer], status_details_codec=custom_detail_codec)
         await self._server.start("127.0.0.1", 0)
         listening: Any = self._server._server
         return int(listening.sockets[0].getsockname()[1])
 
     async def _stop(self) -> None:
+        if self._servicer is not None:
+            self._servicer.cancel_builds()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
