@@ -34,7 +34,7 @@ from contextlib import ExitStack, contextmanager
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nats
 from nats.js import JetStreamContext
@@ -76,6 +76,35 @@ def worker_process(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def sampling(pid: int, out: Path) -> Iterator[None]:
+    """py-spy samples `pid` (Python and native frames, when busy) into `out` while the
+    block runs."""
+    spy = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "500",
+            "--format",
+            "raw",
+            "--idle",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # attached
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(60)
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -417,9 +446,17 @@ async def bench_fairness(url: str, log: Path, backlog: int, asks: int) -> list[f
 
 
 async def run_provisions(
-    url: str, log: Path, n: int, tenant: str, tenants: int = TENANT_SPREAD, **env: str
+    url: str,
+    log: Path,
+    n: int,
+    tenant: str,
+    tenants: int = TENANT_SPREAD,
+    *,
+    profile: Path | None = None,
+    **env: str,
 ) -> tuple[float, ReadyCounter, float]:
-    """Provision `n` sandboxes with one worker; (elapsed s, counter, worker peak RSS)."""
+    """Provision `n` sandboxes with one worker; (elapsed s, counter, worker peak RSS).
+    With `profile`, py-spy samples the worker meanwhile into that file (raw stacks)."""
     nc = await nats.connect(url)
     js = nc.jetstream(timeout=30)
     counter = ReadyCounter()
@@ -428,10 +465,12 @@ async def run_provisions(
     with worker_process(url, log, **env) as proc:
         await wait_consumers(js)
         sub = await nc.subscribe("sandbox.status.>", cb=counter.on_status)
-        # Timed from the first status seen to the last `ready`, so publishing and
-        # worker start-up are not counted.
-        await publish_all(js, payloads)
-        await asyncio.wait_for(counter.done.wait(), timeout=600)
+        spy = sampling(proc.pid, profile) if profile else contextlib.nullcontext()
+        with spy:
+            # Timed from the first status seen to the last `ready`, so publishing and
+            # worker start-up are not counted.
+            await publish_all(js, payloads)
+            await asyncio.wait_for(counter.done.wait(), timeout=600)
         rss = peak_rss_mib(proc.pid)
         await sub.unsubscribe()
     await nc.close()
@@ -580,7 +619,7 @@ async def bench_observed(
                         "obs",
                         TENANT_SPREAD,
                         SANDBOXER_STUB_LATENCY_S="0",
-                        **env,
+                        **cast(dict[str, Any], env),
                     )
                     stop.set()
                     scraped = await scraping
@@ -687,6 +726,77 @@ async def figure_h(
         print(f"    {line}", flush=True)
 
 
+#: Where a sampled frame's file lives, most specific first: the layer it is counted in.
+LAYERS = (
+    ("the event loop (uvloop, C)", ("Runner.run (asyncio/runners.py", "uvloop", "Loop.")),
+    ("FastStream", ("(faststream/", "(fast_depends/", "(anyio/")),
+    ("nats-py", ("(nats/",)),
+    ("pydantic", ("(pydantic", "pydantic_core", "pydantic-core")),
+    ("asyncio", ("(asyncio/",)),
+    ("json", ("(json/", "_json")),
+    ("sandboxer", ("(consumers/", "(adapters/", "(sandboxer/", "(schemas/")),
+)
+#: Frames of our modules that py-spy names by file alone.
+OURS = (
+    "provision.py",
+    "delivery.py",
+    "claims.py",
+    "metering.py",
+    "lifecycle.py",
+    "app.py",
+    "statuses.py",
+    "credits.py",
+    "policy.py",
+    "saas_stub.py",
+    "routing.py",
+    "observe.py",
+)
+#: Our steps of a provision, by the function that does each (inclusive time).
+STEPS = (
+    ("claim (status KV create)", "Claims.claim ("),
+    ("credit hold", "Ledger.hold ("),
+    ("TTL schedule", "Expiry.schedule ("),
+    ("stub create", "SaasStubAdapter.provision ("),
+    ("meter event + ready status", "Metering.mark_ready ("),
+    ("ack", "_FastStreamDelivery.ack ("),
+    ("the handler (all of the above)", "Provisioning.on_provision ("),
+)
+
+
+def profile_report(raw: Path) -> str:
+    """Where the worker's CPU went: self time by layer, and inclusive time of each step
+    of a provision, as shares of the samples that were not idle."""
+    by_layer: dict[str, int] = {}
+    by_step: dict[str, int] = {}
+    busy = idle = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        leaf = frames[-1]
+        if "epoll_wait" in leaf:
+            idle += count
+            continue
+        busy += count
+        layer = next(
+            (name for name, marks in LAYERS if any(m in leaf for m in marks)),
+            "sandboxer" if any(f"({f}:" in leaf for f in OURS) else "other (stdlib, C)",
+        )
+        by_layer[layer] = by_layer.get(layer, 0) + count
+        for name, mark in STEPS:
+            if any(mark in frame for frame in frames):
+                by_step[name] = by_step.get(name, 0) + count
+    lines = [f"worker samples: {busy:,} busy, {idle:,} idle", "self time by layer:"]
+    for name, count in sorted(by_layer.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {count / busy:6.1%}  {name}")
+    lines.append("inclusive time of each step:")
+    for name, _ in STEPS:
+        lines.append(f"  {by_step.get(name, 0) / busy:6.1%}  {name}")
+    return "\n".join(lines)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -719,6 +829,23 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     0.5,
                 )
                 print(f"(i) p50 {checked * 1000:.2f} ms with limits, {plain * 1000:.2f} without")
+            return results
+        if args.only == "b":
+            with EmbeddedNats(Path(tmp) / "nats-b") as server:
+                await fund(server.url)
+                raw = await bench_raw(server.url, args.raw_messages)
+                elapsed, _, _ = await run_provisions(
+                    server.url,
+                    log,
+                    args.pipeline_messages,
+                    "pipe",
+                    profile=args.profile,
+                    SANDBOXER_STUB_LATENCY_S="0",
+                )
+            rate = args.pipeline_messages / elapsed
+            print(f"(a) {raw:,.0f} msg/s; (b) {rate:,.0f}/s = {rate / raw:.3f} x (a)")
+            if args.profile:
+                print(profile_report(args.profile))
             return results
         if args.only == "j":
             with EmbeddedNats(Path(tmp) / "nats-j") as server:
@@ -936,10 +1063,15 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument(
         "--only",
-        choices=["h", "k", "gi", "e", "j"],
+        choices=["b", "h", "k", "gi", "e", "j"],
         help="measure one figure alone (printed, not written): h at --rate for its (d)",
     )
     parser.add_argument("--rate", type=float, default=500.0)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="with --only b: py-spy the worker into this file and print where the time goes",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of (h), on fresh servers")
     arguments = parser.parse_args()
     figures = asyncio.run(main(arguments))

@@ -267,8 +267,10 @@ def build_broker(
             durable=subscription.durable,
             pull_sub=PullSub(batch_size=min(settings.max_in_flight, 128), timeout=1.0),
             config=consumer_config(subscription, settings),
-            # FastStream's handlers only wait for a slot in `in_flight`; a few suffice.
-            max_workers=min(settings.max_in_flight, 64),
+            # FastStream's handler only starts a task in `in_flight` (or queues it), so
+            # one at a time suffices: FastStream's concurrent mode spawns an anyio task
+            # per message besides ours, which halved (b) (docs/architecture.md).
+            max_workers=1,
             ack_policy=AckPolicy.MANUAL,
             decoder=_message_itself,
             inbox_prefix=f"{inbox}.".encode(),  # nats-py adds no dot here

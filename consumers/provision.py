@@ -10,6 +10,7 @@ change it announces (`consumers/metering.py`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from decimal import Decimal
 from functools import partial
@@ -107,12 +108,17 @@ class Provisioning:
             template=status.template_id or request.template or profile.template,
             metadata=request.metadata,
         )
-        # Credits are held before the provider is called: a tenant that cannot pay for
-        # the whole TTL gets `insufficient_credits` and no sandbox.
-        await self._hold(profile, status)
-        # Scheduled before the provider is called, so even a sandbox whose worker dies
-        # mid-create is destroyed at expiry.
-        await self._expiry.schedule(status)
+        # Before the provider is called, both at once (one round trip's wait, not two):
+        # the credit hold, so that a tenant that cannot pay for the whole TTL gets
+        # `insufficient_credits` and no sandbox; and the TTL schedule, so that even a
+        # sandbox whose worker dies mid-create is destroyed at expiry (a refused
+        # provision's schedule is cancelled by `_give_up`).
+        held, scheduled = await asyncio.gather(
+            self._hold(profile, status), self._expiry.schedule(status), return_exceptions=True
+        )
+        for outcome in (held, scheduled):
+            if isinstance(outcome, BaseException):
+                raise outcome
         async with self._keepalive.watch(delivery):
             extension = status.extension_id
             try:
@@ -214,6 +220,7 @@ class Provisioning:
         # the provider account's slot.
         await self._ledger.release(request.tenant, sandbox_id)
         await self._claims.policies.free_slot(request.tenant, sandbox_id)
+        await self._expiry.cancel(sandbox_id)  # nothing left to destroy at expiry
         stored = await self._claims.stored(request.tenant, sandbox_id)
         if stored is not None and stored.request_digest == request.digest():
             await self._router.free(stored)

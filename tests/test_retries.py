@@ -18,6 +18,7 @@ from tests.conftest import Start, WorkerHandle
 from tests.helpers import (
     deliveries,
     meter_events,
+    stream_messages,
     stub_sandboxes,
     wait_for_state,
     wait_until_drained,
@@ -77,6 +78,11 @@ async def test_rejection_fails_at_once(
     assert failed is not None and failed.error is not None
     assert failed.error.code is ErrorCode.PROVIDER_REJECTED
     assert await deliveries(js, "provisioner-provision") == 1  # delivered once, never again
+    # Its TTL schedule, placed beside the hold before the provider was called, is gone:
+    # nothing will try to destroy it at expiry.
+    assert (
+        await stream_messages(js, "SANDBOX_REQUESTS", f"sandbox.schedule.{failed.sandbox_id}") == []
+    )
 
 
 async def test_lost_create_response_is_retried_without_a_second_sandbox(
