@@ -216,7 +216,7 @@ async def bench_faststream(url: str, n: int, *, typed: bool = False) -> float:
         stream=JStream(stream, declare=False),
         durable="fs3" if typed else "fs",
         pull_sub=PullSub(batch_size=128, timeout=1.0),
-        max_workers=64,
+        max_workers=1,  # as the worker: its handlers only start tasks
         ack_policy=HandlerAckPolicy.MANUAL,
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
         decoder=None if typed else _message_itself,
@@ -730,7 +730,7 @@ async def figure_h(
 LAYERS = (
     ("the event loop (uvloop, C)", ("Runner.run (asyncio/runners.py", "uvloop", "Loop.")),
     ("FastStream", ("(faststream/", "(fast_depends/", "(anyio/")),
-    ("nats-py", ("(nats/",)),
+    ("nats-py", ("(nats/", "(sandboxer/connect.py")),  # with our lean request/reply
     ("pydantic", ("(pydantic", "pydantic_core", "pydantic-core")),
     ("asyncio", ("(asyncio/",)),
     ("json", ("(json/", "_json")),
@@ -846,6 +846,24 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             print(f"(a) {raw:,.0f} msg/s; (b) {rate:,.0f}/s = {rate / raw:.3f} x (a)")
             if args.profile:
                 print(profile_report(args.profile))
+            return results
+        if args.only in ("c", "d"):
+            with EmbeddedNats(Path(tmp) / "nats-cd") as server:
+                await fund(server.url)
+                if args.only == "c":
+                    elapsed, _, _ = await run_provisions(
+                        server.url,
+                        log,
+                        1000,
+                        "slow",
+                        SANDBOXER_STUB_LATENCY_S="1",
+                        SANDBOXER_MAX_IN_FLIGHT="256",
+                    )
+                    print(f"(c) {elapsed:.2f} s, efficiency {(1000 / elapsed) / 256:.3f}")
+                    return results
+                latencies = await bench_latency(server.url, log, args.rate, args.latency_seconds)
+            p50, p99 = percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000
+            print(f"(d) at {args.rate:,.0f}/s: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
             return results
         if args.only == "j":
             with EmbeddedNats(Path(tmp) / "nats-j") as server:
@@ -1063,7 +1081,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument(
         "--only",
-        choices=["b", "h", "k", "gi", "e", "j"],
+        choices=["b", "c", "d", "h", "k", "gi", "e", "j"],
         help="measure one figure alone (printed, not written): h at --rate for its (d)",
     )
     parser.add_argument("--rate", type=float, default=500.0)
