@@ -1090,7 +1090,9 @@ if __name__ == "__main__":
         type=Path,
         help="with --only b: py-spy the worker into this file and print where the time goes",
     )
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of (h), on fresh servers")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="rounds of (h), on fresh servers (medians)"
+    )
     arguments = parser.parse_args()
     figures = asyncio.run(main(arguments))
     if arguments.only:

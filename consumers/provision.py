@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from decimal import Decimal
-from functools import partial
 from typing import NoReturn
 
 from pydantic import ValidationError
@@ -37,6 +36,30 @@ def ttl_of(status: SandboxStatus) -> int:
     """The TTL a claim was made with (its profile's, or its consumer's default)."""
     assert status.expires_at is not None
     return round((status.expires_at - status.created_at).total_seconds())
+
+
+class _Attempt:
+    """One delivery's work and what is done if it fails for good."""
+
+    __slots__ = ("delivery", "provisioning", "request", "sandbox_id")
+
+    def __init__(
+        self,
+        provisioning: Provisioning,
+        request: ProvisionRequest,
+        sandbox_id: str,
+        delivery: Delivery,
+    ) -> None:
+        self.provisioning = provisioning
+        self.request = request
+        self.sandbox_id = sandbox_id
+        self.delivery = delivery
+
+    async def run(self) -> None:
+        await self.provisioning._provision(self.request, self.sandbox_id, self.delivery)
+
+    async def give_up(self, exc: Exception) -> None:
+        await self.provisioning._give_up(self.request, self.sandbox_id, exc)
 
 
 class Provisioning:
@@ -63,13 +86,14 @@ class Provisioning:
             return
         sandbox_id = sandbox_id_for(request.tenant, request.request_id)
         observe.bind(sandbox_id, request.tenant)
-        # partial, not closures: 10,000 handlers in flight each hold these.
+        # One slotted object, not two partials: 10,000 handlers in flight each hold it.
+        attempt = _Attempt(self, request, sandbox_id, delivery)
         await settle(
             f"provision {sandbox_id}",
-            partial(self._provision, request, sandbox_id, delivery),
+            attempt.run,
             delivery,
             self._settings,
-            give_up=partial(self._give_up, request, sandbox_id),
+            give_up=attempt.give_up,
             rejections_answered=True,
         )
 
