@@ -24,6 +24,7 @@ from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
 
 from consumers.billing import run_billing
+from consumers.templates import run_template_worker
 from consumers.worker import run_worker
 from sandboxer.client import Client
 from sandboxer.credits import Ledger
@@ -180,6 +181,12 @@ async def start_worker(settings: Settings, funded: tuple[str, ...]) -> AsyncIter
 @pytest.fixture
 async def start_billing(settings: Settings) -> AsyncIterator[Start]:
     async for start in _starter(settings, run_billing):
+        yield start
+
+
+@pytest.fixture
+async def start_templates(settings: Settings) -> AsyncIterator[Start]:
+    async for start in _starter(settings, run_template_worker):
         yield start
 
 

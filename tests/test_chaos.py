@@ -137,6 +137,7 @@ REQUEST_CONSUMERS = [
     ("SANDBOX_REQUESTS", "provisioner-extend"),
 ]
 BILLING_CONSUMERS = [("SANDBOX_METER", "billing-meter"), ("BILLING", "finhub-export")]
+TEMPLATE_CONSUMERS = [("TEMPLATES", "templates-build")]
 
 
 async def publish_provisions(client: Client, tenants: list[str], count: int, tag: str) -> list[str]:
@@ -431,6 +432,7 @@ R6_SUBJECTS = [
     "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.SANDBOX_REQUESTS.provisioner-provision",
     "credits.ledger.t1.hold",  # + a unique entry id: one message per journal subject
     "credits.checkpoint.t1",  # junk checkpoints: a cold read must not believe them
+    "template.build",  # an operator's subject, but the template worker takes anything
 ]
 
 
@@ -496,6 +498,7 @@ async def _serves_end_to_end(client: Client, js: JetStreamContext, tenant: str) 
 async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
     start_worker: Start,
     start_billing: Start,
+    start_templates: Start,
     settings: Settings,
     js: JetStreamContext,
     nc: Nats,
@@ -505,6 +508,7 @@ async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
     with FakeFinHub() as hub:
         worker = await start_worker()
         billing = await start_billing(fin_hub_url=hub.url)
+        templates = await start_templates()
         generated = generated_payloads(SCALE.r6_per_subject)
         payloads = [*generated, *extreme_payloads(nc.max_payload)]
         refused = 0
@@ -514,7 +518,7 @@ async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
         for subject in R6_CONNECT_SUBJECTS:
             lost, big = await _ask_all(nc, subject, payloads)
             unanswered_connects, too_big = unanswered_connects + lost, too_big + big
-        left = await drained(js, REQUEST_CONSUMERS + BILLING_CONSUMERS)
+        left = await drained(js, REQUEST_CONSUMERS + BILLING_CONSUMERS + TEMPLATE_CONSUMERS)
         attributable = {}
         for payload in generated:
             try:
@@ -538,10 +542,9 @@ async def test_r6_generated_bad_payloads_crash_nothing_and_loop_nowhere(
             # A restarted process reads t1's balance past the junk checkpoints.
             fresh = await Ledger(js).balance("t1")
             misled = int(fresh.balance != (await Ledger(js)._catch_up_from_scratch("t1")).balance)
-        crashes = sum(1 for w in (worker, billing) if w.crashed) + caplog.text.count(
-            "handler crashed"
-        )
-        disabled = sum(1 for w in (worker, billing) if w.crashed) + serving.count(False)
+        services = (worker, billing, templates)
+        crashes = sum(1 for w in services if w.crashed) + caplog.text.count("handler crashed")
+        disabled = sum(1 for w in services if w.crashed) + serving.count(False)
     total = len(payloads) * len(R6_SUBJECTS)
     figure("R6 worker crashes", crashes, f"{len(payloads)} payloads x {len(R6_SUBJECTS)} subjects")
     figure("R6 workers disabled", disabled, f"0 B to {nc.max_payload:,} B, nesting to 100,000")

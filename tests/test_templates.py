@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,7 +23,6 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from adapters import packer
-from consumers.templates import run_template_worker
 from sandboxer.catalogue import Catalogue
 from sandboxer.client import Client
 from sandboxer.connect import connection_of
@@ -40,7 +39,7 @@ from sandboxer.topology import (
     kv_entries,
 )
 from schemas import ProvisionRequest, SandboxState, TemplateBuildRequest, TemplateRecord
-from tests.conftest import OPENBAO_ROOT_TOKEN, Start, _starter
+from tests.conftest import OPENBAO_ROOT_TOKEN, Start
 from tests.helpers import sandboxer, stub_sandboxes, wait_until_drained
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,12 +80,6 @@ DIGEST_STEPS = [
 def needs_packer() -> None:
     if shutil.which("packer") is None:
         pytest.skip("packer is not installed (`make check` installs Debian's packer package)")
-
-
-@pytest.fixture
-async def start_templates(settings: Settings) -> AsyncIterator[Start]:
-    async for start in _starter(settings, run_template_worker):
-        yield start
 
 
 def hcl(*steps: str) -> str:
