@@ -18,6 +18,7 @@ from nats.aio.client import Client as Nats
 
 from consumers.billing import run_billing
 from consumers.export import run_exporter
+from consumers.templates import run_template_worker
 from consumers.worker import run_worker
 from sandboxer import access
 from sandboxer.client import Client
@@ -80,6 +81,7 @@ def write_deployment(root: Path) -> tuple[Path, Path, Path]:
     """Extensions with two upstream consumers; the generated keys; a server config."""
     extensions = root / "extensions"
     shutil.copytree(default_extensions_dir(), extensions)
+    shutil.copytree(default_extensions_dir().parent / "templates", root / "templates")
     for name, tenants in CONSUMERS.items():
         (extensions / f"consumer.{name}.yaml").write_text(
             f"kind: consumer\nid: consumer.{name}\ntenants: {json.dumps(tenants)}\n"
@@ -101,7 +103,8 @@ def secure_bus(tmp_path: Path) -> Iterator[SecureBus]:
 
 @pytest.fixture
 async def services(secure_bus: SecureBus) -> AsyncIterator[Callable[..., Awaitable[WorkerHandle]]]:
-    """Start worker, billing or exporter in-process, each as its own identity; the
+    """Start worker, billing, exporter or the template worker in-process, each as its
+    own identity; the
     operator funds the tenants."""
     async with secure_bus.client("operator") as operator:
         from sandboxer.topology import ensure_topology
@@ -110,7 +113,12 @@ async def services(secure_bus: SecureBus) -> AsyncIterator[Callable[..., Awaitab
         for tenant in ("acme", "mallory", "t1"):
             await Ledger(operator.js).grant(tenant, Decimal("100"), "funds")
     handles: list[WorkerHandle] = []
-    runs = {"worker": run_worker, "billing": run_billing, "exporter": run_exporter}
+    runs = {
+        "worker": run_worker,
+        "billing": run_billing,
+        "exporter": run_exporter,
+        "templates": run_template_worker,
+    }
 
     async def start(identity: str, **changes: Any) -> WorkerHandle:
         handle = WorkerHandle(secure_bus.settings(identity, **changes), runs[identity])

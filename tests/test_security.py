@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -372,3 +373,31 @@ async def test_the_cli_runs_as_an_upstream_identity(
     out, err = await proc.communicate()
     assert proc.returncode == 0, err
     assert json.loads(out)["owner"] == "acme-app"
+
+
+async def test_only_an_operator_asks_for_template_builds_and_the_worker_needs_no_more(
+    secure_bus: SecureBus, services: Callable[..., Awaitable[WorkerHandle]]
+) -> None:
+    if shutil.which("packer") is None:
+        pytest.skip("packer is not installed (`make check` installs Debian's packer package)")
+    await services("templates", template_poll_s=0.1)
+
+    async def cli(identity: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "sandboxer", "template", "build", "python-web"),
+            env=secure_bus.env(identity),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        return proc.returncode or 0, (out + err).decode()
+
+    code, said = await cli("consumer-acme-app")
+    assert code == 1 and "template.build was not accepted" in said, said
+    violations = secure_bus.violations()
+    assert violations and all("template." in line for line in violations)
+    # The operator's build runs: the stub gets it (E2B and Modal have no key here).
+    code, said = await cli("operator")
+    assert "register: ext.saas-stub: ready" in said, said
+    assert "ext.saas-stub=ready" in said and code == 1  # not ready everywhere: exit 1
+    assert secure_bus.violations() == violations  # the template worker needed no more

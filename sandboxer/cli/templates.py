@@ -9,6 +9,8 @@ import uuid
 from typing import Annotated
 
 import typer
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 
 from sandboxer.catalogue import Catalogue
 from sandboxer.cli._common import (
@@ -19,6 +21,7 @@ from sandboxer.cli._common import (
     run,
     template_app,
 )
+from sandboxer.client import Client
 from sandboxer.connect import connection_of
 from sandboxer.topology import TEMPLATE_BUILD_SUBJECT, template_status_subject
 from schemas import TemplateBuildRequest, TemplateEvent, TemplateManifest, TemplateRecord
@@ -35,10 +38,25 @@ def _manifest(reference: str) -> tuple[TemplateManifest, str]:
     return manifest, version or manifest.version
 
 
+async def _ask(client: Client, request: TemplateBuildRequest) -> None:
+    """Publish the build request; one clear line if JetStream did not take it (an
+    identity that may not publish there gets no answer at all)."""
+    try:
+        await client.js.publish(TEMPLATE_BUILD_SUBJECT, request.model_dump_json().encode())
+    except (NatsTimeout, NoRespondersError):
+        die(
+            "template.build was not accepted: no JetStream answer (only an operator may "
+            "ask for template builds: docs/security.md)"
+        )
+
+
 def _record_line(record: TemplateRecord) -> str:
     providers = "  ".join(f"{ext}={entry.state}" for ext, entry in sorted(record.providers.items()))
     digest = record.digest[:19] if record.digest else "-"
-    return f"{record.reference:<28} {record.state:<9} {digest:<19}  {providers}"
+    line = f"{record.reference:<28} {record.state:<9} {digest:<19}  {providers}"
+    if record.error:
+        line += f"  error={record.error.code}: {record.error.message}"
+    return line.rstrip()
 
 
 @template_app.command("build")
@@ -73,7 +91,7 @@ def template_build(
 
             sub = await nc.subscribe(template_status_subject(manifest.name), cb=on_event)
             try:
-                await client.js.publish(TEMPLATE_BUILD_SUBJECT, request.model_dump_json().encode())
+                await _ask(client, request)
                 if not wait:
                     return None
                 async with asyncio.timeout(timeout):
