@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -252,21 +252,6 @@ class SaasStubAdapter(SandboxAdapter):
         recorded = _Template.model_validate_json(entry.value or b"")
         return TemplateProgress("ready", logs=(f"stub: {recorded.image} registered",))
 
-    async def templates(self) -> list[str]:
-        """The aliases of every image registered (for tests and `sandboxer dev`)."""
-        if self._js is None:
-            return []
-        return [key.removeprefix("template.") async for key, _ in self._entries("template.>")]
-
-    async def _entries(self, keys: str) -> AsyncIterator[tuple[str, bytes]]:
-        assert self._js is not None
-        try:  # a look never creates the cloud
-            await self._js.key_value(STUB_BUCKET)
-        except NotFoundError:
-            return
-        async for key, value in kv_entries(self._js, STUB_BUCKET, keys):
-            yield key, value
-
     def estimate_cost(self, profile: Profile, ttl_s: int) -> Decimal:
         return self.rates.cost(Decimal(ttl_s))
 
@@ -282,8 +267,12 @@ class SaasStubAdapter(SandboxAdapter):
     ) -> list[ProviderSandbox]:
         if self._js is None:
             raise ProviderUnavailable("ext.saas-stub: this process has no NATS connection")
+        try:  # a look never creates the cloud (a CLI's reconcile, say)
+            await self._js.key_value(STUB_BUCKET)
+        except NotFoundError:
+            return []
         found = []
-        async for _key, value in self._entries("sbx.>"):
+        async for _key, value in kv_entries(self._js, STUB_BUCKET, "sbx.>"):
             record = _Record.model_validate_json(value)
             if record.terminated_at is None and tags.items() <= record.tags.items():
                 found.append(self._sandbox(record))

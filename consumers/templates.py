@@ -380,7 +380,7 @@ async def run_template_worker(
         providers = await open_providers(settings, stack, connection_of(js))
         keepalive = KeepAlive(every_s=max(0.5, settings.ack_wait_s / 3))
         stack.push_async_callback(keepalive.aclose)
-        builds = TemplateBuilds(settings, providers, await Catalogue.open(js), js, keepalive)
+        builds = TemplateBuilds(settings, providers, Catalogue(js), js, keepalive)
         subscription = Subscription(
             TEMPLATE_STREAM,
             TEMPLATE_CONSUMER,

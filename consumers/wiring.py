@@ -60,7 +60,7 @@ async def open_providers(
     # templates' readiness in the catalogue (docs/templates.md).
     js = nats.jetstream(timeout=10.0) if nats is not None else None
     ledger = Ledger(js) if js is not None else None
-    catalogue = Catalogue(js, None) if js is not None else None
+    catalogue = Catalogue(js) if js is not None else None
     router = Router(adapters, registry.extensions, resolver, ledger, catalogue)
     return Providers(registry, router)
 

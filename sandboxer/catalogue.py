@@ -19,30 +19,28 @@ def template_key(name: str, version: str) -> str:
 
 
 class Catalogue:
-    """Reads and writes TemplateRecords."""
+    """Reads and writes TemplateRecords. The bucket is opened at first use: a reader
+    may start before any service made it (then nothing was ever built)."""
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue | None) -> None:
+    def __init__(self, js: JetStreamContext) -> None:
         self._js = js
-        self._kv = kv
+        self._kv: KeyValue | None = None
 
-    @classmethod
-    async def open(cls, js: JetStreamContext) -> Catalogue:
-        """The catalogue of this server (empty, not created, if no service made it)."""
-        try:
-            kv = await js.key_value(TEMPLATE_BUCKET)
-        except NotFoundError:
-            kv = None
-        return cls(js, kv)
-
-    async def get(self, name: str, version: str) -> tuple[TemplateRecord, int] | None:
-        """The record of `name@version` and its revision; None if it was never built."""
+    async def _bucket(self) -> KeyValue | None:
         if self._kv is None:
-            try:  # opened at first use: a worker may start before any build
+            try:
                 self._kv = await self._js.key_value(TEMPLATE_BUCKET)
             except NotFoundError:
                 return None
+        return self._kv
+
+    async def get(self, name: str, version: str) -> tuple[TemplateRecord, int] | None:
+        """The record of `name@version` and its revision; None if it was never built."""
+        kv = await self._bucket()
+        if kv is None:
+            return None
         try:
-            entry = await self._kv.get(template_key(name, version))
+            entry = await kv.get(template_key(name, version))
         except KeyNotFoundError:
             return None
         if not entry.value:  # deleted by an operator
@@ -57,8 +55,7 @@ class Catalogue:
     ) -> TemplateRecord:
         """Store what `change` makes of the current record (None: there is none), by
         compare-and-set, again after a concurrent change; returns what was stored."""
-        if self._kv is None:
-            self._kv = await self._js.key_value(TEMPLATE_BUCKET)
+        kv = await self._bucket() or await self._js.key_value(TEMPLATE_BUCKET)
         key = template_key(name, version)
         while True:
             found = await self.get(name, version)
@@ -68,16 +65,16 @@ class Catalogue:
             data = changed.model_dump_json().encode()
             try:
                 if found is None:
-                    await self._kv.create(key, data)
+                    await kv.create(key, data)
                 else:
-                    await self._kv.update(key, data, last=found[1])
+                    await kv.update(key, data, last=found[1])
                 return changed
             except KeyWrongLastSequenceError:
                 continue  # another writer won; apply the change to its result
 
     async def all(self) -> list[TemplateRecord]:
         """Every record, by name and version."""
-        if self._kv is None:
+        if await self._bucket() is None:
             return []
         records = [
             TemplateRecord.model_validate_json(value)

@@ -346,25 +346,24 @@ async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
 
 def template_bucket_config(replicas: int) -> KeyValueConfig:
     """The template catalogue; its history shows how a version got where it is."""
-    return KeyValueConfig(
-        bucket=TEMPLATE_BUCKET,
-        history=TEMPLATE_HISTORY,
-        storage=StorageType.FILE,
-        replicas=replicas,
-        max_value_size=MAX_EVENT_BYTES,
-        direct=True,
-    )
+    return _bucket_with_history(TEMPLATE_BUCKET, TEMPLATE_HISTORY, MAX_EVENT_BYTES, replicas)
 
 
 def policy_bucket_config(replicas: int) -> KeyValueConfig:
     """Operators' overrides of tenants' limits; the history is the audit trail (each
     value says who set it, when and why)."""
+    return _bucket_with_history(POLICY_BUCKET, POLICY_HISTORY, MAX_LEDGER_ENTRY_BYTES, replicas)
+
+
+def _bucket_with_history(
+    bucket: str, history: int, max_value_size: int, replicas: int
+) -> KeyValueConfig:
     return KeyValueConfig(
-        bucket=POLICY_BUCKET,
-        history=POLICY_HISTORY,
+        bucket=bucket,
+        history=history,
         storage=StorageType.FILE,
         replicas=replicas,
-        max_value_size=MAX_LEDGER_ENTRY_BYTES,
+        max_value_size=max_value_size,
         direct=True,
     )
 

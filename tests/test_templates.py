@@ -130,7 +130,7 @@ async def settled(
     js: JetStreamContext, name: str = "tiny", version: str = "1", timeout_s: float = 60
 ) -> TemplateRecord:
     """The record once it is ready or failed."""
-    catalogue = await Catalogue.open(js)
+    catalogue = Catalogue(js)
     async with asyncio.timeout(timeout_s):
         while True:
             found = await catalogue.get(name, version)
@@ -348,7 +348,7 @@ async def test_a_worker_killed_mid_build_leaves_no_packer_and_the_next_one_finis
     await asyncio.sleep(0.5)
     left = subprocess.run(["pgrep", "-f", nap], capture_output=True, text=True).stdout
     assert left == ""  # Packer and its shell died with the worker
-    found = await (await Catalogue.open(js)).get("tiny", "1")
+    found = await Catalogue(js).get("tiny", "1")
     assert found is not None and found[0].state == "packing"
 
     (tmp_path / "tiny.pkr.hcl").write_text(hcl(*DIGEST_STEPS))  # the next build is quick

@@ -5,12 +5,10 @@ says why, and lost answers or a crash mid-registration leave one build."""
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -43,13 +41,9 @@ STARTS = "POST /v2/templates/{id}/builds/{buildID}"
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    """The shipped ext.e2b manifest and its profile, read by the registry on their own
-    (the other manifests are no concern of these tests)."""
-    folder = tmp_path_factory.mktemp("extensions")
-    for name in ("ext.e2b.yaml", "profile.e2b-burst.yaml"):
-        shutil.copy(Settings().extensions_dir / name, folder / name)
-    return Registry.load(Path(folder))
+def registry() -> Registry:
+    """The shipped manifests (ext.e2b's and profile.e2b-burst are the ones used)."""
+    return Registry.load(Settings().extensions_dir)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from sandboxer.cli._common import (
 )
 from sandboxer.client import Client
 from sandboxer.connect import connection_of
+from sandboxer.errors import NotFound
 from sandboxer.topology import TEMPLATE_BUILD_SUBJECT, template_status_subject
 from schemas import TemplateBuildRequest, TemplateEvent, TemplateManifest, TemplateRecord
 
@@ -30,11 +31,10 @@ from schemas import TemplateBuildRequest, TemplateEvent, TemplateManifest, Templ
 def _manifest(reference: str) -> tuple[TemplateManifest, str]:
     """The manifest of `NAME[@VERSION]` and the version meant (its own if omitted)."""
     name, _, version = reference.partition("@")
-    registry = load_registry()
-    manifest = registry.templates.get(name)
-    if manifest is None:
-        known = ", ".join(sorted(registry.templates)) or "none"
-        die(f"no template {name!r} (extensions/template.*.yaml: {known})")
+    try:
+        manifest = load_registry().template(name)
+    except NotFound as exc:
+        die(str(exc))
     return manifest, version or manifest.version
 
 
@@ -130,7 +130,7 @@ def template_ls(as_json: JsonOpt = False) -> None:
 
     async def go() -> list[TemplateRecord]:
         async with nats_client() as client:
-            return await (await Catalogue.open(client.js)).all()
+            return await Catalogue(client.js).all()
 
     records = run(go())
     if as_json:
@@ -153,7 +153,7 @@ def template_show(
 
     async def go() -> TemplateRecord | None:
         async with nats_client() as client:
-            found = await (await Catalogue.open(client.js)).get(manifest.name, version)
+            found = await Catalogue(client.js).get(manifest.name, version)
         return found[0] if found else None
 
     record = run(go())
