@@ -870,6 +870,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 await fund(server.url)
                 await bench_cold_balance(server.url, args.ledger_sizes)
             return results
+        if args.only == "f":
+            with EmbeddedNats(Path(tmp) / "nats-f") as server:
+                await fund(server.url)
+                rate, exact = await bench_debits(server.url, log, args.debits, args.workers)
+            print(
+                f"(f) {rate:,.0f} debits/s, one tenant, {args.workers} billing processes; "
+                f"balance exact: {exact}"
+            )
+            return results
         if args.only == "k":
             with EmbeddedNats(Path(tmp) / "nats-k") as server:
                 await fund(server.url)
@@ -1071,6 +1080,9 @@ if __name__ == "__main__":
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--rss-sandboxes", type=int, default=10_000)
     parser.add_argument("--debits", type=int, default=5_000)
+    parser.add_argument(
+        "--workers", type=int, default=8, help="billing processes of (f) with --only f"
+    )
     parser.add_argument("--fairness-backlog", type=int, default=10_000)
     parser.add_argument(
         "--ledger-sizes",
@@ -1081,7 +1093,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument(
         "--only",
-        choices=["b", "c", "d", "h", "k", "gi", "e", "j"],
+        choices=["b", "c", "d", "h", "k", "gi", "e", "j", "f"],
         help="measure one figure alone (printed, not written): h at --rate for its (d)",
     )
     parser.add_argument("--rate", type=float, default=500.0)

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 from contextlib import AsyncExitStack
+from decimal import Decimal
 from functools import partial
 
 from nats.js import JetStreamContext
@@ -146,7 +147,12 @@ class Billing:
         record = usage_record(status, usage)
         debited = False
         if pays_with_credits(status.credential_source):
-            debited = await self._ledger.bill(status.tenant, status.sandbox_id, record.actual_usd)
+            debited = await self._ledger.bill(
+                status.tenant,
+                status.sandbox_id,
+                record.actual_usd,
+                held=status.estimate_usd or Decimal(0),
+            )
         else:  # BYOK: nothing to debit; its zero hold counted it against the limits
             await self._ledger.release(status.tenant, status.sandbox_id)
         if debited and self._settings.fault_inject == FAULT_KILL_AFTER_DEBIT:

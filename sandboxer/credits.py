@@ -8,10 +8,13 @@ docs/payments.md); nats-server's permissions say who may write which kind
 - the stream allows one message per subject and refuses the next one (discard new per
   subject), so an entry id is written at most once, ever: a replay a week later cannot
   debit again;
-- every append says which tenant entry it follows
-  (`Nats-Expected-Last-Subject-Sequence` over `credits.ledger.<tenant>.>`), so two
-  holds decided on the same balance cannot both land: the loser re-reads and decides
-  again. No overspending, across any number of processes.
+- every decision (a hold, a release) is appended right after the tenant entry it was
+  decided on (`Nats-Expected-Last-Subject-Sequence` over `credits.ledger.<tenant>.>`),
+  so two holds decided on the same balance cannot both land: the loser re-reads and
+  decides again. No overspending, across any number of processes. Entries that decide
+  nothing (a grant, billing's debit and release) go wherever the journal is;
+- appends of a tenant that queue in a process are decided one after the other and
+  written as one atomic batch (group commit): one round trip for many.
 
 A tenant's balance is the fold of its entries, cached per process and caught up
 incrementally; the server's checks make a stale cache harmless. An entry that does not
@@ -36,6 +39,7 @@ from decimal import Decimal
 
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
+from nats.nuid import NUID
 from pydantic import TypeAdapter, ValidationError
 
 from sandboxer import observe
@@ -76,6 +80,9 @@ _WRONG_LAST_SEQUENCE = 10071
 _ENTRY_EXISTS = 10077
 
 _MAX_CONFLICTS = 1000
+#: Entries written in one atomic batch (nats-server takes up to 1,000).
+_MAX_BATCH = 200
+_JS_TIMEOUT_S = 10.0
 
 
 def _hour(moment: datetime) -> int:
@@ -283,6 +290,7 @@ class Balance:
             dict(self.spend),
             dict(self.by_hour),
             array("d", self.created[self.created_from :]),
+            last_at=self.last_at,
         )
 
 
@@ -314,6 +322,75 @@ class _TenantLocks:
 # Builds the entry to append from the current balance, returns None to skip it, or
 # raises to refuse it; re-run after every conflict.
 Decision = Callable[[Balance], LedgerEntry | None]
+
+
+@dataclass(slots=True)
+class _Ask:
+    """An append waiting for its tenant's writer: a decision, written only right after
+    the entry it was decided on (the server checks); or entries that decide nothing
+    (a grant, a debit and the release that goes with it), written whatever came
+    before. Its answer: True once written, False if it wrote nothing, or the refusal;
+    None tells it to write itself, and those behind it."""
+
+    decide: Decision | None
+    entries: tuple[LedgerEntry, ...]
+    answer: asyncio.Future[bool | None]
+
+
+_Answer = bool | BaseException
+_Decided = tuple[list[tuple[_Ask, tuple[LedgerEntry, ...]]], list[tuple[_Ask, _Answer]]]
+
+
+def _decide_all(balance: Balance, asks: list[_Ask], *, apply: bool, fresh: bool) -> _Decided | None:
+    """Decide each ask on `balance` (folding in the entries of those before, if
+    `apply`): the entries to write, and the answers of the others once they are
+    written. None if one was refused, or found nothing to write, on a balance that is
+    not `fresh`: a cache may miss another process's hold, release or grant, so that is
+    decided again on the journal as it is."""
+    decided: list[tuple[_Ask, tuple[LedgerEntry, ...]]] = []
+    answers: list[tuple[_Ask, _Answer]] = []
+    for ask in asks:
+        entries = ask.entries
+        if ask.decide is not None:
+            try:
+                entry = ask.decide(balance)
+            except SandboxerError as exc:
+                if not fresh:
+                    return None
+                answers.append((ask, exc))
+                continue
+            except Exception as exc:  # a bug in one decision answers that one alone
+                answers.append((ask, exc))
+                continue
+            if entry is None:
+                if not fresh:
+                    return None
+                answers.append((ask, False))
+                continue
+            entries = (entry,)
+        if apply:
+            for entry in entries:
+                balance.apply(entry)
+        decided.append((ask, entries))
+    return decided, answers
+
+
+def _take(asks: list[_Ask], queue: list[_Ask]) -> None:
+    """Move waiting asks from `queue` to `asks`, up to a batch (cancelled ones go)."""
+    room = _MAX_BATCH - len(asks)
+    asks += [a for a in queue[:room] if not a.answer.done()]
+    del queue[:room]
+
+
+def _answer(answers: list[tuple[_Ask, _Answer]]) -> None:
+    """Answer each ask not answered yet (nor cancelled: its caller is gone)."""
+    for ask, answer in answers:
+        if ask.answer.done():
+            continue
+        if isinstance(answer, BaseException):
+            ask.answer.set_exception(answer)
+        else:
+            ask.answer.set_result(answer)
 
 
 #: Entries folded between two checkpoints of a tenant.
@@ -408,6 +485,9 @@ class Ledger:
         # Appends of one tenant are serialized inside a process (a lock of its own);
         # across processes the server's check does it.
         self._locks = _TenantLocks()
+        #: Per tenant being written: the appends waiting for the writer.
+        self._queues: dict[str, list[_Ask]] = {}
+        self._batch_ids = NUID()
 
     # -- operations ------------------------------------------------------------------
 
@@ -418,7 +498,7 @@ class Ledger:
         if amount <= 0:
             raise ValueError("a grant must be positive")
         entry = _entry("grant", tenant, amount, f"grant-{grant_id}", note=note)
-        if await self._append(tenant, lambda balance: entry):
+        if await self._append(tenant, entries=(entry,)):
             return True
         before = await self.entry(tenant, "grant", entry.entry_id)
         if before is not None and before.amount_usd != amount:
@@ -459,7 +539,7 @@ class Ledger:
                 )
             return _entry("hold", tenant, amount, entry_id, sandbox_id)
 
-        held = await self._append(tenant, decide)
+        held = await self._append(tenant, decide=decide)
         if held:
             observe.usd(observe.CREDITS_HELD_USD, amount)
         return held
@@ -492,7 +572,7 @@ class Ledger:
                 )
             return _entry("hold", tenant, amount, entry_id, sandbox_id)
 
-        return await self._append(tenant, decide)
+        return await self._append(tenant, decide=decide)
 
     async def release(self, tenant: str, sandbox_id: str) -> bool:
         """Drop a sandbox's open hold (it was billed, or failed before it could be);
@@ -508,22 +588,35 @@ class Ledger:
             entry_id = "release-" + hold_id.removeprefix("hold-")
             return _entry("release", tenant, held, entry_id, sandbox_id)
 
-        return await self._append(tenant, decide)
+        return await self._append(tenant, decide=decide)
 
     async def debit(self, tenant: str, sandbox_id: str, amount: Decimal) -> bool:
         """Charge a sandbox's actual cost; False if it was charged before (whenever
         that was)."""
         entry = _entry("debit", tenant, amount, f"debit-{sandbox_id}", sandbox_id)
-        debited = await self._append(tenant, lambda balance: entry)
+        debited = await self._append(tenant, entries=(entry,))
         if debited:
             observe.usd(observe.CREDITS_DEBITED_USD, amount)
         return debited
 
-    async def bill(self, tenant: str, sandbox_id: str, amount: Decimal) -> bool:
-        """Debit a finished sandbox, then release its hold; True if this call debited.
+    async def bill(
+        self, tenant: str, sandbox_id: str, amount: Decimal, held: Decimal = Decimal(0)
+    ) -> bool:
+        """Debit a finished sandbox and drop its hold (`held`, as its records say); True
+        if this call debited.
 
-        Debit first: between the two entries the cost is counted twice (debited and
-        still held), which can only refuse a hold, never let one overspend."""
+        Both entries, `debit-<sbx>` and `release-<sbx>`, go in one atomic batch, with no
+        expected sequence: neither is a decision (the cost is owed whatever the balance
+        is, and the fold drops whatever the sandbox still holds), so billing processes
+        never conflict with each other, and a hold decided meanwhile elsewhere is
+        refused by the server and decided again with them. If one exists, this is a
+        replay, or the sandbox's first hold was released (it fell back to another
+        route): then the debit alone, and the release decided on the journal."""
+        debit = _entry("debit", tenant, amount, f"debit-{sandbox_id}", sandbox_id)
+        release = _entry("release", tenant, held, f"release-{sandbox_id}", sandbox_id)
+        if await self._append(tenant, entries=(debit, release)):
+            observe.usd(observe.CREDITS_DEBITED_USD, amount)
+            return True
         debited = await self.debit(tenant, sandbox_id, amount)
         await self.release(tenant, sandbox_id)
         return debited
@@ -564,48 +657,173 @@ class Ledger:
 
     # -- the journal -----------------------------------------------------------------
 
-    async def _append(self, tenant: str, decide: Decision) -> bool:
-        """Append what `decide` builds, after the tenant's latest entry; True if written."""
-        async with self._locks.held(tenant):
-            cached = self._cache.get(tenant)
-            balance, last = cached or await self._catch_up(tenant)
-            fresh = cached is None
-            for _ in range(_MAX_CONFLICTS):
-                try:
-                    entry = decide(balance)
-                except SandboxerError:
-                    if fresh:
-                        raise
-                    # A refusal is decided on the journal as it is, never on a cache
-                    # that may miss another process's release or grant.
-                    balance, last = await self._catch_up(tenant)
-                    fresh = True
-                    continue
-                if entry is None:
-                    return False
-                try:
-                    ack = await self._js.publish(
-                        ledger_subject(tenant, entry.kind, entry.entry_id),
-                        entry.model_dump_json().encode(),
-                        headers={
-                            "Nats-Expected-Last-Subject-Sequence": str(last),
-                            "Nats-Expected-Last-Subject-Sequence-Subject": tenant_ledger(tenant),
-                        },
-                    )
-                except APIError as exc:
-                    if exc.err_code == _ENTRY_EXISTS:
-                        return False  # written before: this is a replay
-                    if exc.err_code != _WRONG_LAST_SEQUENCE:
-                        raise
+    async def _append(
+        self,
+        tenant: str,
+        *,
+        decide: Decision | None = None,
+        entries: tuple[LedgerEntry, ...] = (),
+    ) -> bool:
+        """Append what `decide` builds, after the tenant's latest entry, or `entries`
+        wherever the journal is; True if written.
+
+        Group commit: while one task writes a tenant's entries, the appends that come
+        meanwhile wait in its queue, and the next writer decides them all, each on the
+        balance the ones before it leave, and writes them as one atomic batch: one
+        round trip, all or nothing, right after the tenant's latest entry if any of
+        them is a decision."""
+        ask = _Ask(decide, entries, asyncio.get_running_loop().create_future())
+        queue = self._queues.get(tenant)
+        if queue is None:
+            queue = self._queues[tenant] = []
+        else:
+            queue.append(ask)
+            try:
+                outcome = await ask.answer
+            except asyncio.CancelledError:
+                if ask.answer.done() and not ask.answer.cancelled():
+                    self._hand_over(tenant, queue)  # it was to write next: the next one does
+                raise
+            if outcome is not None:
+                return outcome
+            ask.answer = asyncio.get_running_loop().create_future()  # its turn to write
+        asks = [ask]
+        try:
+            async with self._locks.held(tenant):
+                _take(asks, queue)  # those that came while it waited for the lock too
+                await self._write(tenant, asks, queue)
+        except Exception as exc:  # the fate of the batch is unknown: each one retries
+            _answer([(each, exc) for each in asks])
+        finally:
+            # Asks this writer did not answer (it was cancelled) go to the next one.
+            queue[:0] = [a for a in asks[1:] if not a.answer.done()]
+            self._hand_over(tenant, queue)
+        written = ask.answer.result()
+        assert written is not None
+        return written
+
+    def _hand_over(self, tenant: str, queue: list[_Ask]) -> None:
+        """Make the first waiting append the tenant's next writer, if there is one."""
+        while queue:
+            following = queue.pop(0)
+            if not following.answer.done():  # not cancelled meanwhile
+                following.answer.set_result(None)
+                return
+        del self._queues[tenant]
+
+    async def _write(self, tenant: str, asks: list[_Ask], queue: list[_Ask] | None = None) -> None:
+        """Decide `asks` in order, each on the balance the ones before leave, write
+        what they build in one go after the tenant's latest entry, and answer each.
+        After a conflict, asks that came meanwhile from `queue` join them."""
+        if all(ask.decide is None for ask in asks):
+            await self._write_as_they_are(tenant, asks)
+            return
+        cached = self._cache.get(tenant)
+        balance, last = cached or await self._catch_up(tenant)
+        fresh = cached is None
+        for _ in range(_MAX_CONFLICTS):
+            # Several asks are decided on a copy, which becomes the balance once written.
+            trial = balance if len(asks) == 1 else balance.copy()
+            outcome = _decide_all(trial, asks, apply=trial is not balance, fresh=fresh)
+            if outcome is None:
+                balance, last = await self._catch_up(tenant)
+                fresh = True
+                continue
+            decided, answers = outcome
+            entries = [entry for _, written in decided for entry in written]
+            if not entries:
+                _answer(answers)
+                return
+            try:
+                seq = await self._publish(tenant, entries, last)
+            except APIError as exc:
+                if exc.err_code == _WRONG_LAST_SEQUENCE:
                     # Another writer got in first: catch up and decide again.
                     balance, last = await self._catch_up(tenant)
                     fresh = True
+                    if queue:
+                        _take(asks, queue)
                     continue
-                balance.apply(entry)
-                self._remember(tenant, balance, ack.seq)
-                await self._counted(tenant, balance, ack.seq, 1)
-                return True
+                if len(asks) > 1:
+                    await self._one_by_one(tenant, asks, exc)
+                    return
+                if exc.err_code != _ENTRY_EXISTS:
+                    raise
+                _answer([(decided[0][0], False), *answers])  # written before: a replay
+                return
+            if trial is balance:
+                balance.apply(entries[0])
+            self._remember(tenant, trial, seq)
+            _answer([(ask, True) for ask, _ in decided] + answers)
+            await self._counted(tenant, trial, seq, len(entries))
+            return
         raise RuntimeError(f"ledger of {tenant}: too many concurrent writers")
+
+    async def _write_as_they_are(self, tenant: str, asks: list[_Ask]) -> None:
+        """Write asks that decide nothing, in one go, wherever the journal is. The cache
+        is left behind them: it reads them back when it next needs to catch up."""
+        try:
+            await self._publish(tenant, [entry for ask in asks for entry in ask.entries])
+        except APIError as exc:
+            if len(asks) > 1:
+                await self._one_by_one(tenant, asks, exc)
+                return
+            if exc.err_code != _ENTRY_EXISTS:
+                raise
+            _answer([(asks[0], False)])  # written before: a replay
+            return
+        _answer([(ask, True) for ask in asks])
+
+    async def _one_by_one(self, tenant: str, asks: list[_Ask], exc: APIError) -> None:
+        """Write asks whose batch was refused alone: one of them was written before (a
+        replay), or the server takes no batch now; alone, each tells."""
+        log.info("ledger of %s: batch of %d not written (%s), one by one", tenant, len(asks), exc)
+        for ask in asks:
+            try:
+                await self._write(tenant, [ask])
+            except Exception as failed:
+                _answer([(ask, failed)])
+
+    async def _publish(
+        self, tenant: str, entries: list[LedgerEntry], last: int | None = None
+    ) -> int:
+        """Write `entries` (right after the tenant's entry `last`, if given): one
+        message, or an atomic batch of them; the stream sequence of the last one.
+        Nothing is written if another entry came after `last` (10071) or one of them
+        exists (10077)."""
+        guard = (
+            {
+                "Nats-Expected-Last-Subject-Sequence": str(last),
+                "Nats-Expected-Last-Subject-Sequence-Subject": tenant_ledger(tenant),
+            }
+            if last is not None
+            else {}
+        )
+        if len(entries) == 1:
+            entry = entries[0]
+            ack = await self._js.publish(
+                ledger_subject(tenant, entry.kind, entry.entry_id),
+                entry.model_dump_json().encode(),
+                headers=guard or None,
+            )
+            return ack.seq
+        nc = connection_of(self._js)
+        batch = self._batch_ids.next().decode()
+        for n, entry in enumerate(entries, 1):
+            headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(n)}
+            if n == 1:
+                headers |= guard  # the whole batch follows `last`, or none of it is written
+            subject = ledger_subject(tenant, entry.kind, entry.entry_id)
+            data = entry.model_dump_json().encode()
+            if n < len(entries):
+                await nc.publish(subject, data, headers=headers)
+                continue
+            headers["Nats-Batch-Commit"] = "1"
+            reply = await nc.request(subject, data, timeout=_JS_TIMEOUT_S, headers=headers)
+        answer = json.loads(reply.data)
+        if "error" in answer:
+            raise APIError.from_error(answer["error"])
+        return int(answer["seq"])
 
     async def _catch_up(self, tenant: str) -> tuple[Balance, int]:
         """The cached balance brought up to date with the journal (under the lock).
@@ -617,7 +835,7 @@ class Ledger:
         cached = self._cache.get(tenant)
         if cached is not None:
             balance, last = cached
-            entries = self._next(tenant, last)
+            entries = self._entries_after(tenant, last)
         else:
             checkpoint = await self._latest_checkpoint(tenant)
             balance = Balance.restored(checkpoint) if checkpoint else Balance()

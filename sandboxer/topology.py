@@ -244,6 +244,9 @@ def stream_configs(replicas: int) -> list[StreamConfig]:
             discard_new_per_subject=True,
             allow_direct=True,
             max_msg_size=MAX_LEDGER_ENTRY_BYTES,
+            # Appends that queue behind one another are written as one batch, all or
+            # nothing (nats-server >= 2.12; sandboxer/credits.py).
+            allow_atomic=True,
         ),
         stream(
             CHECKPOINT_STREAM,

