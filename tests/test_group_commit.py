@@ -1,6 +1,6 @@
-"""Appends that queue behind one another for a tenant are written together: one atomic
-batch per round trip, each decided on the balance the ones before leave. Billing's
-debit and release decide nothing, and go without an expected sequence."""
+"""Decisions that queue behind one another for a tenant are written together: one
+atomic batch per round trip, each decided on the balance the ones before leave.
+Billing's debit and release decide nothing, and go without an expected sequence."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ async def test_a_release_on_a_stale_cache_finds_the_hold_another_process_placed(
     assert not (await Ledger(js).balance("gc3")).holds
 
 
-async def test_bills_in_one_batch_with_one_replayed_are_each_answered(
+async def test_concurrent_bills_with_one_replayed_are_each_answered(
     js: JetStreamContext,
 ) -> None:
     earlier, billing = Ledger(js), Ledger(js)
@@ -82,7 +82,6 @@ async def test_bills_in_one_batch_with_one_replayed_are_each_answered(
     for i in range(3):
         await earlier.hold("gc4", sandbox(i), Decimal("1"))
     assert await earlier.bill("gc4", sandbox(0), Decimal("0.5"), held=Decimal("1"))
-    # The batch of three pairs is refused whole (debit-0 exists): each pair alone.
     outcomes = await asyncio.gather(
         *(billing.bill("gc4", sandbox(i), Decimal("0.5"), held=Decimal("1")) for i in range(3))
     )
