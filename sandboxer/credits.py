@@ -813,10 +813,9 @@ class Ledger:
     async def _catch_up(self, tenant: str) -> tuple[Balance, int]:
         """The cached balance brought up to date with the journal (under the lock).
 
-        A known tenant is usually a few entries behind (another process appended):
-        single direct gets are cheapest. An unknown one starts from its latest
-        checkpoint (a full fold if it has none, or one that does not check out) and
-        reads what came after in batches; a long fold writes a checkpoint."""
+        A known tenant reads what came after its cached fold; an unknown one starts
+        from its latest checkpoint (a full fold if it has none, or one that does not
+        check out). Both read in batches; a long fold writes a checkpoint."""
         cached = self._cache.get(tenant)
         if cached is not None:
             balance, last = cached
@@ -924,23 +923,6 @@ class Ledger:
                     )
         problems += [f"the checkpoint at entry {seq} names no entry" for seq in wanted]
         return len(checkpoints), problems
-
-    async def _next(self, tenant: str, last: int) -> AsyncIterator[tuple[int, str, bytes]]:
-        """(sequence, subject, data) of the tenant's entries after `last`, one direct get
-        each."""
-        while True:
-            try:
-                message = await self._js.get_msg(
-                    LEDGER_STREAM,
-                    seq=last + 1,
-                    subject=tenant_ledger(tenant),
-                    next=True,
-                    direct=True,
-                )
-            except NotFoundError:
-                return
-            last = message.seq or last + 1
-            yield last, message.subject or "", message.data or b""
 
     async def _entries_after(self, tenant: str, last: int) -> AsyncIterator[tuple[int, str, bytes]]:
         """(sequence, subject, data) of the tenant's entries after `last`, read with
