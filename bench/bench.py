@@ -32,7 +32,6 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,7 +43,7 @@ import tests.helpers
 from consumers.app import _message_itself
 from sandboxer import observe
 from sandboxer.credits import Ledger
-from sandboxer.dev.fakes.http import LoopbackHTTP
+from sandboxer.dev.fakes.http import OtlpSink
 from sandboxer.dev.servers import EmbeddedNats, free_port
 from sandboxer.ids import sandbox_id_for
 from sandboxer.topology import BILLING_CONSUMER, METER_STREAM, ensure_topology
@@ -522,28 +521,6 @@ async def bench_latency(
         await asyncio.wait_for(done.wait(), timeout=120)
     await nc.close()
     return latencies
-
-
-class OtlpSink(LoopbackHTTP):
-    """Takes OTLP/HTTP span exports and counts them (a collector that keeps nothing)."""
-
-    def __init__(self) -> None:
-        self.exports = 0
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                sink.exports += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        super().__init__(Handler)
 
 
 def observed_env(metrics_port: int, sink: OtlpSink, sampled: str = "1") -> dict[str, str]:

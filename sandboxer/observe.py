@@ -26,8 +26,10 @@ traces, and the sandbox a log line is about.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextvars
 import functools
+import threading
 import time
 from collections.abc import Awaitable, Iterator, Mapping
 from contextlib import contextmanager
@@ -170,6 +172,12 @@ _tracer: trace.Tracer | None = None
 _trace: Any = None
 _W3C: Any = None
 
+#: At exit, how long the spans still queued may take to reach the collector. Past it
+#: they are dropped: an exporter retries a collector that is down for up to
+#: `OTEL_EXPORTER_OTLP_TIMEOUT` (10 s) a batch, and a stopping process must not wait
+#: on its traces.
+TRACE_FLUSH_S = 2.0
+
 
 def setup_tracing(settings: Settings, service: str) -> None:
     """Turn traces on if the `OTEL_*` variables ask for them: spans are batched to the
@@ -184,7 +192,7 @@ def setup_tracing(settings: Settings, service: str) -> None:
     resource = Resource({"service.name": f"sandboxer-{service}"}).merge(
         OTELResourceDetector().detect()
     )
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     exporter: SpanExporter
     if settings.trace_exporter == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
@@ -195,7 +203,16 @@ def setup_tracing(settings: Settings, service: str) -> None:
 
         exporter = OTLPSpanExporter()
     provider.add_span_processor(BatchSpanProcessor(exporter))
+    atexit.register(_flush_at_exit, provider)
     use_tracer_provider(provider)
+
+
+def _flush_at_exit(provider: TracerProvider) -> None:
+    """Send the queued spans for up to `TRACE_FLUSH_S`, then let the process go (the
+    SDK's own exit hook waits for as long as its exporter retries)."""
+    flushing = threading.Thread(target=provider.shutdown, name="trace-flush", daemon=True)
+    flushing.start()
+    flushing.join(TRACE_FLUSH_S)
 
 
 def use_tracer_provider(provider: TracerProvider | None) -> None:

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sandboxer import logs, observe
 from sandboxer.client import Client
+from sandboxer.dev.fakes.http import OtlpSink
 from sandboxer.dev.servers import free_port
 from sandboxer.settings import Settings
 from schemas import SandboxState
@@ -203,3 +204,38 @@ async def test_a_taken_metrics_address_is_one_line(settings: Settings) -> None:
         "sandboxer: SANDBOXER_METRICS_ADDR"
     )
     assert "cannot listen there" in err and "Traceback" not in err
+
+
+async def stop_after_one_sandbox(settings: Settings, spawn_worker: Spawn, collector: str) -> float:
+    """Provision one sandbox with a worker tracing to `collector` that keeps its spans
+    queued, SIGTERM it: the seconds until it exited (with 0)."""
+    worker = spawn_worker(
+        OTEL_TRACES_EXPORTER="otlp",
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector,
+        OTEL_EXPORTER_OTLP_TIMEOUT="20",
+        OTEL_BSP_SCHEDULE_DELAY="600000",  # nothing is sent before the exit
+    )
+    async with Client(settings.nats_url) as client:
+        ready = await provision(client, "acme", "profile.burst-sandbox")
+        assert ready.state is SandboxState.READY
+    loop = asyncio.get_running_loop()
+    stopping = loop.time()
+    worker.terminate()
+    assert await asyncio.to_thread(worker.wait, 60) == 0
+    return loop.time() - stopping
+
+
+async def test_a_stopping_worker_sends_its_queued_spans(
+    settings: Settings, spawn_worker: Spawn
+) -> None:
+    with OtlpSink() as collector:
+        await stop_after_one_sandbox(settings, spawn_worker, collector.base_url)
+        assert collector.exports >= 1
+
+
+async def test_a_worker_whose_trace_collector_is_gone_still_stops_promptly(
+    settings: Settings, spawn_worker: Spawn
+) -> None:
+    # Nothing listens there: the exporter retries each batch until its own timeout.
+    took = await stop_after_one_sandbox(settings, spawn_worker, f"http://127.0.0.1:{free_port()}")
+    assert took < observe.TRACE_FLUSH_S + 3, f"{took:.1f} s from SIGTERM to exit"

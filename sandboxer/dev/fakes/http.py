@@ -53,3 +53,25 @@ def sandbox_page(sandbox_id: str, port: int, path: str, **extra: str) -> dict[st
     """What a fake sandbox's server answers on `port`: who it is, so a test can tell it
     reached the right sandbox."""
     return {"served_by": sandbox_id, "port": str(port), "path": path, **extra}
+
+
+class OtlpSink(LoopbackHTTP):
+    """Takes OTLP/HTTP span exports and counts them (a collector that keeps nothing)."""
+
+    def __init__(self) -> None:
+        self.exports = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                sink.exports += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        super().__init__(Handler)
