@@ -46,7 +46,13 @@ from sandboxer.credits import Ledger
 from sandboxer.dev.fakes.http import OtlpSink
 from sandboxer.dev.servers import EmbeddedNats, free_port
 from sandboxer.ids import sandbox_id_for
-from sandboxer.topology import BILLING_CONSUMER, METER_STREAM, ensure_topology
+from sandboxer.topology import (
+    BILLING_CONSUMER,
+    METER_STREAM,
+    PROVISION_CONSUMER,
+    REQUESTS_STREAM,
+    ensure_topology,
+)
 from schemas import ProvisionRequest, TenantLimits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,9 +125,10 @@ def payload(tenant: str, request_id: str, ttl_s: int = 3600) -> bytes:
     ).encode()
 
 
-async def wait_consumers(js: Any) -> None:
-    """Wait until a new worker serves: a warm-up provision must be claimed (the durable
-    consumers may still exist from an earlier phase, so their presence proves nothing)."""
+async def wait_consumers(js: Any, workers: int = 1) -> None:
+    """Wait until new workers serve: a warm-up provision must be claimed (the durable
+    consumers may still exist from an earlier phase, so their presence proves nothing),
+    and each of `workers` must be waiting for provisions."""
     request_id = f"warmup-{time.monotonic_ns()}"
     nc = js._nc
     answers = await nc.subscribe(f"sandbox.status.*.{sandbox_id_for('warmup', request_id)}")
@@ -133,6 +140,12 @@ async def wait_consumers(js: Any) -> None:
             await asyncio.sleep(0.1)
     await answers.next_msg(timeout=60)
     await answers.unsubscribe()
+    for _ in range(600):
+        info = await js.consumer_info(REQUESTS_STREAM, PROVISION_CONSUMER)
+        if info.num_waiting >= workers:
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{workers} workers never all fetched provisions")
 
 
 class ReadyCounter:
@@ -245,7 +258,7 @@ async def bench_faststream(url: str, n: int, *, typed: bool = False) -> float:
 #: Provisions are spread over this many tenants, as on a platform: holds of one tenant
 #: are serialized (that is how no tenant can overspend), so (b1) measures one hot tenant.
 TENANT_SPREAD = 64
-SPREAD_PREFIXES = ("pipe", "slow", "lat", "mem", "obs")
+SPREAD_PREFIXES = ("pipe", "pipetwo", "slow", "lat", "mem", "obs")
 BENCH_TENANTS = (
     "warmup",
     "hot",
@@ -452,17 +465,22 @@ async def run_provisions(
     tenants: int = TENANT_SPREAD,
     *,
     profile: Path | None = None,
+    workers: int = 1,
     **env: str,
 ) -> tuple[float, ReadyCounter, float]:
-    """Provision `n` sandboxes with one worker; (elapsed s, counter, worker peak RSS).
-    With `profile`, py-spy samples the worker meanwhile into that file (raw stacks)."""
+    """Provision `n` sandboxes with `workers` worker processes; (elapsed s, counter,
+    the first worker's peak RSS). With `profile`, py-spy samples the first worker
+    meanwhile into that file (raw stacks)."""
     nc = await nats.connect(url)
     js = nc.jetstream(timeout=30)
     counter = ReadyCounter()
     counter.target = n
     payloads = [payload(spread(tenant, i, tenants), f"{tenant}-{i}") for i in range(n)]
-    with worker_process(url, log, **env) as proc:
-        await wait_consumers(js)
+    with contextlib.ExitStack() as processes:
+        proc, *_ = [
+            processes.enter_context(worker_process(url, log, **env)) for _ in range(workers)
+        ]
+        await wait_consumers(js, workers)
         sub = await nc.subscribe("sandbox.status.>", cb=counter.on_status)
         spy = sampling(proc.pid, profile) if profile else contextlib.nullcontext()
         with spy:
@@ -899,6 +917,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             results["b1_one_tenant_provisions_per_s"] = round(3000 / elapsed)
             print(f"(b1) provision pipeline, one tenant: {3000 / elapsed:,.0f}/s", flush=True)
+            elapsed, _, _ = await run_provisions(
+                url, log, 6000, "pipetwo", workers=2, SANDBOXER_STUB_LATENCY_S="0"
+            )
+            results["b2_two_workers_provisions_per_s"] = round(6000 / elapsed)
+            print(
+                f"(b2) provision pipeline, {TENANT_SPREAD} tenants, two worker processes: "
+                f"{6000 / elapsed:,.0f}/s",
+                flush=True,
+            )
 
             limit = 256
             elapsed, _, _ = await run_provisions(

@@ -690,7 +690,7 @@ class Ledger:
         try:
             async with self._locks.held(tenant):
                 _take(asks, queue)  # those that came while it waited for the lock too
-                await self._write(tenant, asks, queue)
+                await self._write(tenant, asks)
         except Exception as exc:  # the fate of the batch is unknown: each one retries
             _answer([(each, exc) for each in asks])
         finally:
@@ -710,10 +710,9 @@ class Ledger:
                 return
         del self._queues[tenant]
 
-    async def _write(self, tenant: str, asks: list[_Ask], queue: list[_Ask] | None = None) -> None:
+    async def _write(self, tenant: str, asks: list[_Ask]) -> None:
         """Decide `asks` in order, each on the balance the ones before leave, write
-        what they build right after the tenant's latest entry, and answer each. After a
-        conflict, asks that came meanwhile from `queue` join them."""
+        what they build right after the tenant's latest entry, and answer each."""
         if 1 < len(asks) < _MIN_BATCH:
             await self._one_by_one(tenant, asks)
             return
@@ -737,11 +736,15 @@ class Ledger:
                 seq = await self._publish(tenant, entries, last)
             except APIError as exc:
                 if exc.err_code == _WRONG_LAST_SEQUENCE:
-                    # Another writer got in first: catch up and decide again.
+                    # Another process got in first: catch up and decide again. A batch
+                    # lost the race: its entries go one after the other, as a batch
+                    # sent again (bigger, with what queued meanwhile) loses it again
+                    # to a process that writes singles.
                     balance, last = await self._catch_up(tenant)
                     fresh = True
-                    if queue:
-                        _take(asks, queue)
+                    if len(asks) > 1:
+                        await self._one_by_one(tenant, asks)
+                        return
                     continue
                 if len(asks) > 1:
                     # One of them was written before (a replay), or the server takes
