@@ -294,7 +294,7 @@ async def serve(
     name = lifeline.name
     await ensure_consumers(js, subscriptions, settings)
     await observe.start(settings, name.removeprefix("sandboxer-"))
-    queued_alive = KeepAlive(every_s=max(0.5, settings.ack_wait_s / 3))
+    queued_alive = KeepAlive.for_ack_wait(settings)
     in_flight = InFlight(
         settings.max_in_flight,
         max_queued=settings.max_queued,

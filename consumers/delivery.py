@@ -183,6 +183,11 @@ class KeepAlive:
         self._active: set[Delivery] = set()
         self._task: asyncio.Task[None] | None = None
 
+    @classmethod
+    def for_ack_wait(cls, settings: Settings) -> KeepAlive:
+        """One that speaks three times per ack wait (at most twice a second)."""
+        return cls(every_s=max(0.5, settings.ack_wait_s / 3))
+
     def watch(self, delivery: Delivery) -> _Watched:
         """Keep `delivery` from being redelivered while the `async with` block runs."""
         return _Watched(self, delivery)

@@ -15,7 +15,13 @@ from pydantic import ValidationError
 
 from adapters.finhub import FinHubClient, FinHubRejected, FinHubUnavailable, Verdict
 from consumers.app import Lifeline, Subscription, connect, serve
-from consumers.delivery import Delivery, reject_invalid, retry_while_deliveries_remain, settle
+from consumers.delivery import (
+    Delivery,
+    KeepAlive,
+    reject_invalid,
+    retry_while_deliveries_remain,
+    settle,
+)
 from sandboxer import observe
 from sandboxer.credits import Ledger
 from sandboxer.errors import SandboxerError
@@ -39,12 +45,18 @@ class Exporter:
     debit (for credits-paid sandboxes) at the same amount."""
 
     def __init__(
-        self, fin_hub: FinHubClient, markers: BillingMarkers, ledger: Ledger, settings: Settings
+        self,
+        fin_hub: FinHubClient,
+        markers: BillingMarkers,
+        ledger: Ledger,
+        settings: Settings,
+        keepalive: KeepAlive,
     ) -> None:
         self._fin_hub = fin_hub
         self._markers = markers
         self._ledger = ledger
         self._settings = settings
+        self._keepalive = keepalive
 
     async def on_usage(self, data: bytes, delivery: Delivery) -> None:
         try:
@@ -70,7 +82,10 @@ class Exporter:
         if await self._markers.exported(record.record_id):
             return
         await self._check_backed(record, delivery)
-        outcome = await self._fin_hub.post(record)
+        # A POST may outlast the ack wait: redelivered meanwhile, the record would be
+        # POSTed again by the handler of the copy.
+        async with self._keepalive.watch(delivery):
+            outcome = await self._fin_hub.post(record)
         observe.FINHUB_EXPORTS.labels(outcome.verdict.value).inc()
         if outcome.verdict is Verdict.DELIVERED:
             await self._markers.mark_exported(record.record_id, outcome.status)
@@ -110,7 +125,9 @@ async def exporter_subscription(
         settings.fin_hub_url, token=settings.fin_hub_token, timeout_s=settings.fin_hub_timeout_s
     )
     stack.push_async_callback(fin_hub.aclose)
-    exporter = Exporter(fin_hub, markers, Ledger(js), settings)
+    keepalive = KeepAlive.for_ack_wait(settings)
+    stack.push_async_callback(keepalive.aclose)
+    exporter = Exporter(fin_hub, markers, Ledger(js), settings, keepalive)
     return Subscription(BILLING_STREAM, EXPORT_CONSUMER, (USAGE_SUBJECT,), exporter.on_usage)
 
 

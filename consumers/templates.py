@@ -378,7 +378,7 @@ async def run_template_worker(
         lifeline = Lifeline("sandboxer-templates")
         js = await connect(settings, lifeline, stack)
         providers = await open_providers(settings, stack, connection_of(js))
-        keepalive = KeepAlive(every_s=max(0.5, settings.ack_wait_s / 3))
+        keepalive = KeepAlive.for_ack_wait(settings)
         stack.push_async_callback(keepalive.aclose)
         builds = TemplateBuilds(settings, providers, Catalogue(js), js, keepalive)
         subscription = Subscription(

@@ -95,7 +95,7 @@ async def open_worker(
     """Everything a worker (or a reconciliation pass) needs, closed by `stack`."""
     providers = await open_providers(settings, stack, connection_of(js))
     statuses = await StatusStore.open(js)
-    keepalive = KeepAlive(every_s=max(0.5, settings.ack_wait_s / 3))
+    keepalive = KeepAlive.for_ack_wait(settings)
     stack.push_async_callback(keepalive.aclose)
     lifecycle = Lifecycle(
         settings=settings,

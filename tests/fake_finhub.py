@@ -18,11 +18,13 @@ from sandboxer.dev.fakes.http import LoopbackHTTP
 @dataclass
 class Script:
     """How the next POSTs are answered, in order: `fail` 500s, then `hang` requests that
-    never get an answer, then 200s. Keys in `reject` always get a 422."""
+    never get an answer, then 200s (each after `slow_s`). Keys in `reject` always get a
+    422."""
 
     fail: int = 0
     hang: int = 0
     hang_s: float = 5.0
+    slow_s: float = 0.0
     reject: set[str] = field(default_factory=set)
     #: Refusals echo the request's Authorization header (a careless fin-hub).
     echo_auth: bool = False
@@ -64,6 +66,7 @@ class FakeFinHub(LoopbackHTTP):
                     time.sleep(hub.script.hang_s)  # the client gives up first
                     self.close_connection = True
                     return
+                time.sleep(hub.script.slow_s)
                 self.send_response(answer)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()

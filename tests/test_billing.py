@@ -110,6 +110,24 @@ async def test_fin_hub_outage_and_hang_lose_nothing_and_ack_nothing_early(
         assert hub.total_usd() == sum(await debits(js), Decimal(0)) == Decimal("0.000303")
 
 
+async def test_a_fin_hub_slower_than_the_ack_wait_gets_each_record_once(
+    start_billing: Start, js: JetStreamContext, settings: Settings
+) -> None:
+    """A POST that outlasts the ack wait keeps its delivery: it used not to, and the
+    redelivery, handled meanwhile, POSTed the record a second time."""
+    slow_s = settings.ack_wait_s * 1.5  # under the fin-hub timeout
+    with FakeFinHub(Script(slow_s=slow_s)) as hub:
+        await start_billing(fin_hub_url=hub.url, fin_hub_timeout_s=slow_s * 2)
+        await js.publish("sandbox.meter.ext.saas-stub", await stopped_sandbox(js, 7))
+
+        async def exported() -> bool:
+            return bool(hub.accepted)
+
+        await until(exported, timeout_s=30)
+        await until(lambda: _drained(js, "BILLING", "finhub-export"), timeout_s=30)
+        assert hub.posts == 1 and list(hub.accepted_count.values()) == [1]
+
+
 async def test_rejected_record_goes_to_the_dead_letter_subject(
     start_billing: Start, js: JetStreamContext
 ) -> None:
