@@ -258,7 +258,7 @@ async def bench_faststream(url: str, n: int, *, typed: bool = False) -> float:
 #: Provisions are spread over this many tenants, as on a platform: holds of one tenant
 #: are serialized (that is how no tenant can overspend), so (b1) measures one hot tenant.
 TENANT_SPREAD = 64
-SPREAD_PREFIXES = ("pipe", "pipetwo", "slow", "lat", "mem", "obs")
+SPREAD_PREFIXES = ("pipe", "pipetwo", "holds", "slow", "lat", "mem", "obs")
 BENCH_TENANTS = (
     "warmup",
     "hot",
@@ -354,6 +354,53 @@ async def bench_holds(url: str, n: int, concurrency: int) -> list[float]:
     await asyncio.gather(*(hold(i) for i in range(n)))
     await nc.close()
     return latencies
+
+
+async def place_holds(url: str, tag: str, n: int) -> None:
+    """One process of (g2): once `bench.g2.go` comes, `n` holds spread over the bench's
+    tenants, 128 at a time; prints `ready`, then the seconds they took."""
+    nc = await nats.connect(url)
+    ledger = Ledger(nc.jetstream(timeout=30))
+    go = await nc.subscribe("bench.g2.go", max_msgs=1)
+    slots = asyncio.Semaphore(128)
+
+    async def hold(i: int) -> None:
+        tenant = spread("holds", i)
+        async with slots:
+            await ledger.hold(tenant, sandbox_id_for(tenant, f"{tag}-{i}"), Decimal("0.0001"))
+
+    print("ready", flush=True)
+    await go.next_msg(timeout=60)
+    began = time.perf_counter()
+    await asyncio.gather(*(hold(i) for i in range(n)))
+    print(time.perf_counter() - began, flush=True)
+    await nc.close()
+
+
+async def bench_holds_processes(url: str, n: int, processes: int) -> float:
+    """(g2) holds per second that `processes` processes place at once for the same
+    tenants: what their conflicts over each tenant's journal cost."""
+    each = n // processes
+    children = [
+        await asyncio.create_subprocess_exec(
+            *(sys.executable, __file__, "--hold-child", url, f"g2-{processes}-{p}", str(each)),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for p in range(processes)
+    ]
+    for child in children:
+        assert child.stdout is not None and (await child.stdout.readline()).strip() == b"ready"
+    nc = await nats.connect(url)
+    await nc.publish("bench.g2.go", b"")
+    await nc.flush()
+    took = []
+    for child in children:
+        out, _ = await child.communicate()
+        if child.returncode != 0:
+            raise RuntimeError(f"a (g2) process failed: {child.returncode}")
+        took.append(float(out.strip()))
+    await nc.close()
+    return each * processes / max(took)
 
 
 async def bench_holds_with_policy(
@@ -865,6 +912,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 await fund(server.url)
                 await bench_cold_balance(server.url, args.ledger_sizes)
             return results
+        if args.only == "g2":
+            with EmbeddedNats(Path(tmp) / "nats-g2") as server:
+                await fund(server.url)
+                rate = await bench_holds_processes(server.url, 8000, args.workers)
+            print(f"(g2) {rate:,.0f} holds/s, 64 tenants, {args.workers} processes at once")
+            return results
         if args.only == "f":
             with EmbeddedNats(Path(tmp) / "nats-f") as server:
                 await fund(server.url)
@@ -971,6 +1024,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"p50 {results['g_hold_p50_ms']} ms, p99 {results['g_hold_p99_ms']} ms",
                 flush=True,
             )
+            for processes in (1, 2):
+                placed = await bench_holds_processes(url, 8000, processes)
+                results[f"g2_holds_per_s_{processes}_processes"] = round(placed)
+                print(
+                    f"(g2) holds, {TENANT_SPREAD} tenants, {processes} process(es) at once: "
+                    f"{placed:,.0f}/s",
+                    flush=True,
+                )
             plain = percentile(
                 await bench_holds_with_policy(url, 2000, 16, "hot3", limited=False), 0.5
             )
@@ -1085,7 +1146,7 @@ if __name__ == "__main__":
     parser.add_argument("--rss-sandboxes", type=int, default=10_000)
     parser.add_argument("--debits", type=int, default=5_000)
     parser.add_argument(
-        "--workers", type=int, default=8, help="billing processes of (f) with --only f"
+        "--workers", type=int, default=8, help="processes of --only f (billing) or g2 (holds)"
     )
     parser.add_argument("--fairness-backlog", type=int, default=10_000)
     parser.add_argument(
@@ -1097,7 +1158,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument(
         "--only",
-        choices=["b", "c", "d", "h", "k", "gi", "e", "j", "f"],
+        choices=["b", "c", "d", "h", "k", "gi", "g2", "e", "j", "f"],
         help="measure one figure alone (printed, not written): h at --rate for its (d)",
     )
     parser.add_argument("--rate", type=float, default=500.0)
@@ -1109,6 +1170,10 @@ if __name__ == "__main__":
     parser.add_argument(
         "--rounds", type=int, default=5, help="rounds of (h), on fresh servers (medians)"
     )
+    if sys.argv[1:2] == ["--hold-child"]:  # one process of (g2)
+        url, tag, n = sys.argv[2:5]
+        asyncio.run(place_holds(url, tag, int(n)))
+        sys.exit(0)
     arguments = parser.parse_args()
     figures = asyncio.run(main(arguments))
     if arguments.only:
