@@ -11,8 +11,7 @@ from decimal import Decimal
 import pytest
 from nats.js import JetStreamContext
 
-from sandboxer.balance import Balance
-from sandboxer.credits import Ledger
+from sandboxer.credits import Balance, Ledger
 from sandboxer.errors import QuotaExceeded
 from sandboxer.settings import Settings
 from sandboxer.topology import CHECKPOINT_STREAM, checkpoint_subject, read_subject

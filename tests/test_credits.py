@@ -8,9 +8,8 @@ from decimal import Decimal
 import pytest
 from nats.js import JetStreamContext
 
-from sandboxer.balance import Balance
 from sandboxer.client import Client
-from sandboxer.credits import Ledger
+from sandboxer.credits import Balance, Ledger
 from sandboxer.errors import InsufficientCredits
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings

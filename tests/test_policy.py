@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 from nats.js import JetStreamContext
 
-from sandboxer.balance import Balance
 from sandboxer.client import Client
-from sandboxer.credits import Ledger
+from sandboxer.credits import Balance, Ledger
 from sandboxer.errors import QuotaExceeded
 from sandboxer.ids import sandbox_id_for
 from sandboxer.settings import Settings, default_extensions_dir

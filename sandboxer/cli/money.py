@@ -12,7 +12,6 @@ from typing import Annotated
 import typer
 from pydantic import TypeAdapter, ValidationError
 
-from sandboxer.balance import Balance
 from sandboxer.cli._common import (
     JsonOpt,
     credits_app,
@@ -23,7 +22,7 @@ from sandboxer.cli._common import (
     run,
     settings,
 )
-from sandboxer.credits import Ledger, checked_tenant
+from sandboxer.credits import Balance, Ledger, checked_tenant
 from sandboxer.errors import IdempotencyConflict, plain_message
 from sandboxer.money import usd_text
 from schemas import LedgerEntry, UsageRecord, Usd
