@@ -184,9 +184,15 @@ class KeepAlive:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    def for_ack_wait(cls, settings: Settings) -> KeepAlive:
-        """One that speaks three times per ack wait (at most twice a second)."""
-        return cls(every_s=max(0.5, settings.ack_wait_s / 3))
+    def for_ack_wait(
+        cls, settings: Settings, closed_by: contextlib.AsyncExitStack | None = None
+    ) -> KeepAlive:
+        """One that speaks three times per ack wait (at most twice a second), stopped
+        when `closed_by` closes (if given)."""
+        keepalive = cls(every_s=max(0.5, settings.ack_wait_s / 3))
+        if closed_by is not None:
+            closed_by.push_async_callback(keepalive.aclose)
+        return keepalive
 
     def watch(self, delivery: Delivery) -> _Watched:
         """Keep `delivery` from being redelivered while the `async with` block runs."""

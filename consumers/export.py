@@ -125,8 +125,7 @@ async def exporter_subscription(
         settings.fin_hub_url, token=settings.fin_hub_token, timeout_s=settings.fin_hub_timeout_s
     )
     stack.push_async_callback(fin_hub.aclose)
-    keepalive = KeepAlive.for_ack_wait(settings)
-    stack.push_async_callback(keepalive.aclose)
+    keepalive = KeepAlive.for_ack_wait(settings, closed_by=stack)
     exporter = Exporter(fin_hub, markers, Ledger(js), settings, keepalive)
     return Subscription(BILLING_STREAM, EXPORT_CONSUMER, (USAGE_SUBJECT,), exporter.on_usage)
 

@@ -378,8 +378,7 @@ async def run_template_worker(
         lifeline = Lifeline("sandboxer-templates")
         js = await connect(settings, lifeline, stack)
         providers = await open_providers(settings, stack, connection_of(js))
-        keepalive = KeepAlive.for_ack_wait(settings)
-        stack.push_async_callback(keepalive.aclose)
+        keepalive = KeepAlive.for_ack_wait(settings, closed_by=stack)
         builds = TemplateBuilds(settings, providers, Catalogue(js), js, keepalive)
         subscription = Subscription(
             TEMPLATE_STREAM,

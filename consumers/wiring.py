@@ -95,8 +95,7 @@ async def open_worker(
     """Everything a worker (or a reconciliation pass) needs, closed by `stack`."""
     providers = await open_providers(settings, stack, connection_of(js))
     statuses = await StatusStore.open(js)
-    keepalive = KeepAlive.for_ack_wait(settings)
-    stack.push_async_callback(keepalive.aclose)
+    keepalive = KeepAlive.for_ack_wait(settings, closed_by=stack)
     lifecycle = Lifecycle(
         settings=settings,
         registry=providers.registry,
